@@ -1,0 +1,32 @@
+# make demo: a demo MCP server behind the gateway, with a working token printed.
+# make test: the whole suite. Both create .venv and install everything first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint conformance clean
+
+$(STAMP): pyproject.toml tests/node/package.json tests/node/package-lock.json
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	cd tests/node && npm ci --no-audit --no-fund --loglevel=error
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python examples/demo.py
+
+test: $(STAMP)
+	$(BIN)/ruff check gateway tests examples
+	$(BIN)/mypy gateway
+	$(BIN)/pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check gateway tests examples
+	$(BIN)/mypy gateway
+
+clean:
+	rm -rf $(VENV) tests/node/node_modules .demo

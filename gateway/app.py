@@ -1,0 +1,58 @@
+"""`create_app(config)`: the reverse proxy, i.e. the middleware wrapped around a forwarding app per upstream.
+
+Owns the gateway's own routes (`/healthz`, `/readyz`, `/metrics`) and the
+lifespan that closes upstream connections. Everything on an upstream's path
+goes through `MCPSecurityMiddleware`, exactly as it does around an in-process app.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from gateway.config import Config, ConfigError, load_config
+from gateway.middleware import MCPSecurityMiddleware
+from gateway.proxy import UpstreamProxy
+from gateway.runtime import Runtime
+from gateway.types import ASGIApp
+
+
+def create_app(config: Config | str | Path) -> MCPSecurityMiddleware:
+    """The reverse-proxy gateway as one ASGI app. Raises ConfigError if an upstream has no url."""
+    if not isinstance(config, Config):
+        config = load_config(config)
+    missing = [f"upstreams[{i}].url" for i, u in enumerate(config.upstreams) if u.url is None]
+    if missing:
+        raise ConfigError([f"{config.source}: {key}: required to run as a reverse proxy" for key in missing])
+    runtime = Runtime(config)
+    proxies = {u.path: UpstreamProxy(u, config.limits, config.public_url) for u in config.upstreams}
+
+    async def healthz(_: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(_: Request) -> Response:
+        ready = runtime.started
+        return JSONResponse({"status": "ready" if ready else "starting"}, status_code=200 if ready else 503)
+
+    async def metrics(_: Request) -> Response:
+        runtime.metrics.audit_queue_depth.set(runtime.audit.depth)
+        return Response(runtime.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        yield
+        for proxy in proxies.values():
+            await proxy.close()
+
+    routes = Starlette(
+        routes=[Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", metrics)],
+        lifespan=lifespan,
+    )
+    apps: dict[str, ASGIApp] = dict(proxies)
+    return MCPSecurityMiddleware(routes, config, runtime=runtime, apps=apps)

@@ -1,0 +1,174 @@
+"""Authentication: turn a request's credentials into a `Principal`, or refuse with a challenge.
+
+Owns: bearer token extraction (header only; a token in the query string is
+refused), verification of tokens the gateway signed itself (signature, `iss`,
+`aud` = the protected resource, `exp`/`nbf`/`iat`), a cache of verified
+tokens keyed by the token's hash until its expiry (the signature is checked
+once per token, not once per request), the anonymous role for token-less
+callers when configured, and the `WWW-Authenticate` challenge whose
+`resource_metadata` URL is built from `public_url`, never from the request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import jwt
+from cachetools import TTLCache
+
+from gateway.auth.keys import ALGORITHM, SigningKey, load_or_create_signing_key
+from gateway.auth.principal import Principal
+from gateway.errors import UNAUTHORIZED, GatewayRefusal
+
+if TYPE_CHECKING:
+    from gateway.config import Config
+
+__all__ = ["Authenticator", "Principal", "SigningKey", "load_or_create_signing_key"]
+
+_LEEWAY_S = 30
+
+
+class AuthFailed(GatewayRefusal):
+    """A refusal with the `WWW-Authenticate` challenge that goes with it."""
+
+    def __init__(self, detail: str, challenge: str, *, reason: str) -> None:
+        super().__init__(UNAUTHORIZED, detail, reason=reason)
+        self.challenge = challenge
+
+
+class Authenticator:
+    """Authenticates requests for every upstream of one gateway.
+
+    Args:
+        config: the gateway config (public_url, auth.*).
+        signing_key: the gateway's own key; tokens it signed are accepted.
+        cache_size: how many verified tokens to remember (each until it expires).
+    """
+
+    def __init__(self, config: Config, signing_key: SigningKey, *, cache_size: int = 10_000) -> None:
+        self._config = config
+        self._key = signing_key
+        self._public = signing_key.public
+        self._issuer = config.public_url
+        self._anonymous_role = config.auth.anonymous_role
+        self._verified: TTLCache[str, tuple[Principal, str]] = TTLCache(maxsize=cache_size, ttl=config.auth.clients.token_ttl_s)
+
+    def metadata_url(self, upstream_path: str) -> str:
+        """RFC 9728 metadata URL for a resource at `upstream_path` (path-suffixed form)."""
+        return f"{self._config.public_url}/.well-known/oauth-protected-resource{self._config.public_path_prefix}{upstream_path}"
+
+    def challenge(self, upstream_path: str, error: str | None = None) -> str:
+        value = f'Bearer resource_metadata="{self.metadata_url(upstream_path)}"'
+        if error:
+            value += f', error="{error}"'
+        return value
+
+    def authenticate(
+        self, headers: Mapping[str, list[str]], query_string: bytes, resource: str, upstream_path: str
+    ) -> Principal:
+        """The principal for this request, or raise AuthFailed (401 with a challenge)."""
+        if _token_in_query(query_string):
+            raise AuthFailed(
+                "access tokens are accepted only in the Authorization header",
+                self.challenge(upstream_path, "invalid_request"),
+                reason="token_in_query",
+            )
+        values = headers.get("authorization", [])
+        if not values:
+            if self._anonymous_role is not None:
+                return Principal(
+                    subject="anonymous", issuer="anonymous", roles=frozenset({self._anonymous_role}), anonymous=True
+                )
+            raise AuthFailed("a bearer token is required", self.challenge(upstream_path), reason="no_token")
+        if len(values) > 1:
+            raise AuthFailed("one Authorization header, please", self.challenge(upstream_path, "invalid_request"),
+                             reason="malformed_header")
+        scheme, _, token = values[0].partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token or " " in token:
+            raise AuthFailed("expected 'Authorization: Bearer <token>'",
+                             self.challenge(upstream_path, "invalid_request"), reason="malformed_header")
+        return self._verify(token, resource, upstream_path)
+
+    def _verify(self, token: str, resource: str, upstream_path: str) -> Principal:
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        cached = self._verified.get(digest)
+        now = time.time()
+        if cached is not None:
+            principal, audience = cached
+            if audience == resource and (principal.expires_at is None or principal.expires_at + _LEEWAY_S > now):
+                return principal
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                self._public,
+                algorithms=[ALGORITHM],
+                audience=resource,
+                issuer=self._issuer,
+                leeway=_LEEWAY_S,
+                options={"require": ["exp", "iat", "sub", "iss", "aud"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise AuthFailed("token expired", self.challenge(upstream_path, "invalid_token"), reason="expired") from None
+        except jwt.InvalidAudienceError:
+            raise AuthFailed("token is not for this resource", self.challenge(upstream_path, "invalid_token"),
+                             reason="wrong_audience") from None
+        except jwt.PyJWTError as exc:
+            raise AuthFailed("invalid token", self.challenge(upstream_path, "invalid_token"),
+                             reason=f"invalid_token:{type(exc).__name__}") from None
+        principal = principal_from_claims(claims)
+        self._verified[digest] = (principal, resource)
+        return principal
+
+    def issue_token(
+        self,
+        *,
+        subject: str,
+        audience: str,
+        scopes: Iterable[str] = (),
+        client_id: str | None = None,
+        claims: Mapping[str, Any] | None = None,
+        ttl_s: int | None = None,
+    ) -> str:
+        """A JWT signed with the gateway's key, for `audience` (a protected resource URL)."""
+        now = int(time.time())
+        body: dict[str, Any] = dict(claims or {})
+        body.update({
+            "iss": self._issuer,
+            "sub": subject,
+            "aud": audience,
+            "iat": now,
+            "nbf": now,
+            "exp": now + (ttl_s or self._config.auth.clients.token_ttl_s),
+            "jti": uuid.uuid4().hex,
+        })
+        if client_id:
+            body["client_id"] = client_id
+        scope_list = list(scopes)
+        if scope_list:
+            body["scope"] = " ".join(scope_list)
+        return jwt.encode(body, self._key.private, algorithm=ALGORITHM, headers={"kid": self._key.kid})
+
+
+def principal_from_claims(claims: Mapping[str, Any]) -> Principal:
+    """A Principal from verified JWT claims (`scope` as a space-separated string or `scp` as a list)."""
+    raw_scope = claims.get("scope", claims.get("scp", ""))
+    scopes = frozenset(raw_scope.split() if isinstance(raw_scope, str) else (s for s in raw_scope if isinstance(s, str)))
+    exp = claims.get("exp")
+    return Principal(
+        subject=str(claims["sub"]),
+        issuer=str(claims["iss"]),
+        client_id=str(claims.get("client_id") or claims.get("azp") or "") or None,
+        scopes=scopes,
+        claims=dict(claims),
+        token_id=str(claims["jti"]) if "jti" in claims else None,
+        expires_at=float(exp) if isinstance(exp, int | float) else None,
+    )
+
+
+def _token_in_query(query_string: bytes) -> bool:
+    return any(part.split(b"=", 1)[0] == b"access_token" for part in query_string.split(b"&"))

@@ -1,0 +1,266 @@
+"""The gateway's configuration: one YAML file, validated into frozen pydantic models.
+
+Owns: every config key, its default and its validation; `${VAR}` expansion
+from the environment; `load_config(path) -> Config`, which raises
+`ConfigError` listing every problem as `FILE: key.path: why` (the policy file
+it names included). Nothing else in the package reads YAML or the environment
+for settings.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from gateway.policy import Policy, PolicyError, load_policy
+
+
+class ConfigError(Exception):
+    """The config (or a file it names) is invalid. `problems` holds one `FILE: key.path: why` line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Listen(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+
+
+class Limits(_Model):
+    max_body_bytes: int = Field(4 * 1024 * 1024, gt=0)
+    max_json_depth: int = Field(64, gt=0, le=1000)
+    upstream_timeout_s: float = Field(300.0, gt=0)
+    upstream_connect_timeout_s: float = Field(10.0, gt=0)
+
+
+class Upstream(_Model):
+    """One MCP server behind the gateway, served at `{public_url}{path}`."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    path: str = Field(pattern=r"^/[^?#]*$")
+    url: str | None = None  # required by `serve`; absent when the gateway wraps an in-process app
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @field_validator("path")
+    @classmethod
+    def _no_trailing_slash(cls, value: str) -> str:
+        return value.rstrip("/") or "/"
+
+    @field_validator("headers")
+    @classmethod
+    def _no_hop_headers(cls, value: dict[str, str]) -> dict[str, str]:
+        forbidden = {"host", "content-length", "transfer-encoding", "connection"}
+        bad = sorted(name for name in value if name.lower() in forbidden)
+        if bad:
+            raise ValueError(f"the gateway sets {', '.join(bad)} itself")
+        return value
+
+
+class GatewayClients(_Model):
+    """Tokens the gateway signs itself (`mcp-gateway issue-token`)."""
+
+    signing_key_file: Path = Path("gateway-signing-key.pem")
+    token_ttl_s: int = Field(900, gt=0)
+
+
+class Auth(_Model):
+    anonymous_role: str | None = None
+    clients: GatewayClients = Field(default_factory=GatewayClients)
+
+
+class AuditSink(_Model):
+    type: Literal["sqlite", "jsonl"]
+    path: Path
+
+
+class Audit(_Model):
+    sinks: tuple[AuditSink, ...] = (AuditSink(type="sqlite", path=Path("audit.db")),)
+    max_queue: int = Field(100_000, gt=0)
+    batch_size: int = Field(500, gt=0)
+    redact_keys: tuple[str, ...] = ("password", "secret", "token", "key", "authorization")
+    max_arguments_bytes: int = Field(4096, gt=0)
+
+
+class Config(_Model):
+    """The whole gateway configuration. `policy` is the compiled policy the `policy:` key names."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    listen: Listen = Field(default_factory=Listen)
+    public_url: str = "http://127.0.0.1:8080"
+    allowed_origins: tuple[str, ...] = ()
+    limits: Limits = Field(default_factory=Limits)
+    upstreams: tuple[Upstream, ...] = Field(min_length=1)
+    auth: Auth = Field(default_factory=Auth)
+    policy: Policy
+    audit: Audit = Field(default_factory=Audit)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    source: Path | None = None
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an absolute http:// or https:// URL")
+        if parts.query or parts.fragment:
+            raise ValueError("must not carry a query or fragment")
+        return value.rstrip("/")
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for origin in value:
+            parts = urlsplit(origin)
+            if origin != "null" and (not parts.scheme or not parts.netloc or parts.path not in ("", "/")):
+                raise ValueError(f"{origin!r} is not an origin (scheme://host[:port])")
+        return tuple(origin.rstrip("/") for origin in value)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        seen_paths: dict[str, str] = {}
+        for upstream in self.upstreams:
+            if upstream.path in seen_paths:
+                raise ValueError(f"upstreams {seen_paths[upstream.path]!r} and {upstream.name!r} share path")
+            seen_paths[upstream.path] = upstream.name
+        names = [u.name for u in self.upstreams]
+        if len(set(names)) != len(names):
+            raise ValueError("upstream names must be unique")
+        role = self.auth.anonymous_role
+        if role is not None and role not in self.policy.roles:
+            raise ValueError(f"auth.anonymous_role {role!r} is not a role in the policy")
+        return self
+
+    @property
+    def public_origin(self) -> str:
+        parts = urlsplit(self.public_url)
+        return f"{parts.scheme}://{parts.netloc}".lower()
+
+    @property
+    def public_path_prefix(self) -> str:
+        """The path part of public_url (a gateway served under a sub-path)."""
+        return urlsplit(self.public_url).path.rstrip("/")
+
+    def resource_url(self, upstream: Upstream) -> str:
+        """The protected resource's URL for an upstream: what tokens' `aud` must name."""
+        return f"{self.public_url}{upstream.path}"
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand(value: Any, env: Mapping[str, str], where: str, problems: list[str]) -> Any:
+    """Replace `${VAR}` (or `${VAR:-default}`) in every string; an unset VAR without default is a problem."""
+    if isinstance(value, str):
+
+        def substitute(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            problems.append(f"{where}: environment variable {name} is not set")
+            return ""
+
+        return _VAR.sub(substitute, value)
+    if isinstance(value, dict):
+        return {k: _expand(v, env, f"{where}.{k}" if where else str(k), problems) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, env, f"{where}[{i}]", problems) for i, v in enumerate(value)]
+    return value
+
+
+def _format_validation(file: str, exc: ValidationError) -> list[str]:
+    lines = []
+    for error in exc.errors():
+        path = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"{file}: {path}: {message}")
+    return lines
+
+
+def read_yaml(path: Path) -> Any:
+    """Read a YAML file; raise ConfigError naming the file and the line on failure."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: (file): cannot read: {exc.strerror or exc}"]) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f"line {mark.line + 1}" if mark is not None else "(file)"
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"{path}: {at}: invalid YAML: {problem}"]) from None
+
+
+def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
+    """Load and validate the config file and the policy it names. Raises ConfigError with every problem."""
+    path = Path(path)
+    raw = read_yaml(path)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{path}: (top level): must be a mapping of keys"])
+    problems: list[str] = []
+    data = _expand(raw, os.environ if env is None else env, "", problems)
+    policy_ref = data.get("policy")
+    if policy_ref is None:
+        problems.append(f"{path}: policy: required (the policy file to enforce)")
+    elif not isinstance(policy_ref, str):
+        problems.append(f"{path}: policy: must be a path to a policy file")
+    else:
+        policy_path = Path(policy_ref)
+        if not policy_path.is_absolute():
+            policy_path = path.parent / policy_path
+        try:
+            data["policy"] = load_policy(policy_path)
+        except PolicyError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise ConfigError(problems)
+    _resolve_relative_paths(data, path.parent)
+    data["source"] = path
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation(str(path), exc)) from None
+
+
+def _resolve_relative_paths(data: dict[str, Any], base: Path) -> None:
+    """Paths in the config are relative to the config file, not to the working directory."""
+    clients = data.get("auth", {}).get("clients") if isinstance(data.get("auth"), dict) else None
+    if isinstance(clients, dict) and isinstance(clients.get("signing_key_file"), str):
+        clients["signing_key_file"] = str(base / clients["signing_key_file"])
+    audit = data.get("audit")
+    if isinstance(audit, dict) and isinstance(audit.get("sinks"), list):
+        for sink in audit["sinks"]:
+            if isinstance(sink, dict) and isinstance(sink.get("path"), str):
+                sink["path"] = str(base / sink["path"])
+    elif audit is None:
+        data["audit"] = {"sinks": [{"type": "sqlite", "path": str(base / "audit.db")}]}

@@ -1,0 +1,112 @@
+"""Every way the gateway refuses a request, in one table.
+
+Each row is a `Refusal`: the HTTP status, the JSON-RPC error code, the audit
+`result` it is recorded under, and the message a client sees. The middleware,
+the proxy, the audit log and the tests all name refusals from here, so a
+reader sees the whole catalogue in one screen:
+
+    invalid_request   PAYLOAD_TOO_LARGE     413  -32600  body over limits.max_body_bytes
+                      PARSE_ERROR           400  -32700  body is not JSON
+                      INVALID_REQUEST       400  -32600  JSON but not JSON-RPC 2.0 / too deep / bad batch
+                      HEADER_MISMATCH       400  -32020  2026-07-28 routing headers missing or != body
+                      BAD_CONTENT_TYPE      415  -32600  POST body not application/json
+                      METHOD_NOT_ALLOWED    405  -32600  HTTP method other than POST, GET, DELETE
+                      FORBIDDEN_ORIGIN      403  -32600  Origin not public_url's nor allowed
+                      INVALID_PARAMS        400  -32602  known method, unreadable target (tools/call w/o name)
+    auth_failed       UNAUTHORIZED          401  -32001  no / bad / expired / revoked token
+    denied            FORBIDDEN             403  -32011  policy refused the operation
+                      UNKNOWN_TARGET        400  -32602  refused target hidden from the caller (deny_detail: minimal)
+                      METHOD_NOT_FOUND      404  -32601  unknown method refused by policy
+    error             AUDIT_UNAVAILABLE     503  -32053  audit queue full: refused rather than unaudited
+    upstream_error    UPSTREAM_UNAVAILABLE  502  -32050  connect refused / reset / bad answer
+                      UPSTREAM_TIMEOUT      504  -32051  no answer within limits.upstream_timeout_s
+    error             INTERNAL              500  -32603  a bug in the gateway (logged, never a traceback)
+
+JSON-RPC codes in -32000..-32099 are "implementation defined server errors";
+the MCP specification reserves -32020..-32022 and -32042, which are used only
+with the meaning the specification gives them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+JsonRpcId = str | int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """One row of the catalogue: how a class of refusal looks on the wire and in the audit log."""
+
+    name: str
+    http_status: int
+    code: int
+    audit_result: str
+    message: str
+
+
+PAYLOAD_TOO_LARGE = Refusal("payload_too_large", 413, -32600, "invalid_request", "Request body too large")
+PARSE_ERROR = Refusal("parse_error", 400, -32700, "invalid_request", "Parse error")
+INVALID_REQUEST = Refusal("invalid_request", 400, -32600, "invalid_request", "Invalid Request")
+HEADER_MISMATCH = Refusal("header_mismatch", 400, -32020, "invalid_request", "Header mismatch")
+BAD_CONTENT_TYPE = Refusal("bad_content_type", 415, -32600, "invalid_request", "Content-Type must be application/json")
+METHOD_NOT_ALLOWED = Refusal("method_not_allowed", 405, -32600, "invalid_request", "Method not allowed")
+FORBIDDEN_ORIGIN = Refusal("forbidden_origin", 403, -32600, "invalid_request", "Forbidden origin")
+INVALID_PARAMS = Refusal("invalid_params", 400, -32602, "invalid_request", "Invalid params")
+UNAUTHORIZED = Refusal("unauthorized", 401, -32001, "auth_failed", "Unauthorized")
+FORBIDDEN = Refusal("forbidden", 403, -32011, "denied", "Forbidden")
+# The message is the upstream's own wording for a missing item ("Unknown tool: X"), filled in per call.
+UNKNOWN_TARGET = Refusal("unknown_target", 400, -32602, "denied", "Unknown")
+METHOD_NOT_FOUND = Refusal("method_not_found", 404, -32601, "denied", "Method not found")
+UPSTREAM_UNAVAILABLE = Refusal("upstream_unavailable", 502, -32050, "upstream_error", "Upstream unavailable")
+UPSTREAM_TIMEOUT = Refusal("upstream_timeout", 504, -32051, "upstream_error", "Upstream timed out")
+AUDIT_UNAVAILABLE = Refusal("audit_unavailable", 503, -32053, "error", "Service unavailable")
+INTERNAL = Refusal("internal", 500, -32603, "error", "Internal error")
+
+CATALOGUE: tuple[Refusal, ...] = (
+    PAYLOAD_TOO_LARGE,
+    PARSE_ERROR,
+    INVALID_REQUEST,
+    HEADER_MISMATCH,
+    BAD_CONTENT_TYPE,
+    METHOD_NOT_ALLOWED,
+    FORBIDDEN_ORIGIN,
+    INVALID_PARAMS,
+    UNAUTHORIZED,
+    FORBIDDEN,
+    UNKNOWN_TARGET,
+    METHOD_NOT_FOUND,
+    AUDIT_UNAVAILABLE,
+    UPSTREAM_UNAVAILABLE,
+    UPSTREAM_TIMEOUT,
+    INTERNAL,
+)
+
+
+class GatewayRefusal(Exception):
+    """Raised inside the gateway to refuse the request being handled.
+
+    `detail` is what the client is told after the catalogue message (it must
+    never carry policy internals unless the operator allows it); `reason` is
+    what the audit log records, always.
+    """
+
+    def __init__(self, refusal: Refusal, detail: str = "", *, reason: str = "") -> None:
+        super().__init__(f"{refusal.name}: {detail or refusal.message}")
+        self.refusal = refusal
+        self.detail = detail
+        self.reason = reason or refusal.name
+
+
+def error_object(refusal: Refusal, detail: str = "") -> dict[str, Any]:
+    """The JSON-RPC `error` member for a refusal."""
+    message = f"{refusal.message}: {detail}" if detail else refusal.message
+    return {"code": refusal.code, "message": message}
+
+
+def error_body(refusal: Refusal, request_id: JsonRpcId = None, detail: str = "") -> bytes:
+    """A complete JSON-RPC error response, serialised."""
+    return orjson.dumps({"jsonrpc": "2.0", "id": request_id, "error": error_object(refusal, detail)})

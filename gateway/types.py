@@ -1,0 +1,31 @@
+"""ASGI type aliases and the per-request state the middleware shares with the forwarding hop."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.jsonrpc import JsonRpcId
+
+ASGIScope = MutableMapping[str, Any]
+ASGIMessage = MutableMapping[str, Any]
+ASGIReceive = Callable[[], Awaitable[ASGIMessage]]
+ASGISend = Callable[[ASGIMessage], Awaitable[None]]
+ASGIApp = Callable[[ASGIScope, ASGIReceive, ASGISend], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class RequestState:
+    """Set by the middleware in `scope["mcp_gateway"]`; the proxy reports upstream failures into it."""
+
+    request_ids: tuple[JsonRpcId, ...] = ()
+    upstream_error: str | None = None
+
+
+def header_values(scope: Mapping[str, Any]) -> dict[str, list[str]]:
+    """Request headers by lowercase name, every value kept (repeats matter for routing headers)."""
+    out: dict[str, list[str]] = {}
+    for name, value in scope["headers"]:
+        out.setdefault(name.decode("latin-1").lower(), []).append(value.decode("latin-1"))
+    return out
