@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gateway.policy import Policy, PolicyError, load_policy
+from gateway.yamlfile import YamlFileError, format_validation, read_yaml
 
 
 class ConfigError(Exception):
@@ -88,7 +88,7 @@ class GatewayClients(_Model):
 
 class Auth(_Model):
     anonymous_role: str | None = None
-    clients: GatewayClients = Field(default_factory=GatewayClients)
+    clients: GatewayClients = GatewayClients()
 
 
 class AuditSink(_Model):
@@ -109,14 +109,14 @@ class Config(_Model):
 
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
-    listen: Listen = Field(default_factory=Listen)
+    listen: Listen = Listen()
     public_url: str = "http://127.0.0.1:8080"
     allowed_origins: tuple[str, ...] = ()
-    limits: Limits = Field(default_factory=Limits)
+    limits: Limits = Limits()
     upstreams: tuple[Upstream, ...] = Field(min_length=1)
-    auth: Auth = Field(default_factory=Auth)
+    auth: Auth = Auth()
     policy: Policy
-    audit: Audit = Field(default_factory=Audit)
+    audit: Audit = Audit()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     source: Path | None = None
 
@@ -172,7 +172,7 @@ class Config(_Model):
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def _expand(value: Any, env: Mapping[str, str], where: str, problems: list[str]) -> Any:
+def _expand(value: Any, env: Mapping[str, str], file: Path, where: str, problems: list[str]) -> Any:
     """Replace `${VAR}` (or `${VAR:-default}`) in every string; an unset VAR without default is a problem."""
     if isinstance(value, str):
 
@@ -182,53 +182,30 @@ def _expand(value: Any, env: Mapping[str, str], where: str, problems: list[str])
                 return env[name]
             if default is not None:
                 return default
-            problems.append(f"{where}: environment variable {name} is not set")
+            problems.append(f"{file}: {where}: environment variable {name} is not set")
             return ""
 
         return _VAR.sub(substitute, value)
     if isinstance(value, dict):
-        return {k: _expand(v, env, f"{where}.{k}" if where else str(k), problems) for k, v in value.items()}
+        return {k: _expand(v, env, file, f"{where}.{k}" if where else str(k), problems) for k, v in value.items()}
     if isinstance(value, list):
-        return [_expand(v, env, f"{where}[{i}]", problems) for i, v in enumerate(value)]
+        return [_expand(v, env, file, f"{where}.{i}", problems) for i, v in enumerate(value)]
     return value
-
-
-def _format_validation(file: str, exc: ValidationError) -> list[str]:
-    lines = []
-    for error in exc.errors():
-        path = ".".join(str(part) for part in error["loc"]) or "(top level)"
-        message = error["msg"].removeprefix("Value error, ")
-        if error["type"] == "extra_forbidden":
-            message = "unknown key"
-        lines.append(f"{file}: {path}: {message}")
-    return lines
-
-
-def read_yaml(path: Path) -> Any:
-    """Read a YAML file; raise ConfigError naming the file and the line on failure."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError([f"{path}: (file): cannot read: {exc.strerror or exc}"]) from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f"line {mark.line + 1}" if mark is not None else "(file)"
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError([f"{path}: {at}: invalid YAML: {problem}"]) from None
 
 
 def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
     """Load and validate the config file and the policy it names. Raises ConfigError with every problem."""
     path = Path(path)
-    raw = read_yaml(path)
+    try:
+        raw, _ = read_yaml(path)
+    except YamlFileError as exc:
+        raise ConfigError(exc.problems) from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError([f"{path}: (top level): must be a mapping of keys"])
     problems: list[str] = []
-    data = _expand(raw, os.environ if env is None else env, "", problems)
+    data = _expand(raw, os.environ if env is None else env, path, "", problems)
     policy_ref = data.get("policy")
     if policy_ref is None:
         problems.append(f"{path}: policy: required (the policy file to enforce)")
@@ -249,14 +226,17 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Confi
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_validation(str(path), exc)) from None
+        raise ConfigError(format_validation(str(path), exc)) from None
 
 
 def _resolve_relative_paths(data: dict[str, Any], base: Path) -> None:
-    """Paths in the config are relative to the config file, not to the working directory."""
-    clients = data.get("auth", {}).get("clients") if isinstance(data.get("auth"), dict) else None
-    if isinstance(clients, dict) and isinstance(clients.get("signing_key_file"), str):
-        clients["signing_key_file"] = str(base / clients["signing_key_file"])
+    """Paths in the config (given or defaulted) are relative to the config file, not to the working directory."""
+    auth = data.setdefault("auth", {})
+    clients = auth.setdefault("clients", {}) if isinstance(auth, dict) else None
+    if isinstance(clients, dict):
+        key_file = clients.get("signing_key_file", str(GatewayClients.model_fields["signing_key_file"].default))
+        if isinstance(key_file, str):
+            clients["signing_key_file"] = str(base / key_file)
     audit = data.get("audit")
     if isinstance(audit, dict) and isinstance(audit.get("sinks"), list):
         for sink in audit["sinks"]:

@@ -123,7 +123,7 @@ class MalformedParams(ValueError):
 def classify(message: Message) -> Operation:
     """Say what a client->server message asks for. Raises `MalformedParams` when a target is unreadable."""
     if message.kind in ("response", "error"):
-        return Operation("client_response", "", message.id)
+        return Operation("client_response", "response", message.id)
     method = message.method or ""
     if message.kind == "notification":
         return Operation("notification", method)
@@ -259,20 +259,20 @@ def _param_header_mismatch(
         # Schema not learnt yet (no tools/list seen through this gateway): a header token need not
         # equal a property name, so only what is wrong on its face is refused; the upstream, which
         # knows the schema, checks the rest.
-        for token, values in sent.items():
-            if decode_header_value(values[0]) is None:
+        for token, sent_values in sent.items():
+            if decode_header_value(sent_values[0]) is None:
                 return f"Mcp-Param-{token} header carries a malformed base64 sentinel"
         return None
     declared = param_header_paths(schema)
-    for token, (path, prop_type) in declared.items():
-        values = sent.pop(token.lower(), None)
+    for key, (token, path, prop_type) in declared.items():
+        received = sent.pop(key, None)
         value = _at_path(arguments, path)
         rendered = _render(value) if value is not None else None
-        if values is None:
+        if received is None:
             if rendered is not None:
                 return f"Mcp-Param-{token} header is missing"
             continue
-        decoded = decode_header_value(values[0])
+        decoded = decode_header_value(received[0])
         if decoded is None:
             return f"Mcp-Param-{token} header carries a malformed base64 sentinel"
         if rendered is None or not _same_value(prop_type, value, rendered, decoded):
@@ -282,13 +282,13 @@ def _param_header_mismatch(
     return None
 
 
-def param_header_paths(schema: Mapping[str, Any]) -> dict[str, tuple[tuple[str, ...], str]]:
-    """Map each `x-mcp-header` token in an inputSchema to (property path, JSON type).
+def param_header_paths(schema: Mapping[str, Any]) -> dict[str, tuple[str, tuple[str, ...], str]]:
+    """Map each `x-mcp-header` token (lowercased) in an inputSchema to (token as declared, property path, JSON type).
 
     Only properties reached through a chain of `properties` keys count, as in the
     specification; other annotations are ignored (conforming clients send no header for them).
     """
-    found: dict[str, tuple[tuple[str, ...], str]] = {}
+    found: dict[str, tuple[str, tuple[str, ...], str]] = {}
     stack: list[tuple[tuple[str, ...], Any]] = [((), schema)]
     while stack:
         path, node = stack.pop()
@@ -296,7 +296,7 @@ def param_header_paths(schema: Mapping[str, Any]) -> dict[str, tuple[tuple[str, 
             continue
         token = node.get("x-mcp-header")
         if path and isinstance(token, str):
-            found[token.lower()] = (path, str(node.get("type")))
+            found[token.lower()] = (token, path, str(node.get("type")))
         properties = node.get("properties")
         if isinstance(properties, dict):
             stack.extend(((*path, key), sub) for key, sub in properties.items())

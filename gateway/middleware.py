@@ -149,15 +149,15 @@ class MCPSecurityMiddleware:
             origin = origins[0].rstrip("/")
             if origin.lower() != self.config.public_origin and origin not in self.config.allowed_origins:
                 raise errors.GatewayRefusal(errors.FORBIDDEN_ORIGIN, reason=f"origin:{origin}")
-        ex.session_id = (headers.get(mcp.SESSION_HEADER) or [None])[0]
-        ex.protocol_version = (headers.get(mcp.PROTOCOL_VERSION_HEADER) or [None])[0]
+        ex.session_id = _first(headers, mcp.SESSION_HEADER)
+        ex.protocol_version = _first(headers, mcp.PROTOCOL_VERSION_HEADER)
 
     async def _read_body(self, receive: ASGIReceive, headers: Mapping[str, list[str]]) -> bytes:
-        content_type = (headers.get("content-type") or [""])[0].split(";")[0].strip().lower()
+        content_type = (_first(headers, "content-type") or "").split(";")[0].strip().lower()
         if content_type != "application/json":
             raise errors.GatewayRefusal(errors.BAD_CONTENT_TYPE, reason=f"content-type:{content_type or 'none'}")
         limit = self.config.limits.max_body_bytes
-        declared = (headers.get("content-length") or [None])[0]
+        declared = _first(headers, "content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise errors.GatewayRefusal(errors.PAYLOAD_TOO_LARGE, f"limit is {limit} bytes")
         chunks: list[bytes] = []
@@ -222,7 +222,7 @@ class MCPSecurityMiddleware:
         return out
 
     def _denial_body(self, op: mcp.Operation, decision: Decision) -> bytes:
-        refusal, error = self._denial_error(op, decision)
+        _, error = self._denial_error(op, decision)
         return orjson.dumps({"jsonrpc": "2.0", "id": op.request_id, "error": error})
 
     def _denial_error(self, op: mcp.Operation, decision: Decision) -> tuple[errors.Refusal, dict[str, Any]]:
@@ -231,7 +231,8 @@ class MCPSecurityMiddleware:
             return errors.METHOD_NOT_FOUND, errors.error_object(errors.METHOD_NOT_FOUND, op.method)
         if policy.deny_detail == "minimal" and decision.hidden and op.target is not None:
             word = _UNKNOWN_WORD.get(op.kind, "item")
-            return errors.UNKNOWN_TARGET, {"code": errors.UNKNOWN_TARGET.code, "message": f"Unknown {word}: {op.target}"}
+            message = f"Unknown {word}: {op.target}"
+            return errors.UNKNOWN_TARGET, {"code": errors.UNKNOWN_TARGET.code, "message": message}
         if policy.deny_detail == "explain":
             return errors.FORBIDDEN, errors.error_object(errors.FORBIDDEN, f"{op.method} denied by {decision.reason}")
         return errors.FORBIDDEN, errors.error_object(errors.FORBIDDEN)
@@ -310,7 +311,8 @@ class MCPSecurityMiddleware:
             log.exception("error in the wrapped app for %s", ex.upstream.name)
             state.upstream_error = state.upstream_error or "exception"
             if not watcher.response_started:
-                payload = errors.error_body(errors.INTERNAL, state.request_ids[0] if len(state.request_ids) == 1 else None)
+                only_id = state.request_ids[0] if len(state.request_ids) == 1 else None
+                payload = errors.error_body(errors.INTERNAL, only_id)
                 await _respond(send, 500, [_JSON, (b"content-length", str(len(payload)).encode())], payload)
                 watcher.status = 500
             elif not watcher.finished:
@@ -567,6 +569,11 @@ class _ResponseWatcher:
 async def _respond(send: ASGISend, status: int, headers: list[tuple[bytes, bytes]], payload: bytes) -> None:
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": payload, "more_body": False})
+
+
+def _first(headers: Mapping[str, list[str]], name: str) -> str | None:
+    values = headers.get(name)
+    return values[0] if values else None
 
 
 def _id_text(value: jsonrpc.JsonRpcId) -> str | None:

@@ -56,7 +56,10 @@ class UpstreamProxy:
             total=None, connect=limits.upstream_connect_timeout_s, sock_read=limits.upstream_timeout_s
         )
         public = urlsplit(public_url)
-        self._forwarded = [(b"x-forwarded-proto", public.scheme.encode()), (b"x-forwarded-host", public.netloc.encode())]
+        self._forwarded = [
+            (b"x-forwarded-proto", public.scheme.encode()),
+            (b"x-forwarded-host", public.netloc.encode()),
+        ]
         self._inject = [(k.lower().encode(), v.encode()) for k, v in upstream.headers.items()]
         self._injected_names = {name for name, _ in self._inject}
         self._session: aiohttp.ClientSession | None = None
@@ -94,6 +97,20 @@ class UpstreamProxy:
         if scope["type"] != "http":
             return
         body = await _read_body(receive)
+        # A client that goes away must not leave an upstream stream (a legacy GET, a long SSE answer) being read.
+        forward = asyncio.ensure_future(self._forward(scope, body, send))
+        disconnect = asyncio.ensure_future(_until_disconnect(receive))
+        try:
+            await asyncio.wait((forward, disconnect), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (forward, disconnect):
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(forward, disconnect, return_exceptions=True)
+        if forward.done() and not forward.cancelled() and forward.exception() is not None:
+            raise forward.exception()  # type: ignore[misc]
+
+    async def _forward(self, scope: ASGIScope, body: bytes, send: ASGISend) -> None:
         state: RequestState | None = scope.get("mcp_gateway")
         url = self._url
         if scope.get("query_string"):
@@ -112,7 +129,7 @@ class UpstreamProxy:
                 async for chunk in response.content.iter_any():
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             await self._fail(send, state, started, UPSTREAM_TIMEOUT, "timeout")
         except (aiohttp.ClientError, OSError) as exc:
             log.warning("upstream %s failed: %s", self.upstream.name, exc)
@@ -155,6 +172,11 @@ def _response_headers(raw: Iterable[tuple[bytes, bytes]]) -> Iterable[tuple[byte
         lowered = name.lower()
         if lowered not in _NOT_RETURNED:
             yield lowered, value
+
+
+async def _until_disconnect(receive: ASGIReceive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _read_body(receive: ASGIReceive) -> bytes:

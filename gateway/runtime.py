@@ -54,5 +54,8 @@ class Runtime:
             return
         cache = self._tool_schemas[upstream]
         for tool in tools:
-            if isinstance(tool, dict) and isinstance(tool.get("name"), str) and isinstance(tool.get("inputSchema"), dict):
-                cache[tool["name"]] = tool["inputSchema"]
+            if not isinstance(tool, dict):
+                continue
+            name, schema = tool.get("name"), tool.get("inputSchema")
+            if isinstance(name, str) and isinstance(schema, dict):
+                cache[name] = schema

@@ -69,7 +69,6 @@ def _nested(depth: int) -> bytes:
 
 
 def _foreign_token(deployment: Deployment) -> str:
-    config = deployment.runtime.config
     return deployment.runtime.authenticator.issue_token(subject="alice", audience="http://elsewhere/mcp",
                                                         scopes=["mcp:tools"])
 

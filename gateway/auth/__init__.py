@@ -55,11 +55,14 @@ class Authenticator:
         self._public = signing_key.public
         self._issuer = config.public_url
         self._anonymous_role = config.auth.anonymous_role
-        self._verified: TTLCache[str, tuple[Principal, str]] = TTLCache(maxsize=cache_size, ttl=config.auth.clients.token_ttl_s)
+        self._verified: TTLCache[str, tuple[Principal, str]] = TTLCache(
+            maxsize=cache_size, ttl=config.auth.clients.token_ttl_s
+        )
 
     def metadata_url(self, upstream_path: str) -> str:
         """RFC 9728 metadata URL for a resource at `upstream_path` (path-suffixed form)."""
-        return f"{self._config.public_url}/.well-known/oauth-protected-resource{self._config.public_path_prefix}{upstream_path}"
+        config = self._config
+        return f"{config.public_url}/.well-known/oauth-protected-resource{config.public_path_prefix}{upstream_path}"
 
     def challenge(self, upstream_path: str, error: str | None = None) -> str:
         value = f'Bearer resource_metadata="{self.metadata_url(upstream_path)}"'
@@ -113,7 +116,8 @@ class Authenticator:
                 options={"require": ["exp", "iat", "sub", "iss", "aud"]},
             )
         except jwt.ExpiredSignatureError:
-            raise AuthFailed("token expired", self.challenge(upstream_path, "invalid_token"), reason="expired") from None
+            raise AuthFailed("token expired", self.challenge(upstream_path, "invalid_token"),
+                             reason="expired") from None
         except jwt.InvalidAudienceError:
             raise AuthFailed("token is not for this resource", self.challenge(upstream_path, "invalid_token"),
                              reason="wrong_audience") from None
@@ -157,7 +161,10 @@ class Authenticator:
 def principal_from_claims(claims: Mapping[str, Any]) -> Principal:
     """A Principal from verified JWT claims (`scope` as a space-separated string or `scp` as a list)."""
     raw_scope = claims.get("scope", claims.get("scp", ""))
-    scopes = frozenset(raw_scope.split() if isinstance(raw_scope, str) else (s for s in raw_scope if isinstance(s, str)))
+    if isinstance(raw_scope, str):
+        scopes = frozenset(raw_scope.split())
+    else:
+        scopes = frozenset(s for s in raw_scope if isinstance(s, str))
     exp = claims.get("exp")
     return Principal(
         subject=str(claims["sub"]),

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from gateway.yamlfile import YamlFileError, format_validation, read_yaml
 
 
 class PolicyError(Exception):
@@ -179,26 +180,15 @@ def compile_policy(spec: PolicySpec, *, version: str, source: str) -> Policy:
 def load_policy(path: Path) -> Policy:
     """Read, validate and compile a policy file; raise PolicyError listing every problem."""
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise PolicyError([f"{path}: (file): cannot read: {exc.strerror or exc}"]) from None
-    try:
-        raw = yaml.safe_load(data)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f"line {mark.line + 1}" if mark is not None else "(file)"
-        raise PolicyError([f"{path}: {at}: invalid YAML: {getattr(exc, 'problem', None) or exc}"]) from None
+        raw, data = read_yaml(path)
+    except YamlFileError as exc:
+        raise PolicyError(exc.problems) from None
     if not isinstance(raw, dict):
         raise PolicyError([f"{path}: (top level): must be a mapping with a roles: key"])
     try:
         spec = PolicySpec.model_validate(raw)
     except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            where = ".".join(str(p) for p in error["loc"]) or "(top level)"
-            why = "unknown key" if error["type"] == "extra_forbidden" else error["msg"].removeprefix("Value error, ")
-            problems.append(f"{path}: {where}: {why}")
-        raise PolicyError(problems) from None
+        raise PolicyError(format_validation(str(path), exc)) from None
     try:
         return compile_policy(spec, version=hashlib.sha256(data).hexdigest()[:12], source=str(path))
     except ValueError as exc:

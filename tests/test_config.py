@@ -1,0 +1,109 @@
+"""Config loading: every problem named as FILE: key.path: why, by load_config and by the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gateway import ConfigError, load_config
+from tests.harness import DEFAULT_POLICY, ROOT
+
+
+def write(directory: Path, config: dict[str, object], policy: object = DEFAULT_POLICY) -> Path:
+    (directory / "policy.yaml").write_text(yaml.safe_dump(policy))
+    path = directory / "gateway.yaml"
+    path.write_text(yaml.safe_dump({"policy": "policy.yaml", **config}))
+    return path
+
+
+UPSTREAM = {"name": "demo", "path": "/mcp", "url": "http://127.0.0.1:9000/mcp"}
+
+BAD = [
+    ({"upstreams": []}, "upstreams: needs at least 1 item(s)"),
+    ({"upstreams": [{**UPSTREAM, "url": "ftp://x"}]}, "upstreams.0.url: must be an http:// or https:// URL"),
+    ({"upstreams": [UPSTREAM], "public_url": "/relative"}, "public_url: must be an absolute"),
+    ({"upstreams": [UPSTREAM], "limits": {"max_body_bytes": 0}}, "limits.max_body_bytes: Input should be greater"),
+    ({"upstreams": [UPSTREAM], "listn": {}}, "listn: unknown key"),
+    ({"upstreams": [UPSTREAM, {**UPSTREAM, "name": "other"}]}, "share path"),
+    ({"upstreams": [{**UPSTREAM, "headers": {"Host": "x"}}]}, "upstreams.0.headers: the gateway sets Host"),
+    ({"upstreams": [UPSTREAM], "auth": {"anonymous_role": "nobody"}}, "anonymous_role 'nobody' is not a role"),
+    ({"upstreams": [UPSTREAM], "allowed_origins": ["http://a.example/path"]}, "is not an origin"),
+    ({"upstreams": [{**UPSTREAM, "headers": {"X-Key": "${NOT_SET_ANYWHERE}"}}]},
+     "upstreams.0.headers.X-Key: environment variable NOT_SET_ANYWHERE is not set"),
+]
+
+
+@pytest.mark.parametrize(("config", "problem"), BAD, ids=[p for _, p in BAD])
+def test_bad_config_names_file_key_and_why(tmp_path: Path, config: dict[str, object], problem: str) -> None:
+    path = write(tmp_path, config)
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    assert any(line.startswith(f"{path}: ") and problem in line for line in raised.value.problems), raised.value
+
+
+BAD_POLICY = [
+    ({"roles": {}}, "roles: needs at least 1 item(s)"),
+    ({"roles": {"a": {"inherits": ["b"]}}}, "inherits unknown role 'b'"),
+    ({"roles": {"a": {"inherits": ["b"]}, "b": {"inherits": ["a"]}}}, "cycle"),
+    ({"roles": {"a": {}}, "bindings": [{"when": {}, "roles": ["a"]}]}, "at least one of"),
+    ({"roles": {"a": {}}, "bindings": [{"when": {"scope": "s"}, "roles": ["z"]}]}, "unknown role 'z'"),
+    ({"roles": {"a": {"permissions": {"can_fly": True}}}}, "roles.a.permissions.can_fly: unknown key"),
+    ({"roles": {"a": {}}, "deny_detail": "all"}, "deny_detail: Input should be 'minimal' or 'explain'"),
+]
+
+
+@pytest.mark.parametrize(("policy", "problem"), BAD_POLICY, ids=[p for _, p in BAD_POLICY])
+def test_bad_policy_is_reported_through_the_config(tmp_path: Path, policy: object, problem: str) -> None:
+    path = write(tmp_path, {"upstreams": [UPSTREAM]}, policy)
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    assert any(line.startswith(f"{tmp_path / 'policy.yaml'}: ") and problem in line
+               for line in raised.value.problems), raised.value
+
+
+def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text("upstreams:\n  - name: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"gateway.yaml: line \d+: invalid YAML"):
+        load_config(path)
+
+
+def test_environment_variables_and_defaults_expand(tmp_path: Path) -> None:
+    headers = {"X-Key": "${KEY}", "X-Other": "${NOPE:-fallback}"}
+    path = write(tmp_path, {"upstreams": [{**UPSTREAM, "headers": headers}]})
+    config = load_config(path, env={"KEY": "s3cret"})
+    assert config.upstreams[0].headers == {"X-Key": "s3cret", "X-Other": "fallback"}
+    assert config.auth.clients.signing_key_file == tmp_path / "gateway-signing-key.pem"
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gateway.cli", *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_check_config_accepts_the_example_and_every_shipped_policy() -> None:
+    done = cli("check-config", "--config", "config.example.yaml")
+    assert done.returncode == 0, done.stderr
+    assert "OK" in done.stdout
+
+
+def test_check_config_and_serve_refuse_a_bad_config_with_the_same_lines(tmp_path: Path) -> None:
+    path = write(tmp_path, {"upstreams": [{**UPSTREAM, "url": "ftp://x"}], "listn": 1})
+    checked = cli("check-config", "--config", str(path))
+    served = cli("serve", "--config", str(path))
+    assert checked.returncode == served.returncode == 2
+    assert checked.stderr == served.stderr
+    assert sorted(checked.stderr.splitlines()) == sorted([
+        f"{path}: listn: unknown key",
+        f"{path}: upstreams.0.url: must be an http:// or https:// URL",
+    ])
+
+
+def test_serve_requires_an_upstream_url(tmp_path: Path) -> None:
+    path = write(tmp_path, {"upstreams": [{"name": "demo", "path": "/mcp"}]})
+    done = cli("serve", "--config", str(path))
+    assert done.returncode == 2
+    assert f"{path}: upstreams[0].url: required to run as a reverse proxy" in done.stderr

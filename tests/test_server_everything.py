@@ -1,0 +1,122 @@
+"""The gateway in front of @modelcontextprotocol/server-everything (the TypeScript SDK's reference server)."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from typing import Any
+
+import httpx2
+import mcp_types as types
+import pytest
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+
+from gateway import create_app
+from tests.harness import ServerThread, free_port, write_config
+from tests.node_peers import server_everything
+
+Everything = tuple[str, Any, ServerThread]  # the gateway's MCP URL, its app, its server thread
+
+EVERYTHING_POLICY = {
+    "roles": {"tester": {"permissions": {
+        "can_list_resources": True, "can_read_resources": ["**"], "can_execute_tools": ["*"],
+        "can_access_prompts": ["*"], "can_request_sampling": True,
+    }}},
+    "bindings": [{"when": {"scope": "mcp:tools"}, "roles": ["tester"]}],
+}
+
+
+@pytest.fixture(scope="module")
+def everything_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Any]]:
+    directory = tmp_path_factory.mktemp("everything")
+    with server_everything() as upstream_url:
+        port = free_port()
+        config = write_config(directory, upstream_url, policy=EVERYTHING_POLICY, public_url=f"http://127.0.0.1:{port}")
+        app = create_app(config)
+        server = ServerThread(app, port).start()
+        try:
+            yield f"{server.url}/mcp", app, server
+        finally:
+            server.stop()
+
+
+def _client(url: str, app: Any, **callbacks: Any) -> Client:
+    config = app.runtime.config
+    token = app.runtime.authenticator.issue_token(subject="bob", audience=config.resource_url(config.upstreams[0]),
+                                                  scopes=["mcp:tools"])
+    http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"})
+    return Client(streamable_http_client(url, http_client=http), **callbacks)
+
+
+async def test_tools_resources_and_prompts_through_the_gateway(everything_gateway: Everything) -> None:
+    url, app, _ = everything_gateway
+    async with _client(url, app) as session:
+        tools = {t.name for t in (await session.list_tools()).tools}
+        assert {"echo", "get-sum"} <= tools
+        echoed = await session.call_tool("echo", {"message": "hello everything"})
+        assert "hello everything" in echoed.content[0].text  # type: ignore[union-attr]
+        summed = await session.call_tool("get-sum", {"a": 2, "b": 3})
+        assert "5" in summed.content[0].text  # type: ignore[union-attr]
+        resources = (await session.list_resources()).resources
+        assert resources
+        read = await session.read_resource(resources[0].uri)
+        assert read.contents
+        prompts = (await session.list_prompts()).prompts
+        assert prompts
+
+
+async def test_sampling_round_trip_through_the_gateway(everything_gateway: Everything) -> None:
+    url, app, _ = everything_gateway
+    asked: list[types.CreateMessageRequestParams] = []
+
+    async def sample(context: Any, params: types.CreateMessageRequestParams) -> types.CreateMessageResult:
+        asked.append(params)
+        return types.CreateMessageResult(role="assistant", model="test-model",
+                                         content=types.TextContent(type="text", text="sampled answer"))
+
+    async with _client(url, app, sampling_callback=sample) as session:
+        result = await session.call_tool("trigger-sampling-request", {"prompt": "hi", "maxTokens": 10})
+    assert len(asked) == 1 and "hi" in asked[0].messages[0].content.text  # type: ignore[union-attr]
+    assert "sampled answer" in str(result.content)
+    # The reply to the server's request was POSTed back through the gateway, audited, and answered 202.
+    server = everything_gateway[2]
+    server.call(app.runtime.audit.flush())
+    db = sqlite3.connect(app.runtime.config.audit.sinks[0].path)
+    rows = db.execute("SELECT result, status FROM audit_events WHERE operation = 'response'").fetchall()
+    db.close()
+    assert ("allowed", 202) in rows
+
+
+async def test_elicitation_round_trip_through_the_gateway(everything_gateway: Everything) -> None:
+    url, app, _ = everything_gateway
+    asked: list[Any] = []
+
+    async def elicit(context: Any, params: Any) -> types.ElicitResult:
+        asked.append(params)
+        properties = params.requested_schema.get("properties", {})
+        content = {name: _default_for(spec) for name, spec in properties.items()}
+        return types.ElicitResult(action="accept", content=content)
+
+    async with _client(url, app, elicitation_callback=elicit) as session:
+        result = await session.call_tool("trigger-elicitation-request", {})
+    assert len(asked) == 1
+    assert not result.is_error, result.content
+
+
+def _default_for(spec: dict[str, Any]) -> Any:
+    """A valid answer for one field of an elicitation form, as a user would fill it in."""
+    if "default" in spec:
+        return spec["default"]
+    if "enum" in spec:
+        return spec["enum"][0]
+    if "oneOf" in spec:
+        return spec["oneOf"][0]["const"]
+    if spec.get("type") == "array":
+        items = spec.get("items", {})
+        choices = items.get("enum") or [c["const"] for c in items.get("anyOf", [])]
+        return choices[:1]
+    formats = {"email": "ada@example.com", "uri": "https://example.com/", "date": "2000-01-01"}
+    if spec.get("format") in formats:
+        return formats[spec["format"]]
+    return {"number": 1, "integer": 1, "boolean": True}.get(spec.get("type", "string"), "Ada")
