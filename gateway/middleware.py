@@ -265,7 +265,7 @@ class MCPSecurityMiddleware:
         payload = errors.error_body(refusal.refusal, request_id, refusal.detail)
         headers = [_JSON, (b"content-length", str(len(payload)).encode()), *(extra_headers or [])]
         await _respond(send, refusal.refusal.http_status, headers, payload)
-        method = ex.messages[0].method or "" if len(ex.messages) == 1 else ex.http_method
+        method = (ex.messages[0].method or "response") if len(ex.messages) == 1 else ex.http_method
         self._record(ex, AuditEvent(
             result=refusal.refusal.audit_result,
             reason=refusal.reason,

@@ -89,3 +89,15 @@ async def test_every_message_gets_one_audit_event_with_who_and_what(gateway: Dep
     assert call["status"] == 200 and call["protocol_version"] == "2026-07-28"
     assert "hunter2" not in call["arguments"] and "[REDACTED]" in call["arguments"]
     assert len(events) == len(gateway.recorder.requests)
+
+
+async def test_discover_works_for_a_principal_with_no_role(gateway: Deployment) -> None:
+    # The SDK's auto mode falls back to the legacy handshake on any 4xx for server/discover, so a
+    # refused discover would silently change the protocol era; it is protocol plumbing, always allowed.
+    async with client(gateway, "auto", gateway.token("nobody", scopes=())) as session:
+        with pytest.raises(MCPError) as refused:
+            await session.list_tools()
+        assert (refused.value.error.code, refused.value.error.message) == (-32011, "Forbidden")
+    assert gateway.recorder.mcp_methods() == ["server/discover"]
+    assert [(e["operation"], e["result"], e["reason"]) for e in gateway.audit_events()] == [
+        ("server/discover", "allowed", "protocol:discover"), ("tools/list", "denied", "no-role")]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import httpx
 import httpx2
 import mcp_types as types
 import pytest
@@ -120,3 +123,51 @@ def _default_for(spec: dict[str, Any]) -> Any:
     if spec.get("format") in formats:
         return formats[spec["format"]]
     return {"number": 1, "integer": 1, "boolean": True}.get(spec.get("type", "string"), "Ada")
+
+
+ECHO_ONLY = {"roles": {"echoer": {"permissions": {"can_execute_tools": ["echo"]}}},
+             "bindings": [{"when": {"scope": "mcp:tools"}, "roles": ["echoer"]}]}
+
+
+def test_2025_03_26_batch_is_decided_message_by_message(tmp_path: Path) -> None:
+    with server_everything() as upstream_url:
+        port = free_port()
+        app = create_app(write_config(tmp_path, upstream_url, policy=ECHO_ONLY, public_url=f"http://127.0.0.1:{port}"))
+        server = ServerThread(app, port).start()
+        try:
+            config = app.runtime.config
+            token = app.runtime.authenticator.issue_token(
+                subject="bob", audience=config.resource_url(config.upstreams[0]), scopes=["mcp:tools"])
+            headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json",
+                       "Accept": "application/json, text/event-stream"}
+            url = f"{server.url}/mcp"
+            init = httpx.post(url, headers=headers, json={"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+                "protocolVersion": "2025-03-26", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}})
+            headers["Mcp-Session-Id"] = init.headers["mcp-session-id"]
+            httpx.post(url, headers=headers, json={"jsonrpc": "2.0", "method": "notifications/initialized"})
+
+            def call(id: int, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+                return {"jsonrpc": "2.0", "id": id, "method": "tools/call",
+                        "params": {"name": name, "arguments": arguments}}
+
+            batch = [call(2, "echo", {"message": "a"}), call(3, "get-sum", {"a": 1, "b": 2}),
+                     {"jsonrpc": "2.0", "id": 4, "method": "ping"}]
+            mixed = httpx.post(url, headers=headers, json=batch)
+            answers = {m["id"]: m for m in (json.loads(line[6:]) for line in mixed.text.splitlines()
+                                           if line.startswith("data: "))}
+            assert "Echo: a" in answers[2]["result"]["content"][0]["text"]
+            assert answers[3]["error"] == {"code": -32602, "message": "Unknown tool: get-sum"}
+            assert answers[4]["result"] == {}
+
+            refused = httpx.post(url, headers=headers, json=[batch[1], {**batch[1], "id": 5}])
+            assert refused.status_code == 200
+            assert [m["id"] for m in refused.json()] == [3, 5]
+            assert {m["error"]["code"] for m in refused.json()} == {-32602}
+
+            server.call(app.runtime.audit.flush())
+            db = sqlite3.connect(config.audit.sinks[0].path)
+            rows = db.execute("SELECT request_id, result FROM audit_events WHERE operation = 'tools/call'").fetchall()
+            db.close()
+            assert sorted(rows) == [("2", "allowed"), ("3", "denied"), ("3", "denied"), ("5", "denied")]
+        finally:
+            server.stop()
