@@ -110,6 +110,7 @@ class Operation:
     name: str | None = None  # tool or prompt name, exactly as sent
     uri: str | None = None  # resource URI, exactly as sent
     arguments: Mapping[str, Any] | None = None  # tools/call arguments
+    input_responses: tuple[OperationKind, ...] = ()  # 2026-07-28 retry: what the client's inputResponses answer
 
     @property
     def target(self) -> str | None:
@@ -129,18 +130,50 @@ def classify(message: Message) -> Operation:
         return Operation("notification", method)
     kind = _CLIENT_METHODS.get(method, "unknown")
     params = message.params if isinstance(message.params, dict) else {}
+    answered = _input_response_kinds(params.get("inputResponses"))
+    if method == "completion/complete":
+        return _completion(message, params, answered)
     target_key = _TARGET_PARAM.get(method)
     if target_key is None:
-        return Operation(kind, method, message.id)
+        return Operation(kind, method, message.id, input_responses=answered)
     target = params.get(target_key)
     if not isinstance(target, str):
         raise MalformedParams(f"{method} needs a string params.{target_key}")
     if target_key == "uri":
-        return Operation(kind, method, message.id, uri=target)
+        return Operation(kind, method, message.id, uri=target, input_responses=answered)
     arguments = params.get("arguments")
     if arguments is not None and not isinstance(arguments, dict):
         raise MalformedParams(f"{method} params.arguments must be an object")
-    return Operation(kind, method, message.id, name=target, arguments=arguments)
+    return Operation(kind, method, message.id, name=target, arguments=arguments, input_responses=answered)
+
+
+def _completion(message: Message, params: Mapping[str, Any], answered: tuple[OperationKind, ...]) -> Operation:
+    """completion/complete names what it completes for: a prompt, or a resource template."""
+    ref = params.get("ref")
+    if not isinstance(ref, dict):
+        raise MalformedParams("completion/complete needs a params.ref object")
+    if ref.get("type") == "ref/prompt" and isinstance(ref.get("name"), str):
+        return Operation("completion", message.method or "", message.id, name=ref["name"], input_responses=answered)
+    if ref.get("type") == "ref/resource" and isinstance(ref.get("uri"), str):
+        return Operation("completion", message.method or "", message.id, uri=ref["uri"], input_responses=answered)
+    raise MalformedParams("completion/complete ref must be ref/prompt with a name or ref/resource with a uri")
+
+
+def _input_response_kinds(responses: Any) -> tuple[OperationKind, ...]:
+    """What each answer in a 2026-07-28 retry's `inputResponses` responds to, told by its shape."""
+    if not isinstance(responses, dict):
+        return ()
+    kinds: list[OperationKind] = []
+    for response in responses.values():
+        if isinstance(response, dict) and "action" in response:
+            kinds.append("elicitation")
+        elif isinstance(response, dict) and "roots" in response:
+            kinds.append("roots_list")
+        elif isinstance(response, dict) and ("model" in response or "role" in response):
+            kinds.append("sampling")
+        else:
+            kinds.append("unknown")
+    return tuple(dict.fromkeys(kinds))
 
 
 def classify_server_request(message: Message) -> Operation:

@@ -35,7 +35,9 @@ CLASSIFY = [
     ("subscriptions/listen", {}, "subscriptions_listen", None, None),
     ("prompts/list", {}, "list", None, None),
     ("prompts/get", {"name": "summarize"}, "prompt_get", "summarize", None),
-    ("completion/complete", {}, "completion", None, None),
+    ("completion/complete", {"ref": {"type": "ref/prompt", "name": "summarize"}}, "completion", "summarize", None),
+    ("completion/complete", {"ref": {"type": "ref/resource", "uri": "file:///srv/docs/{name}"}}, "completion", None,
+     "file:///srv/docs/{name}"),
     ("logging/setLevel", {"level": "info"}, "logging_set_level", None, None),
     ("tasks/get", {"taskId": "t"}, "task", None, None),
     ("tasks/result", {"taskId": "t"}, "task", None, None),
@@ -46,7 +48,8 @@ CLASSIFY = [
 ]
 
 
-@pytest.mark.parametrize(("method", "params", "kind", "name", "uri"), CLASSIFY, ids=[r[0] for r in CLASSIFY])
+@pytest.mark.parametrize(("method", "params", "kind", "name", "uri"), CLASSIFY,
+                         ids=[f"{r[0]}-{r[3] or r[4] or ''}" for r in CLASSIFY])
 def test_every_method_of_every_revision_is_classified(method: str, params: dict[str, Any], kind: str,
                                                       name: str | None, uri: str | None) -> None:
     op = mcp.classify(request(method, **params))
@@ -61,10 +64,24 @@ def test_notifications_and_client_responses_are_classified() -> None:
     assert [mcp.classify(m).kind for m in (reply, error)] == ["client_response", "client_response"]
 
 
-@pytest.mark.parametrize("params", [{"name": 5}, {}, {"name": "x", "arguments": [1]}])
-def test_tool_call_without_a_readable_target_is_malformed(params: dict[str, Any]) -> None:
+@pytest.mark.parametrize(("method", "params"), [
+    ("tools/call", {"name": 5}), ("tools/call", {}), ("tools/call", {"name": "x", "arguments": [1]}),
+    ("resources/read", {"uri": None}), ("completion/complete", {}),
+    ("completion/complete", {"ref": {"type": "ref/prompt"}}),
+])
+def test_a_known_method_without_a_readable_target_is_malformed(method: str, params: dict[str, Any]) -> None:
     with pytest.raises(mcp.MalformedParams):
-        mcp.classify(request("tools/call", **params))
+        mcp.classify(request(method, **params))
+
+
+def test_input_responses_are_classified_by_shape() -> None:
+    retry = request("tools/call", name="ask_llm", inputResponses={
+        "a": {"role": "assistant", "model": "m", "content": {"type": "text", "text": "x"}},
+        "b": {"action": "accept", "content": {}},
+        "c": {"roots": []},
+        "d": {"surprise": True},
+    })
+    assert mcp.classify(retry).input_responses == ("sampling", "elicitation", "roots_list", "unknown")
 
 
 def test_server_requests_are_classified() -> None:

@@ -166,6 +166,8 @@ def principal_from_claims(claims: Mapping[str, Any]) -> Principal:
     else:
         scopes = frozenset(s for s in raw_scope if isinstance(s, str))
     exp = claims.get("exp")
+    amr = claims.get("amr")
+    auth_time = claims.get("auth_time")
     return Principal(
         subject=str(claims["sub"]),
         issuer=str(claims["iss"]),
@@ -174,6 +176,9 @@ def principal_from_claims(claims: Mapping[str, Any]) -> Principal:
         claims=dict(claims),
         token_id=str(claims["jti"]) if "jti" in claims else None,
         expires_at=float(exp) if isinstance(exp, int | float) else None,
+        acr=str(claims["acr"]) if "acr" in claims else None,
+        amr=frozenset(m for m in amr if isinstance(m, str)) if isinstance(amr, list) else frozenset(),
+        auth_time=float(auth_time) if isinstance(auth_time, int | float) else None,
     )
 
 

@@ -26,6 +26,9 @@ class Principal:
     roles: frozenset[str] = frozenset()
     token_id: str | None = None
     expires_at: float | None = None
+    acr: str | None = None  # authentication context class (RFC 9470)
+    amr: frozenset[str] = frozenset()  # authentication methods used (RFC 8176): pwd, mfa, hwk, ...
+    auth_time: float | None = None
     anonymous: bool = False
 
     @property

@@ -8,9 +8,14 @@ Glob semantics for tool, prompt and resource patterns: `*` matches any run of
 characters within one `/`-separated segment, `**` matches across segments,
 every other character matches itself exactly (no case folding, no Unicode
 normalisation: two different names never match the same way by accident).
+Resource URIs are normalised (`policy.uri`) before they are matched.
 """
 
-from gateway.policy.engine import Decision, decide
-from gateway.policy.model import Policy, PolicyError, Role, load_policy
+from gateway.policy.engine import Decision, authentication_level, decide, roles_for
+from gateway.policy.model import LEVELS, Policy, PolicyError, Role, load_policy, parse_policy
+from gateway.policy.uri import InvalidUri, normalize_uri
 
-__all__ = ["Decision", "Policy", "PolicyError", "Role", "decide", "load_policy"]
+__all__ = [
+    "LEVELS", "Decision", "InvalidUri", "Policy", "PolicyError", "Role", "authentication_level", "decide",
+    "load_policy", "normalize_uri", "parse_policy", "roles_for",
+]

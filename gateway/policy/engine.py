@@ -1,116 +1,235 @@
 """`decide(principal, operation, policy) -> Decision`: the pure authorization decision.
 
-Owns the mapping from an operation to the permission it needs, and the reason
-recorded for every outcome. No I/O, no clock, no globals: the same inputs
-always give the same `Decision`.
+Owns the mapping from an operation to what it needs, and the reason recorded
+for every outcome. No I/O, no clock, no globals: the same inputs always give
+the same `Decision`.
+
+    operation                         needs (from one role that has all of it)
+    tools/call name                   name in can_execute_tools + the tool's level and capabilities
+    prompts/get name                  name in can_access_prompts + the prompt's requirements
+    resources/read|subscribe uri      normalised uri in can_read_resources + the resource's requirements
+    resources/list, templates/list    can_list_resources
+    completion/complete ref           the referenced prompt, or a readable expansion of the template
+    sampling / elicitation / roots    can_request_sampling / can_elicit / can_list_roots
+    tools/list, prompts/list, ...     any role (the results are filtered item by item)
+    initialize, discover, ping, ...   nothing: protocol plumbing, open to every authenticated principal
+
+The effective level is min(the granting role's level, the authentication
+level). Short of the role's level: denied. Short of the authentication level
+only: `step_up` (RFC 9470). When a scope the principal lacks would bind a role
+that grants it all: `insufficient_scope`, naming those scopes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 from gateway.auth.principal import Principal
 from gateway.mcp import Operation
-from gateway.policy.model import Binding, Policy, Role
+from gateway.policy.globs import GlobIndex
+from gateway.policy.model import LEVEL, LEVELS, Condition, Policy, Requirements, Role
+from gateway.policy.uri import InvalidUri, normalize_uri, template_probe
 
-# Protocol plumbing every authenticated principal may use: without these no client can even connect
-# (the SDK's auto mode falls back to the legacy handshake on any 4xx for server/discover).
+Outcome = Literal["allowed", "denied", "step_up", "insufficient_scope"]
+
 _ALWAYS = frozenset({
     "initialize", "discover", "ping", "notification", "client_response", "task", "stream_open", "session_end",
 })
-# Operations open to any principal holding at least one role.
-_ANY_ROLE = frozenset({"completion", "logging_set_level", "subscriptions_listen"})
+_ANY_ROLE = frozenset({"logging_set_level", "subscriptions_listen"})
+_CLIENT_FEATURE: dict[str, Callable[[Role], bool]] = {
+    "sampling": lambda r: r.can_request_sampling,
+    "elicitation": lambda r: r.can_elicit,
+    "roots_list": lambda r: r.can_list_roots,
+}
 
 
 @dataclass(frozen=True, slots=True)
 class Decision:
     """The outcome for one operation.
 
-    `reason` names the rule that decided (`role:reader:tool`, `no-role`, …),
-    for the audit log always and for the client only under `deny_detail: explain`.
-    `hidden` says the target is invisible to this principal, so a minimal
-    refusal answers as the upstream would for an item that does not exist.
+    `reason` names the rule or check that decided (`role:reader:tool`,
+    `no-grant:tool`, `level:role`, `uri:'..' climbs above the root`, …): for
+    the audit log always, for the client only under `deny_detail: explain`.
+    `hidden` says the target is not among what this principal can see, so a
+    minimal refusal answers as the upstream would for an item that does not exist.
     """
 
     allowed: bool
     reason: str
     roles: tuple[str, ...]
     policy_version: str
+    outcome: Outcome = "allowed"
     hidden: bool = False
+    required_level: str | None = None
+    acr_values: tuple[str, ...] = ()
+    scopes: tuple[str, ...] = ()
+    uri: str | None = None  # the normalised URI the decision was taken on
+
+    @property
+    def visible(self) -> bool:
+        """Whether a list result may show the item: usable now, or after stronger authentication."""
+        return self.outcome in ("allowed", "step_up")
+
+
+def holds(when: Condition, principal: Principal, *, ignore_scope: bool = False) -> bool:
+    """Every test in `when` holds for `principal`."""
+    if when.scope is not None and not ignore_scope and when.scope not in principal.scopes:
+        return False
+    if when.client_id is not None and when.client_id != principal.client_id:
+        return False
+    if when.subject is not None and when.subject != principal.subject:
+        return False
+    if when.amr is not None and when.amr not in principal.amr:
+        return False
+    if when.acr is not None and when.acr != principal.acr:
+        return False
+    if when.claim:
+        for key, wanted in when.claim.items():
+            value = principal.claims.get(key)
+            if isinstance(value, list) and wanted in value:
+                continue
+            if value != wanted or isinstance(value, list):
+                return False
+    return True
 
 
 def roles_for(principal: Principal, policy: Policy) -> tuple[str, ...]:
     """Every role the principal holds: granted directly, then by each matching binding, in policy order."""
     names = dict.fromkeys(r for r in sorted(principal.roles) if r in policy.roles)
-    for binding in policy.bindings:
-        if _binding_matches(binding, principal):
+    index = policy.bindings_by_key
+    candidates = set(policy.unindexed_bindings)
+    for scope in principal.scopes:
+        candidates.update(index.get(("scope", scope), ()))
+    if principal.client_id is not None:
+        candidates.update(index.get(("client_id", principal.client_id), ()))
+    candidates.update(index.get(("subject", principal.subject), ()))
+    for position in sorted(candidates):
+        binding = policy.bindings[position]
+        if holds(binding.when, principal):
             names.update(dict.fromkeys(binding.roles))
     return tuple(names)
 
 
-def _binding_matches(binding: Binding, principal: Principal) -> bool:
-    if binding.scope is not None and binding.scope not in principal.scopes:
-        return False
-    if binding.client_id is not None and binding.client_id != principal.client_id:
-        return False
-    if binding.subject is not None and binding.subject != principal.subject:
-        return False
-    if binding.claim:
-        for key, wanted in binding.claim.items():
-            value = principal.claims.get(key)
-            if isinstance(value, list):
-                if wanted not in value:
-                    return False
-            elif value != wanted:
-                return False
-    return True
+def authentication_level(principal: Principal, policy: Policy) -> int:
+    """How strong the login was: the highest level of any rule that holds, else the default."""
+    levels = [LEVEL[rule.level] for rule in policy.auth_rules if holds(rule.when, principal)]
+    return max(levels) if levels else policy.auth_default
 
 
 def decide(principal: Principal, operation: Operation, policy: Policy) -> Decision:
-    """Allow or deny one classified operation for one principal."""
+    """Allow or refuse one classified operation for one principal."""
     roles = roles_for(principal, policy)
-
-    def result(allowed: bool, reason: str, hidden: bool = False) -> Decision:
-        return Decision(allowed, reason, roles, policy.version, hidden)
-
+    held = [policy.roles[name] for name in roles]
     kind = operation.kind
+
+    def result(allowed: bool, reason: str, **extra: object) -> Decision:
+        outcome = "allowed" if allowed else extra.pop("outcome", "denied")
+        return Decision(allowed, reason, roles, policy.version, outcome, **extra)  # type: ignore[arg-type]
+
     if kind in _ALWAYS:
         return result(True, f"protocol:{kind}")
     if kind == "unknown":
         return result(policy.unknown_methods == "allow", f"unknown_methods:{policy.unknown_methods}")
-    if not roles:
+    if not held:
         return result(False, "no-role", hidden=kind in ("tool_call", "prompt_get", "resource_read"))
-    held = [policy.roles[name] for name in roles]
+    for answered in operation.input_responses:
+        grants = _CLIENT_FEATURE.get(answered)
+        if grants is None or not any(grants(role) for role in held):
+            return result(False, f"input_response:{answered}")
     if kind in _ANY_ROLE:
         return result(True, f"role:{roles[0]}:{kind}")
+    if kind in _CLIENT_FEATURE:
+        grants = _CLIENT_FEATURE[kind]
+        granting = next((role for role in held if grants(role)), None)
+        return result(granting is not None, f"role:{granting.name}:{kind}" if granting else f"no-grant:{kind}")
     if kind == "list":
         if operation.method in ("resources/list", "resources/templates/list"):
-            return _first(held, lambda r: r.can_list_resources, "list_resources", result)
+            granting = next((role for role in held if role.can_list_resources), None)
+            return result(granting is not None,
+                          f"role:{granting.name}:list_resources" if granting else "no-grant:list_resources")
         return result(True, f"role:{roles[0]}:list")
-    if kind == "tool_call" and operation.name is not None:
-        name = operation.name
-        return _first(held, lambda r: r.tools.matches(name), "tool", result, hidden=True)
-    if kind == "prompt_get" and operation.name is not None:
-        name = operation.name
-        return _first(held, lambda r: r.prompts.matches(name), "prompt", result, hidden=True)
-    if kind in ("resource_read", "resource_subscribe", "resource_unsubscribe") and operation.uri is not None:
-        uri = operation.uri
-        return _first(held, lambda r: r.resources.matches(uri), "resource", result, hidden=True)
-    if kind in ("sampling", "elicitation", "roots_list"):
-        return _first(held, lambda r: r.can_request_sampling, "sampling", result)
+    if kind in ("tool_call", "prompt_get") or (kind == "completion" and operation.name is not None):
+        is_tool = kind == "tool_call"
+        what = "tool" if is_tool else "prompt"
+        return _decide_target(principal, policy, held, result, operation.name or "", what,
+                              (lambda r: r.tools) if is_tool else (lambda r: r.prompts),
+                              policy.tools if is_tool else policy.prompts)
+    if operation.uri is not None and kind in ("resource_read", "resource_subscribe", "resource_unsubscribe",
+                                              "completion"):
+        raw = template_probe(operation.uri) if kind == "completion" else operation.uri
+        try:
+            uri = normalize_uri(raw)
+        except InvalidUri as exc:
+            return result(False, f"uri:{exc}", hidden=True)
+        decision = _decide_target(principal, policy, held, result, uri, "resource", lambda r: r.resources,
+                                  policy.resources)
+        return _with_uri(decision, uri)
+    if kind == "completion":
+        return result(True, f"role:{roles[0]}:completion")
     return result(False, f"unhandled:{kind}")
 
 
-def _first(
-    roles: list[Role],
-    grants: Callable[[Role], bool],
+def _with_uri(decision: Decision, uri: str) -> Decision:
+    return Decision(decision.allowed, decision.reason, decision.roles, decision.policy_version, decision.outcome,
+                    decision.hidden, decision.required_level, decision.acr_values, decision.scopes, uri)
+
+
+def _decide_target(
+    principal: Principal,
+    policy: Policy,
+    held: list[Role],
+    result: Callable[..., Decision],
+    value: str,
     what: str,
-    result: Callable[[bool, str, bool], Decision],
-    hidden: bool = False,
+    index_of: Callable[[Role], GlobIndex],
+    requirements: Requirements,
 ) -> Decision:
-    """Allowed by the first held role that grants `what`, else denied."""
-    for role in roles:
-        if grants(role):
-            return result(True, f"role:{role.name}:{what}", False)
-    return result(False, f"no-grant:{what}", hidden)
+    level, capabilities = requirements.of(value)
+    granting = [role for role in held if index_of(role).matches(value)]
+    sufficient = [role for role in granting if capabilities <= role.capabilities and role.level >= level]
+    if not sufficient:
+        if not granting:
+            reason = f"no-grant:{what}"
+        elif not any(capabilities <= role.capabilities for role in granting):
+            missing = capabilities - frozenset().union(*(role.capabilities for role in granting))
+            reason = f"capability:{','.join(sorted(missing))}"
+        else:
+            reason = f"level:role<{LEVELS[level]}"
+        scopes = _scopes_that_would_grant(principal, policy, value, index_of, capabilities, level)
+        if scopes:
+            return result(False, reason, outcome="insufficient_scope", hidden=True, scopes=scopes)
+        return result(False, reason, hidden=True)
+    if authentication_level(principal, policy) < level:
+        return result(False, f"level:authentication<{LEVELS[level]}", outcome="step_up",
+                      required_level=LEVELS[level], acr_values=_acr_values(policy, level))
+    return result(True, f"role:{sufficient[0].name}:{what}")
+
+
+def _scopes_that_would_grant(
+    principal: Principal,
+    policy: Policy,
+    value: str,
+    index_of: Callable[[Role], GlobIndex],
+    capabilities: frozenset[str],
+    level: int,
+) -> tuple[str, ...]:
+    """Scopes the principal lacks whose bindings (all else holding) would give a role granting everything."""
+    found: dict[str, None] = {}
+    for binding in policy.bindings:
+        scope = binding.when.scope
+        if scope is None or scope in principal.scopes or not holds(binding.when, principal, ignore_scope=True):
+            continue
+        for name in binding.roles:
+            role = policy.roles[name]
+            if index_of(role).matches(value) and capabilities <= role.capabilities and role.level >= level:
+                found[scope] = None
+                break
+    return tuple(found)
+
+
+def _acr_values(policy: Policy, level: int) -> tuple[str, ...]:
+    """The `acr` values that authentication-level rules say reach `level`, for the step-up challenge."""
+    return tuple(dict.fromkeys(rule.when.acr for rule in policy.auth_rules
+                               if rule.when.acr is not None and LEVEL[rule.level] >= level))

@@ -1,21 +1,34 @@
-"""The policy file, parsed and compiled: roles, their permission sets, and bindings.
+"""The policy file, parsed and compiled: roles, bindings, per-item requirements, authentication levels.
 
-Owns the YAML schema of a policy file and its compilation into `Policy`, whose
-matchers are built once per load so that `decide()` does no parsing.
+Owns the YAML schema of a policy file (`load_policy`, every problem as
+`FILE: key.path: why`) and its compilation into `Policy`: roles with their
+inherited permissions merged, every glob in a `GlobIndex`, bindings indexed
+by what they test, all built once per load so that `decide()` parses nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from gateway.policy.globs import GlobIndex
 from gateway.yamlfile import YamlFileError, format_validation, read_yaml
+
+LevelName = Literal["low", "standard", "high", "critical"]
+LEVELS: tuple[LevelName, ...] = ("low", "standard", "high", "critical")
+LEVEL: Mapping[str, int] = {name: rank for rank, name in enumerate(LEVELS)}
+
+CAPABILITIES = frozenset({
+    "filesystem:read", "filesystem:write", "filesystem:execute",
+    "network:connect", "network:listen",
+    "process:create", "process:terminate",
+    "system:configure", "system:monitor",
+})
 
 
 class PolicyError(Exception):
@@ -30,45 +43,93 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _known_capabilities(values: tuple[str, ...]) -> tuple[str, ...]:
+    unknown = sorted(set(values) - CAPABILITIES)
+    if unknown:
+        raise ValueError(f"unknown capability {', '.join(unknown)} (known: {', '.join(sorted(CAPABILITIES))})")
+    return values
+
+
 class PermissionSpec(_Model):
+    """The PermissionSet of a role. Unset keys are inherited; set ones replace the parent's."""
+
     can_list_resources: bool | None = None
     can_read_resources: tuple[str, ...] | None = None
     can_execute_tools: tuple[str, ...] | None = None
     can_access_prompts: tuple[str, ...] | None = None
     can_request_sampling: bool | None = None
+    can_elicit: bool | None = None
+    can_list_roots: bool | None = None
 
 
 class RoleSpec(_Model):
     inherits: tuple[str, ...] = ()
-    permissions: PermissionSpec = Field(default_factory=PermissionSpec)
+    security_level: LevelName | None = None
+    capabilities: tuple[str, ...] = ()
+    permissions: PermissionSpec = PermissionSpec()
+
+    @field_validator("capabilities")
+    @classmethod
+    def _capabilities(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return _known_capabilities(value)
 
 
-class BindingWhen(_Model):
+class Requirement(_Model):
+    """What an item (tool, resource, prompt) demands beyond the permission to use it."""
+
+    security_level: LevelName = "low"
+    capabilities: tuple[str, ...] = ()
+
+    @field_validator("capabilities")
+    @classmethod
+    def _capabilities(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return _known_capabilities(value)
+
+
+class Condition(_Model):
+    """A test on the principal; every key given must hold."""
+
     scope: str | None = None
     claim: dict[str, str | int | bool] | None = None
     client_id: str | None = None
     subject: str | None = None
+    amr: str | None = None
+    acr: str | None = None
 
     @model_validator(mode="after")
-    def _not_empty(self) -> BindingWhen:
-        if self.scope is None and not self.claim and self.client_id is None and self.subject is None:
-            raise ValueError("a binding needs at least one of scope, claim, client_id, subject")
+    def _not_empty(self) -> Condition:
+        if not self.model_dump(exclude_none=True):
+            raise ValueError("a condition needs at least one of scope, claim, client_id, subject, amr, acr")
         return self
 
 
 class BindingSpec(_Model):
-    when: BindingWhen
+    when: Condition
     roles: tuple[str, ...] = Field(min_length=1)
+
+
+class AuthLevelRule(_Model):
+    when: Condition
+    level: LevelName
+
+
+class AuthLevels(_Model):
+    rules: tuple[AuthLevelRule, ...] = ()
+    default: LevelName = "standard"
 
 
 class PolicySpec(_Model):
     roles: dict[str, RoleSpec] = Field(min_length=1)
     bindings: tuple[BindingSpec, ...] = ()
+    tools: dict[str, Requirement] = Field(default_factory=dict)
+    resources: dict[str, Requirement] = Field(default_factory=dict)
+    prompts: dict[str, Requirement] = Field(default_factory=dict)
+    authentication_levels: AuthLevels = AuthLevels()
     unknown_methods: Literal["deny", "allow"] = "deny"
     deny_detail: Literal["minimal", "explain"] = "minimal"
 
     @model_validator(mode="after")
-    def _roles_exist(self) -> PolicySpec:
+    def _references(self) -> PolicySpec:
         for name, role in self.roles.items():
             for parent in role.inherits:
                 if parent not in self.roles:
@@ -80,52 +141,42 @@ class PolicySpec(_Model):
         return self
 
 
-def compile_glob(pattern: str) -> str:
-    """Regex source for one glob: `**` crosses `/`, `*` stays within a segment, the rest is literal."""
-    parts = re.split(r"(\*\*|\*)", pattern)
-    out = []
-    for part in parts:
-        if part == "**":
-            out.append(".*")
-        elif part == "*":
-            out.append("[^/]*")
-        else:
-            out.append(re.escape(part))
-    return "".join(out)
-
-
-class Matcher:
-    """A set of globs compiled into one anchored regex; an empty set matches nothing."""
-
-    __slots__ = ("_regex", "patterns")
-
-    def __init__(self, patterns: tuple[str, ...]) -> None:
-        self.patterns = patterns
-        self._regex = re.compile("|".join(f"(?:{compile_glob(p)})" for p in patterns), re.DOTALL) if patterns else None
-
-    def matches(self, value: str) -> bool:
-        return self._regex is not None and self._regex.fullmatch(value) is not None
-
-
 @dataclass(frozen=True, slots=True)
 class Role:
-    """A role with its inherited permissions already merged in."""
+    """A role with everything it inherits merged in."""
 
     name: str
+    level: int
+    capabilities: frozenset[str]
     can_list_resources: bool
     can_request_sampling: bool
-    tools: Matcher
-    resources: Matcher
-    prompts: Matcher
+    can_elicit: bool
+    can_list_roots: bool
+    tools: GlobIndex
+    resources: GlobIndex
+    prompts: GlobIndex
 
 
 @dataclass(frozen=True, slots=True)
 class Binding:
-    scope: str | None
-    claim: Mapping[str, str | int | bool] | None
-    client_id: str | None
-    subject: str | None
+    when: Condition
     roles: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Requirements:
+    """Per-item requirements for one kind of item: every matching pattern applies (the strictest wins)."""
+
+    index: GlobIndex
+    rules: tuple[Requirement, ...]
+
+    def of(self, value: str) -> tuple[int, frozenset[str]]:
+        level, capabilities = 0, set[str]()
+        for rule_id in self.index.matching(value):
+            rule = self.rules[rule_id]
+            level = max(level, LEVEL[rule.security_level])
+            capabilities.update(rule.capabilities)
+        return level, frozenset(capabilities)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,55 +185,100 @@ class Policy:
 
     roles: Mapping[str, Role]
     bindings: tuple[Binding, ...]
+    bindings_by_key: Mapping[tuple[str, str], tuple[int, ...]]  # ("scope", "mcp:tools") -> binding indices
+    unindexed_bindings: tuple[int, ...]
+    tools: Requirements
+    resources: Requirements
+    prompts: Requirements
+    auth_rules: tuple[AuthLevelRule, ...]
+    auth_default: int
     unknown_methods: Literal["deny", "allow"]
     deny_detail: Literal["minimal", "explain"]
     version: str
     source: str
 
+    @property
+    def scopes(self) -> tuple[str, ...]:
+        """Every scope a binding tests, in policy order (what `scopes_supported` can advertise)."""
+        return tuple(dict.fromkeys(b.when.scope for b in self.bindings if b.when.scope is not None))
 
-def _merge_role(name: str, specs: Mapping[str, RoleSpec], trail: tuple[str, ...] = ()) -> PermissionSpec:
-    """Permissions of `name` over those it inherits (its own values win); cycles are an error."""
+
+def _merge(name: str, specs: Mapping[str, RoleSpec], trail: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A role's effective settings over those it inherits; inheritance cycles are an error."""
     if name in trail:
         raise ValueError(f"roles inherit in a cycle: {' -> '.join((*trail, name))}")
-    merged: dict[str, Any] = {}
-    for parent in specs[name].inherits:
-        parent_perms = _merge_role(parent, specs, (*trail, name))
-        for key, value in parent_perms.model_dump(exclude_none=True).items():
-            if isinstance(value, tuple) and key in merged:
-                merged[key] = tuple(dict.fromkeys((*merged[key], *value)))
-            elif isinstance(value, bool):
-                merged[key] = merged.get(key, False) or value
+    spec = specs[name]
+    merged: dict[str, Any] = {"level": None, "capabilities": set(), "permissions": {}}
+    for parent in spec.inherits:
+        inherited = _merge(parent, specs, (*trail, name))
+        if inherited["level"] is not None:
+            merged["level"] = max(merged["level"] or 0, inherited["level"])
+        merged["capabilities"] |= inherited["capabilities"]
+        for key, value in inherited["permissions"].items():
+            current = merged["permissions"].get(key)
+            if isinstance(value, tuple):
+                merged["permissions"][key] = tuple(dict.fromkeys((*(current or ()), *value)))
             else:
-                merged[key] = value
-    for key, value in specs[name].permissions.model_dump(exclude_none=True).items():
-        merged[key] = value
-    return PermissionSpec(**merged)
+                merged["permissions"][key] = bool(current) or value
+    if spec.security_level is not None:
+        merged["level"] = LEVEL[spec.security_level]
+    merged["capabilities"] |= set(spec.capabilities)
+    merged["permissions"].update(spec.permissions.model_dump(exclude_none=True))
+    return merged
+
+
+def _requirements(rules: Mapping[str, Requirement]) -> Requirements:
+    return Requirements(GlobIndex(list(rules)), tuple(rules.values()))
 
 
 def compile_policy(spec: PolicySpec, *, version: str, source: str) -> Policy:
     roles: dict[str, Role] = {}
     for name in spec.roles:
-        perms = _merge_role(name, spec.roles)
+        merged = _merge(name, spec.roles)
+        perms = merged["permissions"]
         roles[name] = Role(
             name=name,
-            can_list_resources=bool(perms.can_list_resources),
-            can_request_sampling=bool(perms.can_request_sampling),
-            tools=Matcher(perms.can_execute_tools or ()),
-            resources=Matcher(perms.can_read_resources or ()),
-            prompts=Matcher(perms.can_access_prompts or ()),
+            level=merged["level"] if merged["level"] is not None else LEVEL["standard"],
+            capabilities=frozenset(merged["capabilities"]),
+            can_list_resources=bool(perms.get("can_list_resources")),
+            can_request_sampling=bool(perms.get("can_request_sampling")),
+            can_elicit=bool(perms.get("can_elicit")),
+            can_list_roots=bool(perms.get("can_list_roots")),
+            tools=GlobIndex(perms.get("can_execute_tools", ())),
+            resources=GlobIndex(perms.get("can_read_resources", ())),
+            prompts=GlobIndex(perms.get("can_access_prompts", ())),
         )
-    bindings = tuple(
-        Binding(b.when.scope, b.when.claim, b.when.client_id, b.when.subject, b.roles) for b in spec.bindings
+    bindings = tuple(Binding(b.when, b.roles) for b in spec.bindings)
+    by_key: dict[tuple[str, str], list[int]] = {}
+    unindexed: list[int] = []
+    for index, binding in enumerate(bindings):
+        when = binding.when
+        key = (("scope", when.scope) if when.scope is not None else
+               ("client_id", when.client_id) if when.client_id is not None else
+               ("subject", when.subject) if when.subject is not None else None)
+        if key is None:
+            unindexed.append(index)
+        else:
+            by_key.setdefault(key, []).append(index)
+    return Policy(
+        roles=roles,
+        bindings=bindings,
+        bindings_by_key={k: tuple(v) for k, v in by_key.items()},
+        unindexed_bindings=tuple(unindexed),
+        tools=_requirements(spec.tools),
+        resources=_requirements(spec.resources),
+        prompts=_requirements(spec.prompts),
+        auth_rules=spec.authentication_levels.rules,
+        auth_default=LEVEL[spec.authentication_levels.default],
+        unknown_methods=spec.unknown_methods,
+        deny_detail=spec.deny_detail,
+        version=version,
+        source=source,
     )
-    return Policy(roles, bindings, spec.unknown_methods, spec.deny_detail, version, source)
 
 
-def load_policy(path: Path) -> Policy:
-    """Read, validate and compile a policy file; raise PolicyError listing every problem."""
-    try:
-        raw, data = read_yaml(path)
-    except YamlFileError as exc:
-        raise PolicyError(exc.problems) from None
+def parse_policy(raw: Any, data: bytes, path: Path) -> Policy:
+    """Validate and compile an already-read policy document."""
     if not isinstance(raw, dict):
         raise PolicyError([f"{path}: (top level): must be a mapping with a roles: key"])
     try:
@@ -193,3 +289,12 @@ def load_policy(path: Path) -> Policy:
         return compile_policy(spec, version=hashlib.sha256(data).hexdigest()[:12], source=str(path))
     except ValueError as exc:
         raise PolicyError([f"{path}: roles: {exc}"]) from None
+
+
+def load_policy(path: Path) -> Policy:
+    """Read, validate and compile a policy file; raise PolicyError listing every problem."""
+    try:
+        raw, data = read_yaml(path)
+    except YamlFileError as exc:
+        raise PolicyError(exc.problems) from None
+    return parse_policy(raw, data, path)

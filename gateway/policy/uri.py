@@ -1,0 +1,96 @@
+"""Resource URI normalisation, done before any pattern is matched.
+
+Owns the one canonical form a URI is decided in (RFC 3986 section 6.2.2):
+scheme and host lower-cased, percent-encoded unreserved characters decoded,
+remaining escapes upper-cased, dot segments removed. Whatever could make the
+gateway and the upstream read two different resources is refused instead of
+normalised: a `..` that climbs above the root, an encoded slash (`%2F`), a NUL
+byte, a control character, a backslash (or `%5C`) in a `file:` URI. A refused
+URI raises `InvalidUri` with the reason.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import urlsplit, urlunsplit
+
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
+_TEMPLATE_EXPRESSION = re.compile(r"\{[^}]*\}")
+
+
+class InvalidUri(ValueError):
+    """The URI is ambiguous or malformed; it is refused rather than guessed at."""
+
+
+def normalize_uri(uri: str) -> str:
+    """The canonical form of `uri`, or InvalidUri."""
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in uri):
+        raise InvalidUri("control character in URI")
+    if re.search(r"%(?![0-9A-Fa-f]{2})", uri):
+        raise InvalidUri("malformed percent escape")
+    parts = urlsplit(uri)
+    scheme = parts.scheme.lower()
+    if not scheme:
+        raise InvalidUri("URI has no scheme")
+    if scheme == "file" and ("\\" in uri or re.search(r"%5[cC]", uri)):
+        raise InvalidUri("backslash in file URI")
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        netloc = f"{userinfo}@{hostport.lower()}"
+    else:
+        netloc = netloc.lower()
+    path = _decode_unreserved(parts.path, in_path=True)
+    path = _remove_dot_segments(path)
+    query = _decode_unreserved(parts.query, in_path=False)
+    return urlunsplit((scheme, netloc, path, query, parts.fragment))
+
+
+def _decode_unreserved(text: str, *, in_path: bool) -> str:
+    def replace(match: re.Match[str]) -> str:
+        byte = int(match.group(1), 16)
+        if byte == 0:
+            raise InvalidUri("encoded NUL byte in URI")
+        if in_path and byte == 0x2F:
+            raise InvalidUri("encoded slash in URI path")
+        char = chr(byte)
+        return char if char in _UNRESERVED else f"%{byte:02X}"
+
+    return _ESCAPE.sub(replace, text)
+
+
+def _remove_dot_segments(path: str) -> str:
+    """RFC 3986 5.2.4, except that a `..` above the root is refused instead of dropped."""
+    if not path:
+        return path
+    absolute = path.startswith("/")
+    segments = path.split("/")
+    if absolute:
+        segments = segments[1:]
+    out: list[str] = []
+    for index, segment in enumerate(segments):
+        last = index == len(segments) - 1
+        if segment == ".":
+            if last:
+                out.append("")
+            continue
+        if segment == "..":
+            if not out:
+                raise InvalidUri("'..' climbs above the root")
+            out.pop()
+            if last:
+                out.append("")
+            continue
+        out.append(segment)
+    joined = "/".join(out)
+    return f"/{joined}" if absolute else joined
+
+
+def template_probe(uri_template: str) -> str:
+    """A concrete URI standing for an RFC 6570 template: each expression replaced by one plain segment.
+
+    A template is shown to a principal when this probe is readable by them; reading
+    a concrete URI is always decided on that URI itself.
+    """
+    return _TEMPLATE_EXPRESSION.sub("x", uri_template)
