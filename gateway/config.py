@@ -44,6 +44,9 @@ class Limits(_Model):
     max_json_depth: int = Field(64, gt=0, le=1000)
     upstream_timeout_s: float = Field(300.0, gt=0)
     upstream_connect_timeout_s: float = Field(10.0, gt=0)
+    # Answers the gateway must read whole to filter (lists; 2026-07-28 results that may ask for input),
+    # and each SSE event: anything larger is refused rather than passed on unfiltered.
+    max_inspected_bytes: int = Field(16 * 1024 * 1024, gt=0)
 
 
 class Upstream(_Model):

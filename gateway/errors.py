@@ -14,11 +14,16 @@ reader sees the whole catalogue in one screen:
                       FORBIDDEN_ORIGIN      403  -32600  Origin not public_url's nor allowed
                       INVALID_PARAMS        400  -32602  known method, unreadable target (tools/call w/o name)
     auth_failed       UNAUTHORIZED          401  -32001  no / bad / expired / revoked token
-    denied            FORBIDDEN             403  -32011  policy refused the operation
-                      UNKNOWN_TARGET        400  -32602  refused target hidden from the caller (deny_detail: minimal)
+    denied            FORBIDDEN             403  -32011  policy refused (AuthorizationDenied); with an
+                                                           insufficient_scope challenge when a scope would grant it
+                      SECURITY_LEVEL        401  -32012  authentication too weak for the item's level (RFC 9470 step-up)
+                      INVALID_SESSION       403  -32013  legacy session id bound to another principal
+                      UNKNOWN_TARGET        400  -32602  refused target hidden from the caller (deny_detail:
+                                                           minimal); 200 in the legacy era, as upstreams answer there
                       METHOD_NOT_FOUND      404  -32601  unknown method refused by policy
     error             AUDIT_UNAVAILABLE     503  -32053  audit queue full: refused rather than unaudited
     upstream_error    UPSTREAM_UNAVAILABLE  502  -32050  connect refused / reset / bad answer
+                      UNINSPECTABLE         502  -32052  answer too large to filter (limits.max_inspected_bytes)
                       UPSTREAM_TIMEOUT      504  -32051  no answer within limits.upstream_timeout_s
     error             INTERNAL              500  -32603  a bug in the gateway (logged, never a traceback)
 
@@ -58,11 +63,14 @@ FORBIDDEN_ORIGIN = Refusal("forbidden_origin", 403, -32600, "invalid_request", "
 INVALID_PARAMS = Refusal("invalid_params", 400, -32602, "invalid_request", "Invalid params")
 UNAUTHORIZED = Refusal("unauthorized", 401, -32001, "auth_failed", "Unauthorized")
 FORBIDDEN = Refusal("forbidden", 403, -32011, "denied", "Forbidden")
+SECURITY_LEVEL = Refusal("security_level", 401, -32012, "denied", "Stronger authentication required")
+INVALID_SESSION = Refusal("invalid_session", 403, -32013, "denied", "Invalid session")
 # The message is the upstream's own wording for a missing item ("Unknown tool: X"), filled in per call.
 UNKNOWN_TARGET = Refusal("unknown_target", 400, -32602, "denied", "Unknown")
 METHOD_NOT_FOUND = Refusal("method_not_found", 404, -32601, "denied", "Method not found")
 UPSTREAM_UNAVAILABLE = Refusal("upstream_unavailable", 502, -32050, "upstream_error", "Upstream unavailable")
 UPSTREAM_TIMEOUT = Refusal("upstream_timeout", 504, -32051, "upstream_error", "Upstream timed out")
+UNINSPECTABLE = Refusal("uninspectable", 502, -32052, "upstream_error", "Upstream answer too large to inspect")
 AUDIT_UNAVAILABLE = Refusal("audit_unavailable", 503, -32053, "error", "Service unavailable")
 INTERNAL = Refusal("internal", 500, -32603, "error", "Internal error")
 
@@ -77,11 +85,14 @@ CATALOGUE: tuple[Refusal, ...] = (
     INVALID_PARAMS,
     UNAUTHORIZED,
     FORBIDDEN,
+    SECURITY_LEVEL,
+    INVALID_SESSION,
     UNKNOWN_TARGET,
     METHOD_NOT_FOUND,
     AUDIT_UNAVAILABLE,
     UPSTREAM_UNAVAILABLE,
     UPSTREAM_TIMEOUT,
+    UNINSPECTABLE,
     INTERNAL,
 )
 

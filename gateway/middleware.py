@@ -16,6 +16,7 @@ reverse proxy: the same checks run in both.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -26,12 +27,13 @@ from typing import Any
 
 import orjson
 
-from gateway import errors, jsonrpc, mcp, sse
+from gateway import errors, jsonrpc, mcp
 from gateway.audit import AuditEvent, AuditUnavailable, redact_arguments
 from gateway.auth import AuthFailed, Principal
 from gateway.config import Config, Upstream, load_config
 from gateway.metrics import method_label
 from gateway.policy import Decision, decide
+from gateway.responses import ResponseInspector, Rules
 from gateway.runtime import Runtime
 from gateway.types import ASGIApp, ASGIMessage, ASGIReceive, ASGIScope, ASGISend, RequestState, header_values
 
@@ -42,6 +44,15 @@ _JSON = (b"content-type", b"application/json")
 _MAX_INSPECTED_BYTES = 8 * 1024 * 1024
 _UNKNOWN_WORD = {"tool_call": "tool", "prompt_get": "prompt", "resource_read": "resource",
                  "resource_subscribe": "resource", "resource_unsubscribe": "resource"}
+
+
+@dataclass(frozen=True, slots=True)
+class _Denial:
+    """How one refused message is answered: HTTP status (when it is the only message), body, challenge."""
+
+    status: int
+    body: bytes | None  # None for a notification: nothing is answered
+    challenge: str | None = None
 
 
 @dataclass(slots=True)
@@ -88,6 +99,7 @@ class MCPSecurityMiddleware:
         self._routes = {u.path: u for u in self.config.upstreams}
         self._apps = dict(apps or {})
         self._metadata_prefix = "/.well-known/oauth-protected-resource"
+        self._background: set[asyncio.Task[None]] = set()
 
     async def __call__(self, scope: ASGIScope, receive: ASGIReceive, send: ASGISend) -> None:
         if scope["type"] == "lifespan":
@@ -136,7 +148,7 @@ class MCPSecurityMiddleware:
             await self._refuse(ex, send, errors.GatewayRefusal(errors.INTERNAL, reason="exception"))
             return
         denied = self._denials(ex)
-        if denied and len(denied) == len([d for d in ex.decisions if d is not None]):
+        if denied and len(denied) == len(ex.decisions):
             await self._answer_denials(ex, send, denied)
             return
         await self._forward(ex, scope, receive, body, denied, send)
@@ -210,47 +222,60 @@ class MCPSecurityMiddleware:
         policy = self.config.policy
         ex.decisions = tuple(decide(ex.principal, op, policy) if op is not None else None for op in ex.operations)
 
-    def _denials(self, ex: _Exchange) -> dict[int, bytes | None]:
-        """For each refused message, by index: its JSON-RPC error response (None for a notification)."""
-        out: dict[int, bytes | None] = {}
+    def _denials(self, ex: _Exchange) -> dict[int, _Denial]:
+        """For each refused message, by index: how it is answered."""
+        out: dict[int, _Denial] = {}
         for index, decision in enumerate(ex.decisions):
-            if decision is None or decision.allowed:
-                continue
-            op = ex.operations[index]
-            assert op is not None
-            out[index] = None if op.request_id is None and op.kind != "stream_open" else self._denial_body(op, decision)
+            if decision is not None and not decision.allowed:
+                op = ex.operations[index]
+                assert op is not None
+                out[index] = self._denial(op, decision, ex)
         return out
 
-    def _denial_body(self, op: mcp.Operation, decision: Decision) -> bytes:
-        _, error = self._denial_error(op, decision)
-        return orjson.dumps({"jsonrpc": "2.0", "id": op.request_id, "error": error})
-
-    def _denial_error(self, op: mcp.Operation, decision: Decision) -> tuple[errors.Refusal, dict[str, Any]]:
-        policy = self.config.policy
+    def _denial(self, op: mcp.Operation, decision: Decision, ex: _Exchange) -> _Denial:
+        """The refusal, its JSON-RPC error and its challenge, by outcome and `deny_detail`."""
+        explain = self.config.policy.deny_detail == "explain"
+        detail = f"{op.method} {op.target or ''}".strip() + f" refused by {decision.reason}" if explain else ""
+        challenge = None
         if op.kind == "unknown":
-            return errors.METHOD_NOT_FOUND, errors.error_object(errors.METHOD_NOT_FOUND, op.method)
-        if policy.deny_detail == "minimal" and decision.hidden and op.target is not None:
-            word = _UNKNOWN_WORD.get(op.kind, "item")
-            message = f"Unknown {word}: {op.target}"
-            return errors.UNKNOWN_TARGET, {"code": errors.UNKNOWN_TARGET.code, "message": message}
-        if policy.deny_detail == "explain":
-            return errors.FORBIDDEN, errors.error_object(errors.FORBIDDEN, f"{op.method} denied by {decision.reason}")
-        return errors.FORBIDDEN, errors.error_object(errors.FORBIDDEN)
+            refusal, error = errors.METHOD_NOT_FOUND, errors.error_object(errors.METHOD_NOT_FOUND, op.method)
+        elif decision.outcome == "step_up":
+            refusal = errors.SECURITY_LEVEL
+            why = f"{op.method} needs authentication of level {decision.required_level}"
+            error = errors.error_object(refusal, why if explain else "")
+            challenge = self.runtime.authenticator.challenge(
+                ex.upstream.path, "insufficient_user_authentication", description=why,
+                acr_values=" ".join(decision.acr_values) or None)
+        elif decision.outcome == "insufficient_scope":
+            refusal, error = errors.FORBIDDEN, errors.error_object(errors.FORBIDDEN, detail)
+            challenge = self.runtime.authenticator.challenge(ex.upstream.path, "insufficient_scope",
+                                                             scope=" ".join(decision.scopes))
+        elif not explain and decision.hidden and op.target is not None and op.kind != "completion":
+            refusal = errors.UNKNOWN_TARGET
+            error = {"code": refusal.code, "message": f"Unknown {_UNKNOWN_WORD.get(op.kind, 'item')}: {op.target}"}
+        else:
+            refusal, error = errors.FORBIDDEN, errors.error_object(errors.FORBIDDEN, detail)
+        status = refusal.http_status
+        if refusal is errors.UNKNOWN_TARGET and ex.era != "modern":
+            status = 200  # how a legacy-era upstream answers an unknown tool: a JSON-RPC error, HTTP 200
+        body = orjson.dumps({"jsonrpc": "2.0", "id": op.request_id, "error": error}) if op.request_id is not None \
+            else None
+        return _Denial(status, body, challenge)
 
-    # ---- answering ----------------------------------------------------------------------------
-
-    async def _answer_denials(self, ex: _Exchange, send: ASGISend, denied: dict[int, bytes | None]) -> None:
-        bodies = [b for b in denied.values() if b is not None]
+    async def _answer_denials(self, ex: _Exchange, send: ASGISend, denied: dict[int, _Denial]) -> None:
+        bodies = [d.body for d in denied.values() if d.body is not None]
+        headers: list[tuple[bytes, bytes]] = []
         if not bodies:
             status, payload = 202, b""
         elif len(ex.messages) > 1:
             status, payload = 200, b"[" + b",".join(bodies) + b"]"
         else:
-            op, decision = ex.operations[0], ex.decisions[0]
-            assert op is not None and decision is not None
-            status = self._denial_error(op, decision)[0].http_status
-            payload = bodies[0]
-        headers = [_JSON, (b"content-length", str(len(payload)).encode())] if payload else []
+            denial = next(iter(denied.values()))
+            status, payload = denial.status, bodies[0]
+            if denial.challenge is not None:
+                headers.append((b"www-authenticate", denial.challenge.encode()))
+        if payload:
+            headers = [_JSON, (b"content-length", str(len(payload)).encode()), *headers]
         await _respond(send, status, headers, payload)
         self._audit_all(ex, status)
 
@@ -280,46 +305,129 @@ class MCPSecurityMiddleware:
         scope: ASGIScope,
         receive: ASGIReceive,
         body: bytes,
-        denied: dict[int, bytes | None],
+        denied: dict[int, _Denial],
         send: ASGISend,
     ) -> None:
-        forwarded = [m for i, m in enumerate(ex.messages) if i not in denied]
-        if denied:  # a 2025-03-26 batch of which only some messages may pass
-            body = jsonrpc.dumps([m.raw for m in forwarded])
-        state = RequestState(request_ids=tuple(m.id for m in forwarded if m.kind == "request"))
-        inner_scope = dict(scope)
-        inner_scope["headers"] = [
-            (name, value)
-            for name, value in scope["headers"]
-            if name not in (b"authorization", b"content-length")
-        ] + ([(b"content-length", str(len(body)).encode())] if ex.http_method == "POST" else [])
-        inner_scope["mcp_gateway"] = state
-        watcher = _ResponseWatcher(self, ex, state, send, [b for b in denied.values() if b is not None])
-        sent = False
-
-        async def replay() -> ASGIMessage:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # after the body, only http.disconnect can come
-
+        forwarded = [i for i in range(len(ex.messages)) if i not in denied]
+        headers = [(n, v) for n, v in scope["headers"] if n not in (b"authorization", b"content-length")]
+        body, headers = self._rewritten(ex, forwarded, body, headers)
+        if ex.http_method == "POST":
+            headers.append((b"content-length", str(len(body)).encode()))
+        state = RequestState(request_ids=tuple(ex.messages[i].id for i in forwarded
+                                               if ex.messages[i].kind == "request"))
+        inner_scope = {**scope, "headers": headers, "mcp_gateway": state}
+        inspector = ResponseInspector(send, self._rules(ex, scope, forwarded, denied, state),
+                                      max_bytes=self.config.limits.max_inspected_bytes,
+                                      upstream_error=lambda: state.upstream_error)
         app = self._apps.get(ex.upstream.path, self.app)
         try:
-            await app(inner_scope, replay, watcher.send)
+            await app(inner_scope, _replay(body, receive), inspector.send)
         except Exception:
             log.exception("error in the wrapped app for %s", ex.upstream.name)
             state.upstream_error = state.upstream_error or "exception"
-            if not watcher.response_started:
+            if not inspector.response_started:
                 only_id = state.request_ids[0] if len(state.request_ids) == 1 else None
                 payload = errors.error_body(errors.INTERNAL, only_id)
                 await _respond(send, 500, [_JSON, (b"content-length", str(len(payload)).encode())], payload)
-                watcher.status = 500
-            elif not watcher.finished:
+                inspector.status = 500
+            elif not inspector.finished:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
-            if not watcher.audited:
-                watcher.audit()
+            self._audit_all(ex, inspector.status or 500, state.upstream_error)
+
+    def _rewritten(self, ex: _Exchange, forwarded: list[int], body: bytes, headers: list[tuple[bytes, bytes]]
+                   ) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+        """The body and headers to forward: only the allowed members of a batch, and resource URIs in the
+        normalised form they were decided in (so the upstream reads exactly what was allowed)."""
+        messages = [ex.messages[i].raw for i in forwarded]
+        changed = len(forwarded) != len(ex.messages)
+        for position, index in enumerate(forwarded):
+            op, decision = ex.operations[index], ex.decisions[index]
+            if op is None or decision is None or decision.uri is None or op.uri == decision.uri \
+                    or op.kind == "completion":
+                continue
+            raw = messages[position]
+            messages[position] = {**raw, "params": {**raw["params"], "uri": decision.uri}}
+            changed = True
+            if ex.era == "modern":
+                headers = [(n, v) for n, v in headers if n != b"mcp-name"]
+                headers.append((b"mcp-name", decision.uri.encode()))
+        if not changed:
+            return body, headers
+        return jsonrpc.dumps(messages if ex.messages and len(ex.messages) > 1 else messages[0]), headers
+
+    def _rules(self, ex: _Exchange, scope: ASGIScope, forwarded: list[int], denied: dict[int, _Denial],
+               state: RequestState) -> Rules:
+        """What the response to this request is checked against, as decisions for this principal."""
+        principal = ex.principal
+        assert principal is not None
+        policy = self.config.policy
+        ops = [ex.operations[i] for i in forwarded]
+        lists = {op.request_id: op.method for op in ops if op is not None and op.kind == "list"}
+        may_need_input = {op.request_id for op in ops if op is not None and ex.era == "modern"
+                          and op.kind in ("tool_call", "prompt_get", "resource_read")}
+
+        def item_visible(method: str, item: dict[str, Any]) -> bool:
+            op = _item_operation(method, item)
+            return op is not None and decide(principal, op, policy).visible
+
+        def server_request(message: dict[str, Any]) -> bool:
+            op = mcp.classify_server_request(jsonrpc.Message("request", message.get("id"), message.get("method"),
+                                                             message.get("params"), message))
+            decision = decide(principal, op, policy)
+            self._audit_server_request(ex, op, decision)
+            if not decision.allowed:
+                self._tell_upstream(ex, scope, op, decision)
+            return decision.allowed
+
+        def input_request(request: dict[str, Any]) -> bool:
+            method = request.get("method")
+            op = mcp.classify_server_request(jsonrpc.Message("request", None, method if isinstance(method, str)
+                                                             else None, request.get("params"), request))
+            decision = decide(principal, op, policy)
+            self._audit_server_request(ex, op, decision)
+            return decision.allowed
+
+        def learn(method: str, result: dict[str, Any]) -> None:
+            if method == "tools/list":
+                self.runtime.learn_tools(ex.upstream.name, result)
+
+        return Rules(
+            lists=lists,
+            may_need_input=may_need_input,
+            police_server_requests=ex.era != "modern",
+            item_visible=item_visible,
+            server_request=server_request,
+            input_request=input_request,
+            learn=learn,
+            request_ids=state.request_ids,
+            extra=[d.body for d in denied.values() if d.body is not None] if forwarded else [],
+        )
+
+    def _tell_upstream(self, ex: _Exchange, scope: ASGIScope, op: mcp.Operation, decision: Decision) -> None:
+        """Answer a refused server->client request to the upstream on the client's behalf, so it does not wait."""
+        error = errors.error_object(errors.FORBIDDEN, f"{op.method} is not allowed by the gateway's policy")
+        body = orjson.dumps({"jsonrpc": "2.0", "id": op.request_id, "error": error})
+        keep = (b"mcp-session-id", b"mcp-protocol-version", b"host", b"user-agent")
+        headers = [(n, v) for n, v in scope["headers"] if n in keep]
+        headers += [_JSON, (b"accept", b"application/json, text/event-stream"),
+                    (b"content-length", str(len(body)).encode())]
+        inner = {**scope, "method": "POST", "headers": headers, "query_string": b"",
+                 "mcp_gateway": RequestState(), "path": ex.upstream.path}
+        app = self._apps.get(ex.upstream.path, self.app)
+
+        async def deliver() -> None:
+            async def discard(_: ASGIMessage) -> None:
+                return None
+
+            try:
+                await app(inner, _replay(body, _never_disconnect), discard)
+            except Exception:
+                log.exception("could not tell upstream %s that %s was refused", ex.upstream.name, op.method)
+
+        task = asyncio.get_running_loop().create_task(deliver())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # ---- audit --------------------------------------------------------------------------------
 
@@ -352,6 +460,17 @@ class MCPSecurityMiddleware:
                                            self.config.audit.max_arguments_bytes),
             )
             self._record(ex, event, op.method if op.kind not in ("notification", "client_response") else op.kind)
+
+    def _audit_server_request(self, ex: _Exchange, op: mcp.Operation, decision: Decision) -> None:
+        """A request from the server to the client (sampling, elicitation, roots) is a decision too."""
+        self._record(ex, AuditEvent(
+            result="allowed" if decision.allowed else "denied",
+            reason=decision.reason,
+            operation=op.method,
+            request_id=_id_text(op.request_id),
+            roles=decision.roles,
+            policy_version=decision.policy_version,
+        ), op.method)
 
     def _record(self, ex: _Exchange, event: AuditEvent, method: str) -> None:
         elapsed = time.perf_counter() - ex.started
@@ -411,159 +530,42 @@ class MCPSecurityMiddleware:
         await _respond(send, 200, [_JSON, (b"content-length", str(len(payload)).encode())], payload)
 
 
-class _ResponseWatcher:
-    """Sits on the response as it streams back: learns, tells the client about cut-off calls, audits once.
+def _replay(body: bytes, receive: ASGIReceive) -> ASGIReceive:
+    """A `receive` that gives `body` once, then whatever the client's connection says (a disconnect)."""
+    sent = False
 
-    Bytes pass through as they come. Only two cases hold anything back: a
-    2025-03-26 batch of which some members were refused (their errors are
-    merged into the upstream's JSON array, or appended as SSE events), and a
-    202 for a batch whose forwarded members were all notifications (the
-    refused requests still get their answers).
-    """
+    async def replay() -> ASGIMessage:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
 
-    def __init__(
-        self, middleware: MCPSecurityMiddleware, ex: _Exchange, state: RequestState, send: ASGISend,
-        extra_errors: list[bytes],
-    ) -> None:
-        self._mw = middleware
-        self._ex = ex
-        self._state = state
-        self._send = send
-        self._extra = extra_errors
-        self.status = 0
-        self.response_started = False
-        self.finished = False
-        self.audited = False
-        self._sse = False
-        self._copy: list[bytes] | None = None  # a JSON body kept to learn from or merge into
-        self._copied = 0
-        self._decoder: sse.Decoder | None = None
-        self._answered: set[str | None] = set()
-        self._list_ids = {op.request_id for op in ex.operations if op is not None and op.method == "tools/list"}
-        self._held_start: ASGIMessage | None = None
-        self._replacement: bytes | None = None
+    return replay
 
-    async def send(self, message: ASGIMessage) -> None:
-        if message["type"] == "http.response.start":
-            await self._start(message)
-        elif message["type"] == "http.response.body":
-            await self._body(message)
-        else:
-            await self._send(message)
 
-    async def _start(self, message: ASGIMessage) -> None:
-        self.response_started = True
-        self.status = message["status"]
-        headers = list(message.get("headers", []))
-        content_type = next((v for n, v in headers if n.lower() == b"content-type"), b"").lower()
-        self._sse = content_type.startswith(b"text/event-stream")
-        if self._sse and (self._state.request_ids or self._list_ids):
-            self._decoder = sse.Decoder()
-        elif content_type.startswith(b"application/json") and (self._list_ids or self._extra):
-            self._copy = []
-        if self._ex.http_method == "GET":
-            self.audit()  # a legacy GET stream can stay open for hours: record it when it opens
-        if self._extra and self._copy is not None:
-            self._held_start = {**message, "headers": [(n, v) for n, v in headers if n.lower() != b"content-length"]}
-            return
-        if self._extra and self.status == 202:
-            self._replacement = b"[" + b",".join(self._extra) + b"]"
-            self.status = 200
-            await self._send({"type": "http.response.start", "status": 200,
-                              "headers": [_JSON, (b"content-length", str(len(self._replacement)).encode())]})
-            return
-        await self._send(message)
+async def _never_disconnect() -> ASGIMessage:
+    await asyncio.Event().wait()
+    return {"type": "http.disconnect"}
 
-    async def _body(self, message: ASGIMessage) -> None:
-        chunk: bytes = message.get("body", b"")
-        more: bool = message.get("more_body", False)
-        if self._replacement is not None:
-            if not more:
-                await self._finish(self._replacement)
-            return
-        if self._copy is not None and (self._held_start is not None or self._copied <= _MAX_INSPECTED_BYTES):
-            self._copy.append(chunk)
-            self._copied += len(chunk)
-        if self._decoder is not None and chunk:
-            self._inspect_events(chunk)
-        if self._held_start is not None:
-            if not more:
-                payload = self._merged_json()
-                await self._send({**self._held_start, "headers": [
-                    *self._held_start["headers"], (b"content-length", str(len(payload)).encode())]})
-                await self._finish(payload)
-            return
-        if more:
-            await self._send(message)
-            return
-        await self._finish(chunk + self._sse_tail())
 
-    async def _finish(self, last: bytes) -> None:
-        await self._send({"type": "http.response.body", "body": last, "more_body": False})
-        self.finished = True
-        if self._copy is not None and self._copied <= _MAX_INSPECTED_BYTES:
-            self._learn_from_json(b"".join(self._copy))
-        self.audit()
+_ITEM_KEYS: dict[str, tuple[mcp.OperationKind, str]] = {
+    "tools/list": ("tool_call", "name"),
+    "prompts/list": ("prompt_get", "name"),
+    "resources/list": ("resource_read", "uri"),
+    "resources/templates/list": ("completion", "uriTemplate"),  # shown when one expansion is readable
+}
 
-    def _sse_tail(self) -> bytes:
-        """Events to add as an SSE stream ends: errors for calls the upstream cut short, and refused batch members."""
-        if not self._sse:
-            return b""
-        out = b""
-        if self._state.upstream_error is not None:
-            for request_id in self._state.request_ids:
-                if _id_text(request_id) not in self._answered:
-                    body = errors.error_body(errors.UPSTREAM_UNAVAILABLE, request_id, self._state.upstream_error)
-                    out += sse.encode(body.decode(), event="message")
-        for body in self._extra:
-            out += sse.encode(body.decode(), event="message")
-        return out
 
-    def _merged_json(self) -> bytes:
-        assert self._copy is not None
-        raw = b"".join(self._copy)
-        try:
-            answered = orjson.loads(raw) if raw else []
-        except orjson.JSONDecodeError:
-            answered = []
-        items = answered if isinstance(answered, list) else [answered]
-        return orjson.dumps([*items, *(orjson.loads(b) for b in self._extra)])
-
-    def _inspect_events(self, chunk: bytes) -> None:
-        assert self._decoder is not None
-        try:
-            events = self._decoder.feed(chunk)
-        except sse.EventTooLarge:
-            self._decoder = None
-            return
-        for event in events:
-            if event.is_message and event.data is not None:
-                try:
-                    self._observe(orjson.loads(event.data))
-                except orjson.JSONDecodeError:
-                    continue
-
-    def _learn_from_json(self, raw: bytes) -> None:
-        try:
-            value = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            return
-        for message in value if isinstance(value, list) else [value]:
-            self._observe(message)
-
-    def _observe(self, message: Any) -> None:
-        """Note a response going back: which call it answers, and tool schemas from a tools/list result."""
-        if not isinstance(message, dict) or ("result" not in message and "error" not in message):
-            return
-        self._answered.add(_id_text(message.get("id")))
-        result = message.get("result")
-        if message.get("id") in self._list_ids and isinstance(result, dict):
-            self._mw.runtime.learn_tools(self._ex.upstream.name, result)
-
-    def audit(self) -> None:
-        if not self.audited:
-            self.audited = True
-            self._mw._audit_all(self._ex, self.status or 500, self._state.upstream_error)
+def _item_operation(method: str, item: dict[str, Any]) -> mcp.Operation | None:
+    """The operation a list item stands for: calling the tool, getting the prompt, reading the resource."""
+    kind, key = _ITEM_KEYS[method]
+    value = item.get(key)
+    if not isinstance(value, str):
+        return None
+    if key == "name":
+        return mcp.Operation(kind, method, name=value)
+    return mcp.Operation(kind, method, uri=value)
 
 
 async def _respond(send: ASGISend, status: int, headers: list[tuple[bytes, bytes]], payload: bytes) -> None:

@@ -15,7 +15,11 @@ from dataclasses import dataclass, field
 
 
 class EventTooLarge(ValueError):
-    """One event grew past the decoder's bound."""
+    """One event grew past the decoder's bound. `events` are those completed before it, in the same chunk."""
+
+    def __init__(self, message: str, events: list[Event]) -> None:
+        super().__init__(message)
+        self.events = events
 
 
 @dataclass(slots=True)
@@ -68,7 +72,7 @@ class Decoder:
         self._buffer = buffer[event_start:]
         self._scanned = line_start - event_start
         if len(self._buffer) > self._max:
-            raise EventTooLarge(f"an SSE event exceeded {self._max} bytes")
+            raise EventTooLarge(f"an SSE event exceeded {self._max} bytes", events)
         return events
 
     def pending(self) -> bytes:

@@ -24,7 +24,7 @@ Everything = tuple[str, Any, ServerThread]  # the gateway's MCP URL, its app, it
 EVERYTHING_POLICY = {
     "roles": {"tester": {"permissions": {
         "can_list_resources": True, "can_read_resources": ["**"], "can_execute_tools": ["*"],
-        "can_access_prompts": ["*"], "can_request_sampling": True,
+        "can_access_prompts": ["*"], "can_request_sampling": True, "can_elicit": True, "can_list_roots": True,
     }}},
     "bindings": [{"when": {"scope": "mcp:tools"}, "roles": ["tester"]}],
 }
@@ -169,5 +169,47 @@ def test_2025_03_26_batch_is_decided_message_by_message(tmp_path: Path) -> None:
             rows = db.execute("SELECT request_id, result FROM audit_events WHERE operation = 'tools/call'").fetchall()
             db.close()
             assert sorted(rows) == [("2", "allowed"), ("3", "denied"), ("3", "denied"), ("5", "denied")]
+        finally:
+            server.stop()
+
+
+NO_CLIENT_FEATURES = {"roles": {"caller": {"permissions": {"can_execute_tools": ["*"]}}},
+                      "bindings": [{"when": {"scope": "mcp:tools"}, "roles": ["caller"]}]}
+
+
+@pytest.mark.parametrize(("tool", "arguments"), [
+    ("trigger-sampling-request", {"prompt": "hi", "maxTokens": 10}),
+    ("trigger-elicitation-request", {}),
+])
+async def test_server_requests_are_blocked_without_the_permission(tmp_path: Path, tool: str,
+                                                                  arguments: dict[str, Any]) -> None:
+    asked: list[Any] = []
+
+    async def sample(context: Any, params: Any) -> types.CreateMessageResult:
+        asked.append(params)
+        return types.CreateMessageResult(role="assistant", model="m", content=types.TextContent(type="text", text="x"))
+
+    async def elicit(context: Any, params: Any) -> types.ElicitResult:
+        asked.append(params)
+        return types.ElicitResult(action="decline")
+
+    with server_everything() as upstream_url:
+        port = free_port()
+        app = create_app(write_config(tmp_path, upstream_url, policy=NO_CLIENT_FEATURES,
+                                      public_url=f"http://127.0.0.1:{port}"))
+        server = ServerThread(app, port).start()
+        try:
+            async with _client(f"{server.url}/mcp", app, sampling_callback=sample,
+                               elicitation_callback=elicit) as session:
+                result = await session.call_tool(tool, arguments)  # returns: the upstream got an error, not silence
+            assert asked == [], "the server's request reached the client"
+            assert result.is_error and "not allowed by the gateway" in str(result.content)
+            server.call(app.runtime.audit.flush())
+            db = sqlite3.connect(app.runtime.config.audit.sinks[0].path)
+            rows = db.execute("SELECT operation, result, reason FROM audit_events WHERE result = 'denied'").fetchall()
+            db.close()
+            method = "sampling/createMessage" if "sampling" in tool else "elicitation/create"
+            kind = "sampling" if "sampling" in tool else "elicitation"
+            assert rows == [(method, "denied", f"no-grant:{kind}")]
         finally:
             server.stop()

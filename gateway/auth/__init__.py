@@ -64,11 +64,22 @@ class Authenticator:
         config = self._config
         return f"{config.public_url}/.well-known/oauth-protected-resource{config.public_path_prefix}{upstream_path}"
 
-    def challenge(self, upstream_path: str, error: str | None = None) -> str:
-        value = f'Bearer resource_metadata="{self.metadata_url(upstream_path)}"'
-        if error:
-            value += f', error="{error}"'
-        return value
+    def challenge(
+        self,
+        upstream_path: str,
+        error: str | None = None,
+        *,
+        description: str | None = None,
+        scope: str | None = None,
+        acr_values: str | None = None,
+    ) -> str:
+        """A `WWW-Authenticate: Bearer` value (RFC 6750; RFC 9728 resource_metadata; RFC 9470 acr_values)."""
+        params = [("resource_metadata", self.metadata_url(upstream_path))]
+        for name, value in (("error", error), ("error_description", description), ("scope", scope),
+                            ("acr_values", acr_values)):
+            if value:
+                params.append((name, value))
+        return "Bearer " + ", ".join(f'{name}="{_quoted(value)}"' for name, value in params)
 
     def authenticate(
         self, headers: Mapping[str, list[str]], query_string: bytes, resource: str, upstream_path: str
@@ -180,6 +191,10 @@ def principal_from_claims(claims: Mapping[str, Any]) -> Principal:
         amr=frozenset(m for m in amr if isinstance(m, str)) if isinstance(amr, list) else frozenset(),
         auth_time=float(auth_time) if isinstance(auth_time, int | float) else None,
     )
+
+
+def _quoted(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"')
 
 
 def _token_in_query(query_string: bytes) -> bool:
