@@ -120,6 +120,7 @@ class Config(_Model):
     auth: Auth = Auth()
     policy: Policy
     audit: Audit = Audit()
+    policy_reload_interval_s: float = Field(2.0, ge=0)  # how often the policy file is checked; 0: SIGHUP only
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     source: Path | None = None
 

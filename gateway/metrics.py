@@ -51,5 +51,10 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.policy_reloads = Counter(
+            "mcp_gateway_policy_reloads_total", "Policy reloads, by outcome (ok, invalid).",
+            ["outcome"], registry=self.registry,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

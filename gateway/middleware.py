@@ -32,7 +32,7 @@ from gateway.audit import AuditEvent, AuditUnavailable, redact_arguments
 from gateway.auth import AuthFailed, Principal
 from gateway.config import Config, Upstream, load_config
 from gateway.metrics import method_label
-from gateway.policy import Decision, decide
+from gateway.policy import Decision, Policy, decide
 from gateway.responses import ResponseInspector, Rules
 from gateway.runtime import Runtime
 from gateway.types import ASGIApp, ASGIMessage, ASGIReceive, ASGIScope, ASGISend, RequestState, header_values
@@ -63,6 +63,7 @@ class _Exchange:
     http_method: str
     source_ip: str | None
     started: float = field(default_factory=time.perf_counter)
+    policy: Policy | None = None  # one snapshot per request: a reload never changes it half-way
     principal: Principal | None = None
     era: mcp.Era | None = None
     protocol_version: str | None = None
@@ -219,7 +220,7 @@ class MCPSecurityMiddleware:
 
     def _decide(self, ex: _Exchange) -> None:
         assert ex.principal is not None
-        policy = self.config.policy
+        policy = ex.policy = self.runtime.policy
         ex.decisions = tuple(decide(ex.principal, op, policy) if op is not None else None for op in ex.operations)
 
     def _denials(self, ex: _Exchange) -> dict[int, _Denial]:
@@ -234,7 +235,8 @@ class MCPSecurityMiddleware:
 
     def _denial(self, op: mcp.Operation, decision: Decision, ex: _Exchange) -> _Denial:
         """The refusal, its JSON-RPC error and its challenge, by outcome and `deny_detail`."""
-        explain = self.config.policy.deny_detail == "explain"
+        assert ex.policy is not None
+        explain = ex.policy.deny_detail == "explain"
         detail = f"{op.method} {op.target or ''}".strip() + f" refused by {decision.reason}" if explain else ""
         challenge = None
         if op.kind == "unknown":
@@ -359,9 +361,8 @@ class MCPSecurityMiddleware:
     def _rules(self, ex: _Exchange, scope: ASGIScope, forwarded: list[int], denied: dict[int, _Denial],
                state: RequestState) -> Rules:
         """What the response to this request is checked against, as decisions for this principal."""
-        principal = ex.principal
-        assert principal is not None
-        policy = self.config.policy
+        principal, policy = ex.principal, ex.policy
+        assert principal is not None and policy is not None
         ops = [ex.operations[i] for i in forwarded]
         lists = {op.request_id: op.method for op in ops if op is not None and op.kind == "list"}
         may_need_input = {op.request_id for op in ops if op is not None and ex.era == "modern"

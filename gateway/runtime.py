@@ -1,13 +1,20 @@
-"""What one running gateway holds between requests: authenticator, audit log, metrics, learnt tool schemas.
+"""What one running gateway holds between requests: policy, authenticator, audit log, metrics, tool schemas.
 
 Owns the start and stop of those resources, so that the reverse proxy
 (`create_app`) and the ASGI middleware around an in-process app share one
-lifecycle and one set of state.
+lifecycle and one set of state; and the policy's hot reload: on SIGHUP and
+when the file changes, the new file is compiled and swapped in whole, and an
+invalid one is reported while the old policy stays in force.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import signal
+import threading
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from cachetools import LRUCache
@@ -16,6 +23,9 @@ from gateway.audit import AuditLog
 from gateway.auth import Authenticator, load_or_create_signing_key
 from gateway.config import Config
 from gateway.metrics import Metrics
+from gateway.policy import Policy, PolicyError, load_policy
+
+log = logging.getLogger("gateway.policy")
 
 
 class Runtime:
@@ -23,6 +33,7 @@ class Runtime:
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        self.policy: Policy = config.policy
         self.signing_key = load_or_create_signing_key(config.auth.clients.signing_key_file)
         self.authenticator = Authenticator(config, self.signing_key)
         self.audit = AuditLog(config.audit)
@@ -33,17 +44,56 @@ class Runtime:
             u.name: LRUCache(maxsize=10_000) for u in config.upstreams
         }
         self.started = False
+        self._watcher: asyncio.Task[None] | None = None
+        self._policy_stamp = _stamp(Path(self.policy.source))
 
     def start(self) -> None:
         """Start background work on the running loop (idempotent; also called lazily on first request)."""
-        if not self.started:
-            self.audit.start()
-            self.started = True
+        if self.started:
+            return
+        self.audit.start()
+        loop = asyncio.get_running_loop()
+        interval = self.config.policy_reload_interval_s
+        if interval > 0:
+            self._watcher = loop.create_task(self._watch_policy(interval), name="policy-watcher")
+        if threading.current_thread() is threading.main_thread():
+            try:
+                loop.add_signal_handler(signal.SIGHUP, self.reload_policy)
+            except (NotImplementedError, RuntimeError, AttributeError):
+                log.info("no SIGHUP on this platform: the policy reloads on file change only")
+        self.started = True
 
     async def close(self) -> None:
         """Flush the audit trail and stop."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
         await self.audit.close()
         self.started = False
+
+    def reload_policy(self) -> bool:
+        """Compile the policy file again and swap it in; on any problem keep the current one. True if swapped."""
+        path = Path(self.policy.source)
+        self._policy_stamp = _stamp(path)
+        try:
+            fresh = load_policy(path)
+        except PolicyError as exc:
+            self.metrics.policy_reloads.labels("invalid").inc()
+            for problem in exc.problems:
+                log.error("policy reload refused, version %s stays: %s", self.policy.version, problem)
+            return False
+        if fresh.version != self.policy.version:
+            log.info("policy %s reloaded: version %s -> %s", path, self.policy.version, fresh.version)
+        self.policy = fresh
+        self.metrics.policy_reloads.labels("ok").inc()
+        return True
+
+    async def _watch_policy(self, interval: float) -> None:
+        path = Path(self.policy.source)
+        while True:
+            await asyncio.sleep(interval)
+            if _stamp(path) != self._policy_stamp:
+                self.reload_policy()
 
     def tool_schema(self, upstream: str, tool: str) -> Mapping[str, Any] | None:
         return self._tool_schemas[upstream].get(tool)
@@ -59,3 +109,12 @@ class Runtime:
             name, schema = tool.get("name"), tool.get("inputSchema")
             if isinstance(name, str) and isinstance(schema, dict):
                 cache[name] = schema
+
+
+def _stamp(path: Path) -> tuple[float, int] | None:
+    """What tells a changed file: modification time and size (None while it is missing)."""
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return (status.st_mtime, status.st_size)
