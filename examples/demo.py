@@ -47,7 +47,7 @@ def main() -> None:
     try:
         wait_for_port(9000, upstream)
         reader = token("--subject", "alice", "--scope", "mcp:tools")
-        operator = token("--subject", "olga", "--claim", 'groups=["ops"]')
+        operator = token("--subject", "olga", "--claim", 'groups=["ops"]', "--claim", 'amr=["hwk"]')
         print(f"""
 Demo MCP server: http://127.0.0.1:9000/mcp (tools: search, get_weather, echo, delete_file, ask_llm)
 Gateway:         http://127.0.0.1:8080/mcp (config: {CONFIG.name}, policy: policies/default.yaml)
@@ -55,7 +55,7 @@ Gateway:         http://127.0.0.1:8080/mcp (config: {CONFIG.name}, policy: polic
 A reader token (role reader: search, get_*, echo; delete_file is refused):
   export TOKEN={reader}
 
-An operator token (role operator: every tool):
+An operator token (role operator: every tool; signed in with a hardware key, so delete_file is allowed):
   export OPS_TOKEN={operator}
 
 Call a tool through the gateway (2026-07-28, stateless):

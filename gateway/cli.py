@@ -1,4 +1,4 @@
-"""The `mcp-gateway` command: serve, check-config, issue-token.
+"""The `mcp-gateway` command: serve, check-config, issue-token, policy explain, policy test.
 
 Owns argument parsing and exit codes: 0 success, 2 invalid configuration
 (each problem printed as `FILE: key.path: why`), 1 anything else.
@@ -90,6 +90,59 @@ def _issue_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _policy_explain(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gateway.policy import PolicyError, load_policy
+    from gateway.policy.explain import explain, operation_for, principal_from
+
+    try:
+        policy = load_policy(Path(args.policy))
+    except PolicyError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 2
+    claims: dict[str, object] = {}
+    if args.claims:
+        try:
+            loaded = json.loads(Path(args.claims).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            print(f"{args.claims}: cannot read claims: {exc}", file=sys.stderr)
+            return 2
+        if not isinstance(loaded, dict):
+            print(f"{args.claims}: claims must be a JSON object", file=sys.stderr)
+            return 2
+        claims = loaded
+    try:
+        operation = operation_for(args.method, args.name, args.uri)
+    except ValueError as exc:
+        print(f"--method {args.method}: {exc}", file=sys.stderr)
+        return 2
+    for line in explain(policy, principal_from(claims), operation).lines():
+        print(line)
+    return 0
+
+
+def _policy_test(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gateway.policy import PolicyError
+    from gateway.policy.explain import run_cases
+
+    try:
+        policy, results = run_cases(Path(args.file))
+    except PolicyError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 2
+    for result in results:
+        outcome = "PASS" if result.passed else "FAIL"
+        print(f"{outcome}  {result.name}" + ("" if result.passed else f"  (got {result.got})"))
+    failed = sum(not r.passed for r in results)
+    print(f"policy {policy.source} version {policy.version}: {len(results) - failed} of {len(results)} cases pass")
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mcp-gateway", description="A security gateway for MCP servers.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -113,6 +166,19 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--upstream", help="the upstream (resource) the token is for; default: the first")
     token.add_argument("--ttl", type=int, help="seconds; default auth.clients.token_ttl_s")
     token.set_defaults(func=_issue_token)
+
+    policy = commands.add_parser("policy", help="explain and test policies").add_subparsers(dest="action",
+                                                                                           required=True)
+    explain = policy.add_parser("explain", help="why a principal may or may not do something, and what changes it")
+    explain.add_argument("--policy", required=True)
+    explain.add_argument("--claims", help="a JSON file of token claims (sub, scope, client_id, groups, amr, acr, ...)")
+    explain.add_argument("--method", required=True, help="e.g. tools/call, resources/read, sampling/createMessage")
+    explain.add_argument("--name", help="tool or prompt name")
+    explain.add_argument("--uri", help="resource URI")
+    explain.set_defaults(func=_policy_explain)
+    test = policy.add_parser("test", help="run the policy test cases in NAME.tests.yaml beside a policy")
+    test.add_argument("file", help="the policy file or its .tests.yaml file")
+    test.set_defaults(func=_policy_test)
     return parser
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -262,6 +264,44 @@ def test_bad_policy_says_where_and_why(tmp_path: Path, policy_doc: dict[str, Any
     assert any(line.startswith(f"{path}: ") and problem in line for line in raised.value.problems), raised.value
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "policies").glob("*.yaml")), ids=lambda p: p.name)
-def test_every_shipped_policy_loads(path: Path) -> None:
+SHIPPED = sorted(p for p in (ROOT / "policies").glob("*.yaml") if not p.name.endswith(".tests.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_policy_loads_and_passes_its_own_test_cases(path: Path) -> None:
     assert load_policy(path).roles
+    done = subprocess.run([sys.executable, "-m", "gateway.cli", "policy", "test", str(path)],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "FAIL" not in done.stdout and " cases pass" in done.stdout
+
+
+def test_policy_test_reports_a_failing_case_and_exits_1(tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(POLICY))
+    (tmp_path / "p.tests.yaml").write_text(yaml.safe_dump({"cases": [
+        {"name": "wrong on purpose", "claims": {"sub": "a", "scope": "mcp:tools"}, "method": "tools/call",
+         "tool": "search", "expect": "denied"},
+        {"name": "right", "claims": {"sub": "a", "scope": "mcp:tools"}, "method": "tools/call", "tool": "search",
+         "expect": "allowed", "reason": "role:reader:tool"},
+    ]}))
+    done = subprocess.run([sys.executable, "-m", "gateway.cli", "policy", "test", str(tmp_path / "p.yaml")],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 1
+    assert "FAIL  wrong on purpose  (got allowed (role:reader:tool))" in done.stdout
+    assert "PASS  right" in done.stdout and "1 of 2 cases pass" in done.stdout
+
+
+def test_policy_explain_says_what_decided_and_what_would_change_it(tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(POLICY))
+    (tmp_path / "claims.json").write_text('{"sub": "olga", "groups": ["ops"], "amr": ["mfa"]}')
+    done = subprocess.run([sys.executable, "-m", "gateway.cli", "policy", "explain", "--policy",
+                           str(tmp_path / "p.yaml"), "--claims", str(tmp_path / "claims.json"),
+                           "--method", "tools/call", "--name", "delete_file"], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "decision:   step_up (visible)"
+    assert "rule:       level:authentication<critical" in lines
+    assert any(line.startswith("  operator") and "bindings[2] (claim={'groups': 'ops'})" in line for line in lines)
+    assert "auth level: high" in lines
+    assert "requires:   level critical, capabilities filesystem:write" in lines
+    assert "  - authentication reaching level critical (acr urn:example:phishing-resistant)" in lines
