@@ -318,9 +318,19 @@ class MCPSecurityMiddleware:
         state = RequestState(request_ids=tuple(ex.messages[i].id for i in forwarded
                                                if ex.messages[i].kind == "request"))
         inner_scope = {**scope, "headers": headers, "mcp_gateway": state}
+        audited = False
+
+        def audit(status: int) -> None:
+            nonlocal audited
+            if not audited:
+                audited = True
+                self._audit_all(ex, status, state.upstream_error)
+
         inspector = ResponseInspector(send, self._rules(ex, scope, forwarded, denied, state),
                                       max_bytes=self.config.limits.max_inspected_bytes,
-                                      upstream_error=lambda: state.upstream_error)
+                                      upstream_error=lambda: state.upstream_error, on_complete=audit,
+                                      # a legacy GET stream can stay open for hours: it is recorded when it opens
+                                      complete_on_start=ex.http_method == "GET")
         app = self._apps.get(ex.upstream.path, self.app)
         try:
             await app(inner_scope, _replay(body, receive), inspector.send)
@@ -335,7 +345,7 @@ class MCPSecurityMiddleware:
             elif not inspector.finished:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
-            self._audit_all(ex, inspector.status or 500, state.upstream_error)
+            audit(inspector.status or 500)
 
     def _rewritten(self, ex: _Exchange, forwarded: list[int], body: bytes, headers: list[tuple[bytes, bytes]]
                    ) -> tuple[bytes, list[tuple[bytes, bytes]]]:

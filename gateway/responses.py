@@ -64,9 +64,11 @@ class Rules:
 class ResponseInspector:
     """An ASGI `send` wrapper applying `Rules` to one response."""
 
-    def __init__(self, send: ASGISend, rules: Rules, *, max_bytes: int, upstream_error: Callable[[], str | None]
-                 ) -> None:
+    def __init__(self, send: ASGISend, rules: Rules, *, max_bytes: int, upstream_error: Callable[[], str | None],
+                 on_complete: Callable[[int], None], complete_on_start: bool = False) -> None:
         self._send = send
+        self._on_complete = on_complete  # called just before the last byte goes out (or at the start: streams)
+        self._complete_on_start = complete_on_start
         self._rules = rules
         self._max = max_bytes
         self._upstream_error = upstream_error
@@ -94,6 +96,8 @@ class ResponseInspector:
     async def _start(self, message: ASGIMessage) -> None:
         self.response_started = True
         self.status = message["status"]
+        if self._complete_on_start:
+            self._on_complete(self.status)
         headers = [(n.lower(), v) for n, v in message.get("headers", [])]
         content_type = next((v for n, v in headers if n == b"content-type"), b"").lower()
         if content_type.startswith(b"text/event-stream"):
@@ -122,8 +126,7 @@ class ResponseInspector:
             elif not more:
                 await self._finish_json()
         else:
-            await self._send({"type": "http.response.body", "body": chunk, "more_body": more})
-            self.finished = not more
+            await self._body_out(chunk, more)
 
     # ---- SSE --------------------------------------------------------------------------------
 
@@ -141,8 +144,7 @@ class ResponseInspector:
         if not more and not self._refused:
             out += self._decoder.pending() + self._tail(errors.UPSTREAM_UNAVAILABLE, self._upstream_error())
         if out or not more:
-            await self._send({"type": "http.response.body", "body": out, "more_body": more})
-        self.finished = not more
+            await self._body_out(out, more)
 
     def _event(self, event: sse.Event) -> bytes:
         if not event.is_message or event.data is None:
@@ -205,9 +207,15 @@ class ResponseInspector:
         assert self._held is not None
         headers = [*self._held["headers"], (b"content-length", str(len(payload)).encode())]
         await self._send({**self._held, "headers": headers})
-        await self._send({"type": "http.response.body", "body": payload, "more_body": False})
         self._held = None
-        self.finished = True
+        await self._body_out(payload, False)
+
+    async def _body_out(self, body: bytes, more: bool) -> None:
+        if not more:
+            # The decision is on record before the client can see the answer end.
+            self._on_complete(self.status)
+        await self._send({"type": "http.response.body", "body": body, "more_body": more})
+        self.finished = not more
 
     # ---- one message ------------------------------------------------------------------------
 
