@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint conformance clean
+.PHONY: install demo test lint bench clean
 
 $(STAMP): pyproject.toml tests/node/package.json tests/node/package-lock.json
 	$(PYTHON) -m venv $(VENV)
@@ -20,12 +20,15 @@ demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
 test: $(STAMP)
-	$(BIN)/ruff check gateway tests examples
+	$(BIN)/ruff check gateway tests examples bench
 	$(BIN)/mypy gateway
 	$(BIN)/pytest -q
 
+bench: $(STAMP)
+	$(BIN)/python bench/bench_decide.py
+
 lint: $(STAMP)
-	$(BIN)/ruff check gateway tests examples
+	$(BIN)/ruff check gateway tests examples bench
 	$(BIN)/mypy gateway
 
 clean:

@@ -181,7 +181,7 @@ def test_step_up_names_the_level_and_the_acr_that_reaches_it(policy: Policy) -> 
     assert decision.visible and not decision.hidden
 
 
-def test_insufficient_scope_names_every_scope_that_would_grant(policy: Policy) -> None:
+def test_insufficient_scope_names_the_scope_that_would_grant(policy: Policy) -> None:
     decision = decide(READER, tool("run_command"), policy)
     assert decision.scopes == ("mcp:admin",)
     assert decision.hidden

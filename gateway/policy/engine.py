@@ -17,7 +17,7 @@ the same `Decision`.
 The effective level is min(the granting role's level, the authentication
 level). Short of the role's level: denied. Short of the authentication level
 only: `step_up` (RFC 9470). When a scope the principal lacks would bind a role
-that grants it all: `insufficient_scope`, naming those scopes.
+that grants it all: `insufficient_scope`, naming the first such scope.
 """
 
 from __future__ import annotations
@@ -215,18 +215,27 @@ def _scopes_that_would_grant(
     capabilities: frozenset[str],
     level: int,
 ) -> tuple[str, ...]:
-    """Scopes the principal lacks whose bindings (all else holding) would give a role granting everything."""
-    found: dict[str, None] = {}
-    for binding in policy.bindings:
-        scope = binding.when.scope
-        if scope is None or scope in principal.scopes or not holds(binding.when, principal, ignore_scope=True):
+    """The scope to ask for: the first binding (in policy order) with a scope the principal lacks, whose other
+    tests hold, giving a role that grants everything. One scope, because `scope=` in a challenge names what is
+    required (RFC 6750 3), not alternatives. Costs one check per role, however many bindings there are."""
+    first: int | None = None
+    for name, role in policy.roles.items():
+        positions = policy.scope_bindings.get(name)
+        if not positions or (first is not None and positions[0] >= first):
             continue
-        for name in binding.roles:
-            role = policy.roles[name]
-            if index_of(role).matches(value) and capabilities <= role.capabilities and role.level >= level:
-                found[scope] = None
+        if not (index_of(role).matches(value) and capabilities <= role.capabilities and role.level >= level):
+            continue
+        for position in positions:
+            if first is not None and position >= first:
                 break
-    return tuple(found)
+            when = policy.bindings[position].when
+            if when.scope not in principal.scopes and holds(when, principal, ignore_scope=True):
+                first = position
+                break
+    if first is None:
+        return ()
+    scope = policy.bindings[first].when.scope
+    return (scope,) if scope is not None else ()
 
 
 def _acr_values(policy: Policy, level: int) -> tuple[str, ...]:

@@ -187,6 +187,7 @@ class Policy:
     bindings: tuple[Binding, ...]
     bindings_by_key: Mapping[tuple[str, str], tuple[int, ...]]  # ("scope", "mcp:tools") -> binding indices
     unindexed_bindings: tuple[int, ...]
+    scope_bindings: Mapping[str, tuple[int, ...]]  # role -> bindings with a scope that give it, in policy order
     tools: Requirements
     resources: Requirements
     prompts: Requirements
@@ -260,11 +261,17 @@ def compile_policy(spec: PolicySpec, *, version: str, source: str) -> Policy:
             unindexed.append(index)
         else:
             by_key.setdefault(key, []).append(index)
+    scope_bindings: dict[str, list[int]] = {}
+    for index, binding in enumerate(bindings):
+        if binding.when.scope is not None:
+            for role_name in binding.roles:
+                scope_bindings.setdefault(role_name, []).append(index)
     return Policy(
         roles=roles,
         bindings=bindings,
         bindings_by_key={k: tuple(v) for k, v in by_key.items()},
         unindexed_bindings=tuple(unindexed),
+        scope_bindings={k: tuple(v) for k, v in scope_bindings.items()},
         tools=_requirements(spec.tools),
         resources=_requirements(spec.resources),
         prompts=_requirements(spec.prompts),
