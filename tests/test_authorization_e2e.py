@@ -7,6 +7,7 @@ saw the refused request, and the audit log recorded it.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -201,3 +202,39 @@ def test_explain_says_which_rule_refused(tmp_path: Path) -> None:
             "code": -32011, "message": "Forbidden: tools/call delete_file refused by no-grant:tool"}
     finally:
         deployment.stop()
+
+
+def test_a_server_request_on_the_legacy_get_stream_is_dropped_and_answered_upstream(tmp_path: Path) -> None:
+    from tests.test_upstream_failures import SSE_HEAD, ScriptedUpstream, _proxy_to
+
+    sampling = {"jsonrpc": "2.0", "id": 40, "method": "sampling/createMessage",
+                "params": {"messages": [], "maxTokens": 5}}
+    progress = {"jsonrpc": "2.0", "method": "notifications/message", "params": {"level": "info", "data": "hi"}}
+    events = (b"id: 1\ndata: " + json.dumps(sampling).encode() + b"\n\n"
+              + b"id: 2\ndata: " + json.dumps(progress).encode() + b"\n\n")
+    upstream = ScriptedUpstream(SSE_HEAD.replace(b"\r\n\r\n", f"\r\nContent-Length: {len(events)}\r\n\r\n".encode())
+                                + events)
+    server, app = _proxy_to(tmp_path, f"http://127.0.0.1:{upstream.port}/mcp")
+    try:
+        audience = app.runtime.config.resource_url(app.runtime.config.upstreams[0])
+        token = app.runtime.authenticator.issue_token(subject="alice", audience=audience, scopes=["mcp:tools"])
+        stream = httpx.get(f"{server.url}/mcp", headers={"Authorization": f"Bearer {token}",
+                                                         "Accept": "text/event-stream", "Mcp-Session-Id": "s-1",
+                                                         "MCP-Protocol-Version": "2025-11-25"})
+        assert stream.status_code == 200
+        assert "sampling/createMessage" not in stream.text and "notifications/message" in stream.text
+
+        def answered() -> list[bytes]:
+            return [r for r in upstream.received if r.startswith(b"POST")]
+
+        deadline = time.monotonic() + 10
+        while not answered() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        [post] = answered()
+        head, _, body = post.partition(b"\r\n\r\n")
+        assert json.loads(body) == {"jsonrpc": "2.0", "id": 40, "error": {
+            "code": -32011, "message": "Forbidden: sampling/createMessage is not allowed by the gateway's policy"}}
+        assert b"mcp-session-id: s-1" in head.lower() and b"authorization" not in head.lower()
+    finally:
+        server.stop()
+        upstream.close()
