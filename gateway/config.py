@@ -95,16 +95,31 @@ class Auth(_Model):
 
 
 class AuditSink(_Model):
-    type: Literal["sqlite", "jsonl"]
-    path: Path
+    type: Literal["sqlite", "jsonl", "postgres"]
+    path: Path | None = None  # sqlite, jsonl
+    dsn: str | None = None  # postgres, e.g. postgresql://127.0.0.1/test
+    table: str = Field("audit_events", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")  # postgres
+    rotate_mb: float | None = Field(None, gt=0)  # jsonl
+
+    @model_validator(mode="after")
+    def _where(self) -> AuditSink:
+        if self.type == "postgres" and not self.dsn:
+            raise ValueError("a postgres sink needs dsn")
+        if self.type != "postgres" and self.path is None:
+            raise ValueError(f"a {self.type} sink needs path")
+        return self
 
 
 class Audit(_Model):
-    sinks: tuple[AuditSink, ...] = (AuditSink(type="sqlite", path=Path("audit.db")),)
-    max_queue: int = Field(100_000, gt=0)
+    sinks: tuple[AuditSink, ...] = Field((AuditSink(type="sqlite", path=Path("audit.db")),), min_length=1)
+    # fail_closed: refuse requests (503) while a sink cannot write; buffer: keep up to max_buffer events in
+    # memory and retry, refusing only when that is full. Neither drops an event without counting it.
+    on_sink_failure: Literal["fail_closed", "buffer"] = "fail_closed"
+    max_buffer: int = Field(100_000, gt=0)
     batch_size: int = Field(500, gt=0)
     redact_keys: tuple[str, ...] = ("password", "secret", "token", "key", "authorization")
     max_arguments_bytes: int = Field(4096, gt=0)
+    read_scope: str = "audit:read"  # the scope GET /admin/audit requires
 
 
 class Config(_Model):

@@ -2,12 +2,16 @@
 
 Every metric the gateway exports is declared here, on a registry owned by one
 gateway instance (several gateways in one process, as in tests, never clash).
-Label values are bounded: methods outside the MCP catalogue are `other`.
+With PROMETHEUS_MULTIPROC_DIR set (several uvicorn workers), /metrics adds up
+every worker's values. Label values are bounded: methods outside the MCP
+catalogue are `other`; a tool name is a label only when the policy names it.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 from gateway.mcp import SERVER_REQUEST_METHODS
 
@@ -43,18 +47,59 @@ class Metrics:
             "mcp_gateway_upstream_errors_total", "Failures talking to an upstream, by kind.",
             ["upstream", "kind"], registry=self.registry,
         )
+        self.upstream_seconds = Histogram(
+            "mcp_gateway_upstream_duration_seconds", "Time the upstream took to start answering.",
+            ["upstream"], buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.gateway_seconds = Histogram(
+            "mcp_gateway_overhead_duration_seconds", "Time the gateway itself added (total minus upstream).",
+            ["upstream"], buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.auth_attempts = Counter(
+            "mcp_gateway_auth_attempts_total", "Authentication attempts, by source and outcome.",
+            ["source", "outcome"], registry=self.registry,
+        )
+        self.token_cache = Counter(
+            "mcp_gateway_token_cache_total", "Verified-token cache lookups, by hit or miss.",
+            ["outcome"], registry=self.registry,
+        )
+        self.decisions = Counter(
+            "mcp_gateway_decisions_total", "Policy decisions, by result, the rule that decided, and tool "
+            "(a tool name appears only when the policy names it; others are 'other').",
+            ["result", "reason", "tool"], registry=self.registry,
+        )
+        self.audit_written = Counter(
+            "mcp_gateway_audit_events_written_total", "Audit events written, by sink.", ["sink"],
+            registry=self.registry,
+        )
         self.audit_queue_depth = Gauge(
             "mcp_gateway_audit_queue_depth", "Audit events waiting to be written.", registry=self.registry,
         )
-        self.audit_refused = Counter(
-            "mcp_gateway_audit_refused_total", "Requests refused because the audit queue was full.",
+        self.audit_buffered = Gauge(
+            "mcp_gateway_audit_buffered_events", "Audit events held in memory while a sink is failing.",
             registry=self.registry,
         )
-
+        self.audit_refused = Counter(
+            "mcp_gateway_audit_refused_total", "Events that could not be queued (requests refused instead).",
+            registry=self.registry,
+        )
+        self.audit_sink_errors = Counter(
+            "mcp_gateway_audit_sink_errors_total", "Failed writes to an audit sink, by sink.", ["sink"],
+            registry=self.registry,
+        )
+        self.requests_refused_for_audit = Counter(
+            "mcp_gateway_requests_refused_audit_total",
+            "Requests refused with 503 because the audit trail could not take them.", registry=self.registry,
+        )
         self.policy_reloads = Counter(
             "mcp_gateway_policy_reloads_total", "Policy reloads, by outcome (ok, invalid).",
             ["outcome"], registry=self.registry,
         )
 
     def render(self) -> bytes:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            # uvicorn --workers N: every worker writes its values to files; the scrape adds them up.
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            return generate_latest(registry)
         return generate_latest(self.registry)

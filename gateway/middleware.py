@@ -64,6 +64,7 @@ class _Exchange:
     source_ip: str | None
     started: float = field(default_factory=time.perf_counter)
     policy: Policy | None = None  # one snapshot per request: a reload never changes it half-way
+    policy_tools: frozenset[str] = frozenset()  # tool names the policy spells out (bounded metric labels)
     principal: Principal | None = None
     era: mcp.Era | None = None
     protocol_version: str | None = None
@@ -123,6 +124,12 @@ class MCPSecurityMiddleware:
         self.runtime.start()
         client = scope.get("client")
         ex = _Exchange(upstream, scope["method"], client[0] if client else None)
+        if not self.runtime.audit.accepting():
+            # No decision may go unrecorded: while the audit trail cannot take more, nothing is served.
+            self.runtime.metrics.requests_refused_for_audit.inc()
+            await self._refuse(ex, send, errors.GatewayRefusal(errors.AUDIT_UNAVAILABLE, "audit trail unavailable",
+                                                               reason="audit_unavailable"))
+            return
         try:
             headers = header_values(scope)
             self._guard_edge(ex, headers)
@@ -221,6 +228,7 @@ class MCPSecurityMiddleware:
     def _decide(self, ex: _Exchange) -> None:
         assert ex.principal is not None
         policy = ex.policy = self.runtime.policy
+        ex.policy_tools = self.runtime.policy_tools
         ex.decisions = tuple(decide(ex.principal, op, policy) if op is not None else None for op in ex.operations)
 
     def _denials(self, ex: _Exchange) -> dict[int, _Denial]:
@@ -319,12 +327,20 @@ class MCPSecurityMiddleware:
                                                if ex.messages[i].kind == "request"))
         inner_scope = {**scope, "headers": headers, "mcp_gateway": state}
         audited = False
+        forwarded_at = time.perf_counter()
 
         def audit(status: int) -> None:
             nonlocal audited
-            if not audited:
-                audited = True
-                self._audit_all(ex, status, state.upstream_error)
+            if audited:
+                return
+            audited = True
+            if inspector.started_at is not None:
+                upstream_s = inspector.started_at - forwarded_at
+                metrics = self.runtime.metrics
+                metrics.upstream_seconds.labels(ex.upstream.name).observe(upstream_s)
+                metrics.gateway_seconds.labels(ex.upstream.name).observe(
+                    max(0.0, time.perf_counter() - ex.started - upstream_s))
+            self._audit_all(ex, status, state.upstream_error)
 
         inspector = ResponseInspector(send, self._rules(ex, scope, forwarded, denied, state),
                                       max_bytes=self.config.limits.max_inspected_bytes,
@@ -448,6 +464,9 @@ class MCPSecurityMiddleware:
             decision = ex.decisions[index] if index < len(ex.decisions) else None
             if op is None or decision is None:
                 continue
+            tool = op.name if op.kind == "tool_call" and op.name in ex.policy_tools else "other"
+            self.runtime.metrics.decisions.labels("allowed" if decision.allowed else decision.outcome,
+                                                  decision.reason, tool if op.kind == "tool_call" else "").inc()
             if not decision.allowed:
                 result, reason = "denied", decision.reason
             elif upstream_error is not None or status in (502, 504):
@@ -466,6 +485,7 @@ class MCPSecurityMiddleware:
                 prompt=op.name if op.kind == "prompt_get" else None,
                 roles=decision.roles,
                 policy_version=decision.policy_version,
+                security_level=decision.required_level,
                 status=status,
                 arguments=redact_arguments(op.arguments, self.config.audit.redact_keys,
                                            self.config.audit.max_arguments_bytes),
@@ -500,10 +520,13 @@ class MCPSecurityMiddleware:
         try:
             self.runtime.audit.record(event)
         except AuditUnavailable:
-            metrics.audit_refused.inc()
-            log.error("audit queue full: event %s could not be queued", event.id)
-        metrics.audit_queue_depth.set(self.runtime.audit.depth)
-        log.info("%s %s %s %s %s", event.id, ex.upstream.name, event.operation, event.result, event.reason)
+            log.error("audit buffer full: event %s could not be queued", event.id,
+                      extra={"audit_id": event.id, "result": event.result, "reason": event.reason})
+        log.info("request", extra={
+            "audit_id": event.id, "upstream": ex.upstream.name, "operation": event.operation,
+            "result": event.result, "reason": event.reason, "status": event.status, "user_id": event.user_id,
+            "client_id": event.client_id, "duration_ms": event.duration_ms, "source_ip": event.source_ip,
+        })
 
     # ---- lifespan and metadata ------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ The decisions themselves come from the `Rules` the middleware supplies.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,6 +75,7 @@ class ResponseInspector:
         self._upstream_error = upstream_error
         self.status = 0
         self.response_started = False
+        self.started_at: float | None = None  # perf_counter when the upstream began to answer
         self.finished = False
         self._decoder: sse.Decoder | None = None
         self._held: ASGIMessage | None = None  # a JSON response start, held while its body is collected
@@ -95,6 +97,7 @@ class ResponseInspector:
 
     async def _start(self, message: ASGIMessage) -> None:
         self.response_started = True
+        self.started_at = time.perf_counter()
         self.status = message["status"]
         if self._complete_on_start:
             self._on_complete(self.status)

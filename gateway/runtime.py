@@ -34,10 +34,11 @@ class Runtime:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.policy: Policy = config.policy
+        self.policy_tools = config.policy.named_tools
         self.signing_key = load_or_create_signing_key(config.auth.clients.signing_key_file)
-        self.authenticator = Authenticator(config, self.signing_key)
-        self.audit = AuditLog(config.audit)
         self.metrics = Metrics()
+        self.authenticator = Authenticator(config, self.signing_key, metrics=self.metrics)
+        self.audit = AuditLog(config.audit, self.metrics)
         # Per upstream: tool name -> inputSchema, learnt from tools/list results passing through,
         # so that 2026-07-28 Mcp-Param-* headers can be checked against the tool's declaration.
         self._tool_schemas: dict[str, LRUCache[str, Mapping[str, Any]]] = {
@@ -84,7 +85,7 @@ class Runtime:
             return False
         if fresh.version != self.policy.version:
             log.info("policy %s reloaded: version %s -> %s", path, self.policy.version, fresh.version)
-        self.policy = fresh
+        self.policy, self.policy_tools = fresh, fresh.named_tools
         self.metrics.policy_reloads.labels("ok").inc()
         return True
 

@@ -1,27 +1,35 @@
-"""`AuditEvent`: the record of one decision, and how tools/call arguments are redacted into it."""
+"""`AuditEvent`: the record of one decision; its canonical form and hash chain; argument redaction.
+
+Tamper evidence: every sink keeps its own chain. An event's `record` is its
+canonical JSON (sorted keys, no `hash`/`prev_hash`); its `hash` is
+SHA-256 over `prev_hash` and that record. An edited, deleted or reordered
+event breaks the chain at that point, which `verify_chain` reports.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import orjson
 
 RESULTS = ("allowed", "denied", "auth_failed", "invalid_request", "upstream_error", "error")
+GENESIS = "0" * 64  # prev_hash of the first event in a sink
 
 
 @dataclass(slots=True)
 class AuditEvent:
-    """One request (or one message of a batch) as the audit trail records it."""
+    """One request (or one message of a batch, or one server request) as the audit trail records it."""
 
     result: str
     reason: str
     operation: str = ""
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    timestamp: float = field(default_factory=time.time)
+    timestamp: float = field(default_factory=lambda: round(time.time(), 6))
     connection_id: str | None = None
     request_id: str | None = None
     user_id: str | None = None
@@ -29,8 +37,11 @@ class AuditEvent:
     resource_accessed: str | None = None
     tool_executed: str | None = None
     prompt: str | None = None
+    approval_required: bool = False
+    approval_granted: bool | None = None
     roles: tuple[str, ...] = ()
     policy_version: str | None = None
+    security_level: str | None = None
     upstream: str | None = None
     status: int | None = None
     duration_ms: float | None = None
@@ -40,7 +51,91 @@ class AuditEvent:
     arguments: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        data["roles"] = list(self.roles)
+        return data
+
+
+COLUMNS: tuple[str, ...] = tuple(AuditEvent.__dataclass_fields__)
+
+
+def record_bytes(event: Mapping[str, Any]) -> bytes:
+    """The canonical JSON of an event: what its hash covers and what a sink stores."""
+    return orjson.dumps({k: v for k, v in event.items() if k not in ("hash", "prev_hash")},
+                        option=orjson.OPT_SORT_KEYS)
+
+
+def chain_hash(prev_hash: str, record: bytes) -> str:
+    return hashlib.sha256(prev_hash.encode() + b"\n" + record).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Sealed:
+    """An event ready for one sink: its canonical record and its place in that sink's chain."""
+
+    event: AuditEvent
+    record: bytes
+    prev_hash: str
+    hash: str
+
+
+def seal(events: Iterable[AuditEvent], prev_hash: str) -> list[Sealed]:
+    out = []
+    for event in events:
+        record = record_bytes(event.to_dict())
+        digest = chain_hash(prev_hash, record)
+        out.append(Sealed(event, record, prev_hash, digest))
+        prev_hash = digest
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class ChainReport:
+    """What `verify_chain` found: how many events were checked, and the first broken link if any."""
+
+    count: int
+    broken_at: int | None = None  # position (1-based) of the first bad event
+    event_id: str | None = None
+    why: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.broken_at is None
+
+
+def verify_chain(rows: Iterator[tuple[bytes, str, str, Mapping[str, Any] | None]]) -> ChainReport:
+    """Check (record, prev_hash, hash, columns) rows in stored order; `columns` are the queryable copies, if any."""
+    expected_prev = GENESIS
+    count = 0
+    for record, prev_hash, digest, columns in rows:
+        count += 1
+        try:
+            event = orjson.loads(record)
+        except orjson.JSONDecodeError:
+            return ChainReport(count, count, None, "record is not JSON")
+        event_id = event.get("id") if isinstance(event, dict) else None
+        if prev_hash != expected_prev:
+            return ChainReport(count, count, event_id, "prev_hash does not name the event before it "
+                               "(an event was deleted, inserted or moved)")
+        if chain_hash(prev_hash, record) != digest:
+            return ChainReport(count, count, event_id, "hash does not match the record (the event was edited)")
+        if record_bytes(event) != record:
+            return ChainReport(count, count, event_id, "record is not in canonical form")
+        if columns is not None:
+            for name, value in columns.items():
+                if _column(event.get(name)) != _column(value):
+                    return ChainReport(count, count, event_id, f"column {name} differs from the sealed record")
+        expected_prev = digest
+    return ChainReport(count)
+
+
+def _column(value: Any) -> Any:
+    """Values as a sink's columns store them (roles joined, booleans as 0/1), for comparison."""
+    if isinstance(value, list | tuple):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, bool):
+        return int(value)
+    return value
 
 
 REDACTED = "[REDACTED]"
@@ -61,5 +156,5 @@ def redact_arguments(arguments: Mapping[str, Any] | None, keys: Iterable[str], m
 
     text = orjson.dumps(scrub(arguments)).decode()
     if len(text.encode()) > max_bytes:
-        return text.encode()[: max_bytes].decode(errors="ignore") + "…[truncated]"
+        return text.encode()[:max_bytes].decode(errors="ignore") + "…[truncated]"
     return text

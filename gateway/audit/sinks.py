@@ -1,74 +1,323 @@
-"""Audit sinks: where batches of events are written. Each `write` is called from the writer task only.
+"""Audit sinks: where sealed batches are written, and how they are read back (queries, chain verification).
 
-SQLite runs in WAL mode with one transaction per batch (in a worker thread, so
-the event loop never waits on disk); JSONL appends one line per event and
-flushes once per batch.
+Each sink keeps its own hash chain, continued across restarts from the last
+event it holds. A batch is written whole or not at all (a transaction; for
+JSONL, a failed append is cut back), so a retried batch is never stored twice.
+
+    sqlite    WAL mode, one transaction per batch, in a worker thread (the event loop never waits on disk)
+    jsonl     one line per event, flushed per batch; rotated past rotate_mb (audit.jsonl.1, .2, ...)
+    postgres  asyncpg, COPY per batch in a transaction, reconnecting after a lost connection
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import orjson
 
-from gateway.audit.event import AuditEvent
+from gateway.audit.event import COLUMNS, GENESIS, AuditEvent, ChainReport, Sealed, seal, verify_chain
+from gateway.config import AuditSink
 
-_COLUMNS = tuple(AuditEvent.__dataclass_fields__)
+_SQL_COLUMNS = (*COLUMNS, "record", "prev_hash", "hash")
+
+
+@dataclass(frozen=True, slots=True)
+class AuditQuery:
+    """Which events to read back. Times are UNIX seconds; every given field must match exactly."""
+
+    since: float | None = None
+    until: float | None = None
+    user_id: str | None = None
+    client_id: str | None = None
+    operation: str | None = None
+    tool: str | None = None
+    resource: str | None = None
+    result: str | None = None
+    limit: int = 100
+    offset: int = 0
+
+    def filters(self) -> list[tuple[str, str, Any]]:
+        """(column, operator, value) for every condition given."""
+        out: list[tuple[str, str, Any]] = []
+        if self.since is not None:
+            out.append(("timestamp", ">=", self.since))
+        if self.until is not None:
+            out.append(("timestamp", "<", self.until))
+        for column, value in (("user_id", self.user_id), ("client_id", self.client_id),
+                              ("operation", self.operation), ("tool_executed", self.tool),
+                              ("resource_accessed", self.resource), ("result", self.result)):
+            if value is not None:
+                out.append((column, "=", value))
+        return out
+
+    def matches(self, event: dict[str, Any]) -> bool:
+        for column, operator, value in self.filters():
+            actual = event.get(column)
+            if operator == "=" and actual != value:
+                return False
+            if operator == ">=" and (actual is None or actual < value):
+                return False
+            if operator == "<" and (actual is None or actual >= value):
+                return False
+        return True
 
 
 class Sink(Protocol):
     name: str
 
+    async def open(self) -> None: ...
+
     async def write(self, events: list[AuditEvent]) -> None: ...
 
     async def close(self) -> None: ...
 
+    async def query(self, query: AuditQuery) -> list[dict[str, Any]]: ...
 
-class JsonlSink:
-    def __init__(self, path: Path) -> None:
-        self.name = f"jsonl:{path}"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._handle = path.open("ab")
+    async def verify(self) -> ChainReport: ...
 
-    async def write(self, events: list[AuditEvent]) -> None:
-        lines = b"".join(orjson.dumps(event.to_dict()) + b"\n" for event in events)
-        await asyncio.to_thread(self._append, lines)
 
-    def _append(self, lines: bytes) -> None:
-        self._handle.write(lines)
-        self._handle.flush()
+def _column_value(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return ",".join(value)
+    if isinstance(value, bool):
+        return int(value)
+    return value
 
-    async def close(self) -> None:
-        self._handle.close()
+
+def _row(sealed: Sealed) -> tuple[Any, ...]:
+    event = sealed.event
+    return (*(_column_value(getattr(event, c)) for c in COLUMNS), sealed.record.decode(), sealed.prev_hash,
+            sealed.hash)
+
+
+def _event_dict(row: dict[str, Any]) -> dict[str, Any]:
+    """An event as queries return it: the sealed record, which is what the chain vouches for."""
+    return dict(orjson.loads(row["record"]))
 
 
 class SqliteSink:
     def __init__(self, path: Path) -> None:
         self.name = f"sqlite:{path}"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        columns = ", ".join(f"{c} TEXT PRIMARY KEY" if c == "id" else c for c in _COLUMNS)
-        self._db.execute(f"CREATE TABLE IF NOT EXISTS audit_events ({columns})")
-        self._db.execute("CREATE INDEX IF NOT EXISTS audit_events_time ON audit_events (timestamp)")
-        placeholders = ", ".join("?" for _ in _COLUMNS)
-        self._insert = f"INSERT INTO audit_events ({', '.join(_COLUMNS)}) VALUES ({placeholders})"
+        self._path = path
+        self._db: sqlite3.Connection | None = None
+        self._last = GENESIS
+
+    async def open(self) -> None:
+        await asyncio.to_thread(self._open)
+
+    def _open(self) -> None:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        columns = ", ".join(f"{c} TEXT UNIQUE NOT NULL" if c == "id" else c for c in _SQL_COLUMNS)
+        db.execute(f"CREATE TABLE IF NOT EXISTS audit_events (seq INTEGER PRIMARY KEY AUTOINCREMENT, {columns})")
+        db.execute("CREATE INDEX IF NOT EXISTS audit_events_time ON audit_events (timestamp)")
+        last = db.execute("SELECT hash FROM audit_events ORDER BY seq DESC LIMIT 1").fetchone()
+        self._last = last[0] if last else GENESIS
+        self._db = db
 
     async def write(self, events: list[AuditEvent]) -> None:
-        rows = [
-            tuple(",".join(v) if isinstance(v, tuple) else v for v in (getattr(e, c) for c in _COLUMNS))
-            for e in events
-        ]
-        await asyncio.to_thread(self._insert_rows, rows)
+        sealed = seal(events, self._last)
+        await asyncio.to_thread(self._insert, [_row(s) for s in sealed])
+        self._last = sealed[-1].hash
 
-    def _insert_rows(self, rows: list[tuple[object, ...]]) -> None:
+    def _insert(self, rows: list[tuple[Any, ...]]) -> None:
+        assert self._db is not None
+        placeholders = ", ".join("?" for _ in _SQL_COLUMNS)
         with self._db:
             self._db.execute("BEGIN")
-            self._db.executemany(self._insert, rows)
+            self._db.executemany(f"INSERT INTO audit_events ({', '.join(_SQL_COLUMNS)}) VALUES ({placeholders})", rows)
 
     async def close(self) -> None:
-        self._db.close()
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def _read(self, sql: str, params: list[Any]) -> list[dict[str, Any]]:
+        db = sqlite3.connect(f"file:{self._path}?mode=ro", uri=True)
+        db.row_factory = sqlite3.Row
+        try:
+            return [dict(row) for row in db.execute(sql, params)]
+        finally:
+            db.close()
+
+    async def query(self, query: AuditQuery) -> list[dict[str, Any]]:
+        where = " AND ".join(f"{c} {op} ?" for c, op, _ in query.filters()) or "1=1"
+        params = [v for _, _, v in query.filters()] + [query.limit, query.offset]
+        rows = await asyncio.to_thread(self._read, f"SELECT record FROM audit_events WHERE {where} "
+                                       "ORDER BY timestamp, seq LIMIT ? OFFSET ?", params)
+        return [_event_dict(r) for r in rows]
+
+    async def verify(self) -> ChainReport:
+        rows = await asyncio.to_thread(self._read, "SELECT * FROM audit_events ORDER BY seq", [])
+        return verify_chain(_chain_rows(rows))
+
+
+def _chain_rows(rows: list[dict[str, Any]]) -> Iterator[tuple[bytes, str, str, dict[str, Any] | None]]:
+    for row in rows:
+        columns = {c: row[c] for c in COLUMNS if c in row}
+        yield str(row["record"]).encode(), row["prev_hash"], row["hash"], columns
+
+
+class JsonlSink:
+    def __init__(self, path: Path, rotate_mb: float | None = None) -> None:
+        self.name = f"jsonl:{path}"
+        self._path = path
+        self._rotate_bytes = int(rotate_mb * 1024 * 1024) if rotate_mb else None
+        self._last = GENESIS
+
+    def _files(self) -> list[Path]:
+        """Rotated files oldest first, then the current one."""
+        rotated = sorted((p for p in self._path.parent.glob(self._path.name + ".*") if p.suffix[1:].isdigit()),
+                         key=lambda p: int(p.suffix[1:]))
+        return [*rotated, self._path] if self._path.exists() else rotated
+
+    async def open(self) -> None:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        files = self._files()
+        self._last = await asyncio.to_thread(_last_hash_of, files[-1]) if files else GENESIS
+
+    async def write(self, events: list[AuditEvent]) -> None:
+        sealed = seal(events, self._last)
+        lines = b"".join(s.record[:-1] + b',"prev_hash":"' + s.prev_hash.encode() + b'","hash":"'
+                         + s.hash.encode() + b'"}\n' for s in sealed)
+        await asyncio.to_thread(self._append, lines)
+        self._last = sealed[-1].hash
+
+    def _append(self, lines: bytes) -> None:
+        if self._rotate_bytes and self._path.exists() and self._path.stat().st_size >= self._rotate_bytes:
+            taken = [int(p.suffix[1:]) for p in self._files() if p != self._path]
+            self._path.rename(self._path.with_name(f"{self._path.name}.{max(taken, default=0) + 1}"))
+        with self._path.open("ab") as handle:
+            start = handle.tell()
+            try:
+                handle.write(lines)
+                handle.flush()
+                os.fsync(handle.fileno())
+            except OSError:
+                handle.truncate(start)  # never leave half a batch: the retry writes it whole
+                raise
+
+    async def close(self) -> None:
+        return None
+
+    def _events(self) -> Iterator[bytes]:
+        for path in self._files():
+            with path.open("rb") as handle:
+                for line in handle:
+                    if line.strip():
+                        yield line
+
+    async def query(self, query: AuditQuery) -> list[dict[str, Any]]:
+        def scan() -> list[dict[str, Any]]:
+            found = []
+            for line in self._events():
+                event = orjson.loads(line)
+                event.pop("hash", None)
+                event.pop("prev_hash", None)
+                if query.matches(event):
+                    found.append(event)
+            found.sort(key=lambda e: e.get("timestamp") or 0)
+            return found[query.offset: query.offset + query.limit]
+
+        return await asyncio.to_thread(scan)
+
+    async def verify(self) -> ChainReport:
+        def rows() -> Iterator[tuple[bytes, str, str, dict[str, Any] | None]]:
+            for line in self._events():
+                event = orjson.loads(line)
+                prev, digest = event.pop("prev_hash", ""), event.pop("hash", "")
+                yield orjson.dumps(event, option=orjson.OPT_SORT_KEYS), prev, digest, None
+
+        return await asyncio.to_thread(lambda: verify_chain(rows()))
+
+
+def _last_hash_of(path: Path) -> str:
+    with path.open("rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        size = handle.tell()
+        handle.seek(max(0, size - 65536))
+        lines = [line for line in handle.read().splitlines() if line.strip()]
+    if not lines:
+        return GENESIS
+    return str(orjson.loads(lines[-1])["hash"])
+
+
+class PostgresSink:
+    def __init__(self, dsn: str, table: str = "audit_events") -> None:
+        self.name = f"postgres:{table}"
+        self._dsn = dsn
+        self._table = table
+        self._conn: Any = None
+        self._last = GENESIS
+
+    async def _connection(self) -> Any:
+        import asyncpg  # type: ignore[import-untyped]  # no stubs published
+
+        if self._conn is None or self._conn.is_closed():
+            self._conn = await asyncpg.connect(self._dsn, timeout=5)
+        return self._conn
+
+    async def open(self) -> None:
+        conn = await self._connection()
+        types = {"timestamp": "double precision", "status": "integer", "duration_ms": "double precision",
+                 "approval_required": "integer", "approval_granted": "integer"}
+        columns = ", ".join(f"{c} {types.get(c, 'text')}" + (" UNIQUE NOT NULL" if c == "id" else "")
+                            for c in _SQL_COLUMNS)
+        await conn.execute(f"CREATE TABLE IF NOT EXISTS {self._table} (seq bigserial PRIMARY KEY, {columns})")
+        await conn.execute(f"CREATE INDEX IF NOT EXISTS {self._table}_time ON {self._table} (timestamp)")
+        last = await conn.fetchval(f"SELECT hash FROM {self._table} ORDER BY seq DESC LIMIT 1")
+        self._last = last or GENESIS
+
+    async def write(self, events: list[AuditEvent]) -> None:
+        sealed = seal(events, self._last)
+        try:
+            conn = await self._connection()
+            async with conn.transaction():
+                await conn.copy_records_to_table(self._table, records=[_row(s) for s in sealed],
+                                                 columns=list(_SQL_COLUMNS))
+        except Exception:
+            if self._conn is not None and not self._conn.is_closed():
+                await self._conn.close()
+            self._conn = None
+            raise
+        self._last = sealed[-1].hash
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+
+    async def query(self, query: AuditQuery) -> list[dict[str, Any]]:
+        filters = query.filters()
+        where = " AND ".join(f"{c} {op} ${i + 1}" for i, (c, op, _) in enumerate(filters)) or "TRUE"
+        n = len(filters)
+        conn = await self._connection()
+        rows = await conn.fetch(f"SELECT record FROM {self._table} WHERE {where} ORDER BY timestamp, seq "
+                                f"LIMIT ${n + 1} OFFSET ${n + 2}", *[v for _, _, v in filters],
+                                query.limit, query.offset)
+        return [_event_dict(dict(r)) for r in rows]
+
+    async def verify(self) -> ChainReport:
+        conn = await self._connection()
+        rows = [dict(r) for r in await conn.fetch(f"SELECT * FROM {self._table} ORDER BY seq")]
+        return verify_chain(_chain_rows(rows))
+
+
+def open_sink(spec: AuditSink) -> Sink:
+    """A sink object for one `audit.sinks[]` entry (not yet opened)."""
+    if spec.type == "sqlite":
+        assert spec.path is not None
+        return SqliteSink(spec.path)
+    if spec.type == "jsonl":
+        assert spec.path is not None
+        return JsonlSink(spec.path, spec.rotate_mb)
+    assert spec.dsn is not None
+    return PostgresSink(spec.dsn, spec.table)

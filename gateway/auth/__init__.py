@@ -26,6 +26,7 @@ from gateway.errors import UNAUTHORIZED, GatewayRefusal
 
 if TYPE_CHECKING:
     from gateway.config import Config
+    from gateway.metrics import Metrics
 
 __all__ = ["Authenticator", "Principal", "SigningKey", "load_or_create_signing_key"]
 
@@ -47,10 +48,13 @@ class Authenticator:
         config: the gateway config (public_url, auth.*).
         signing_key: the gateway's own key; tokens it signed are accepted.
         cache_size: how many verified tokens to remember (each until it expires).
+        metrics: where attempts and token-cache lookups are counted.
     """
 
-    def __init__(self, config: Config, signing_key: SigningKey, *, cache_size: int = 10_000) -> None:
+    def __init__(self, config: Config, signing_key: SigningKey, *, cache_size: int = 10_000,
+                 metrics: Metrics | None = None) -> None:
         self._config = config
+        self._metrics = metrics
         self._key = signing_key
         self._public = signing_key.public
         self._issuer = config.public_url
@@ -85,6 +89,21 @@ class Authenticator:
         self, headers: Mapping[str, list[str]], query_string: bytes, resource: str, upstream_path: str
     ) -> Principal:
         """The principal for this request, or raise AuthFailed (401 with a challenge)."""
+        try:
+            principal = self._authenticate(headers, query_string, resource, upstream_path)
+        except AuthFailed as failed:
+            self._count("gateway", failed.reason.split(":")[0])
+            raise
+        self._count("anonymous" if principal.anonymous else "gateway", "ok")
+        return principal
+
+    def _count(self, source: str, outcome: str) -> None:
+        if self._metrics is not None:
+            self._metrics.auth_attempts.labels(source, outcome).inc()
+
+    def _authenticate(
+        self, headers: Mapping[str, list[str]], query_string: bytes, resource: str, upstream_path: str
+    ) -> Principal:
         if _token_in_query(query_string):
             raise AuthFailed(
                 "access tokens are accepted only in the Authorization header",
@@ -115,7 +134,11 @@ class Authenticator:
         if cached is not None:
             principal, audience = cached
             if audience == resource and (principal.expires_at is None or principal.expires_at + _LEEWAY_S > now):
+                if self._metrics is not None:
+                    self._metrics.token_cache.labels("hit").inc()
                 return principal
+        if self._metrics is not None:
+            self._metrics.token_cache.labels("miss").inc()
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,

@@ -53,6 +53,11 @@ class GlobIndex:
     def __bool__(self) -> bool:
         return bool(self.patterns)
 
+    @property
+    def exact(self) -> frozenset[str]:
+        """The patterns that are plain names (no wildcard)."""
+        return frozenset(self._exact)
+
     def matching(self, value: str) -> list[int]:
         """Ids of every pattern that matches `value`."""
         found = list(self._exact.get(value, ()))

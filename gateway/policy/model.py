@@ -199,6 +199,11 @@ class Policy:
     source: str
 
     @property
+    def named_tools(self) -> frozenset[str]:
+        """Tool names the policy spells out: the only tool names allowed as metric label values."""
+        return frozenset().union(self.tools.index.exact, *(role.tools.exact for role in self.roles.values()))
+
+    @property
     def scopes(self) -> tuple[str, ...]:
         """Every scope a binding tests, in policy order (what `scopes_supported` can advertise)."""
         return tuple(dict.fromkeys(b.when.scope for b in self.bindings if b.when.scope is not None))
