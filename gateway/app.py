@@ -37,8 +37,16 @@ def create_app(config: Config | str | Path) -> MCPSecurityMiddleware:
         return JSONResponse({"status": "ok"})
 
     async def readyz(_: Request) -> Response:
-        ready = runtime.started
-        return JSONResponse({"status": "ready" if ready else "starting"}, status_code=200 if ready else 503)
+        """Ready: config loaded (it is, or we would not run), started, and the audit trail taking events."""
+        checks = {
+            "started": runtime.started,
+            "audit_sinks_writable": not runtime.audit.failing,
+            "audit_accepting": runtime.audit.accepting(),
+        }
+        ready = all(checks.values())
+        body = {"status": "ready" if ready else "not ready", "checks": checks,
+                "failing_sinks": sorted(runtime.audit.failing), "policy_version": runtime.policy.version}
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     async def metrics(_: Request) -> Response:
         runtime.metrics.audit_queue_depth.set(runtime.audit.depth)

@@ -1,4 +1,4 @@
-"""The `mcp-gateway` command: serve, check-config, issue-token, policy explain, policy test.
+"""The `mcp-gateway` command: serve, check-config, issue-token, policy explain|test, audit query|verify.
 
 Owns argument parsing and exit codes: 0 success, 2 invalid configuration
 (each problem printed as `FILE: key.path: why`), 1 anything else.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from collections.abc import Sequence
 
@@ -36,7 +35,9 @@ def _serve(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return 2
-    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from gateway import logs
+
+    logs.configure(config.log_level, config.log_format)
     uvicorn.run(
         app,
         host=args.host or config.listen.host,
@@ -46,6 +47,7 @@ def _serve(args: argparse.Namespace) -> int:
         lifespan="on",
         access_log=False,
         log_level=config.log_level.lower(),
+        log_config=None,  # keep the gateway's JSON handler for uvicorn's own lines
         timeout_graceful_shutdown=10,
     )
     return 0
@@ -143,6 +145,88 @@ def _policy_test(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _audit_query(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from gateway.audit.reading import BadQuery, query_from, reader_for
+
+    config = _load(args.config)
+    try:
+        query = query_from({"since": args.since, "until": args.until, "user": args.user, "client": args.client,
+                            "operation": args.operation, "tool": args.tool, "resource": args.resource,
+                            "result": args.result, "limit": str(args.limit), "offset": str(args.offset)})
+        reader = reader_for(config.audit, args.sink)
+    except BadQuery as exc:
+        print(exc, file=sys.stderr)
+        return 2
+
+    async def read() -> list[dict[str, object]]:
+        try:
+            return await reader.query(query)
+        finally:
+            await reader.close()
+
+    events = asyncio.run(read())
+    if args.format == "json":
+        print(json.dumps(events, indent=2))
+        return 0
+    columns = ("time", "result", "operation", "target", "user", "client", "reason", "status")
+    rows = [(
+        _when(e.get("timestamp")), str(e.get("result")), str(e.get("operation") or e.get("http_method")),
+        str(e.get("tool_executed") or e.get("prompt") or e.get("resource_accessed") or ""),
+        str(e.get("user_id") or ""), str(e.get("client_id") or ""), str(e.get("reason")), str(e.get("status") or ""),
+    ) for e in events]
+    widths = [max([len(c), *(len(r[i]) for r in rows)]) for i, c in enumerate(columns)]
+    for row in (columns, *rows):
+        print("  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True)).rstrip())
+    print(f"{len(events)} event(s) from {reader.name}")
+    return 0
+
+
+def _when(timestamp: object) -> str:
+    from datetime import UTC, datetime
+
+    if not isinstance(timestamp, int | float):
+        return ""
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from gateway.audit import ChainReport, open_sink
+    from gateway.audit.sinks import Sink
+
+    config = _load(args.config)
+    specs = list(enumerate(config.audit.sinks))
+    if args.sink is not None:
+        specs = [(i, s) for i, s in specs if str(i) == args.sink or s.type == args.sink]
+        if not specs:
+            print(f"no audit sink {args.sink!r}", file=sys.stderr)
+            return 2
+    async def check(sink: Sink) -> ChainReport:
+        try:
+            return await sink.verify()
+        finally:
+            await sink.close()
+
+    broken = False
+    for _, spec in specs:
+        sink = open_sink(spec)
+        try:
+            report = asyncio.run(check(sink))
+        except Exception as exc:
+            print(f"{sink.name}: cannot read: {exc}")
+            broken = True
+            continue
+        if report.ok:
+            print(f"{sink.name}: OK, {report.count} events, chain intact")
+        else:
+            broken = True
+            print(f"{sink.name}: BROKEN at event {report.broken_at} (id {report.event_id}): {report.why}")
+    return 1 if broken else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mcp-gateway", description="A security gateway for MCP servers.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -179,6 +263,29 @@ def build_parser() -> argparse.ArgumentParser:
     test = policy.add_parser("test", help="run the policy test cases in NAME.tests.yaml beside a policy")
     test.add_argument("file", help="the policy file or its .tests.yaml file")
     test.set_defaults(func=_policy_test)
+
+    audit = commands.add_parser("audit", help="read and verify the audit trail").add_subparsers(dest="action",
+                                                                                               required=True)
+    query = audit.add_parser("query", help="print audit events")
+    query.add_argument("--config", required=True)
+    query.add_argument("--sink", help="index or type of the sink to read (default: sqlite, postgres, then jsonl)")
+    query.add_argument("--since", help="15m, 1h, 2d, an ISO 8601 time or UNIX seconds")
+    query.add_argument("--until")
+    query.add_argument("--user")
+    query.add_argument("--client")
+    query.add_argument("--operation", help="e.g. tools/call")
+    query.add_argument("--tool")
+    query.add_argument("--resource")
+    query.add_argument("--result", choices=["allowed", "denied", "auth_failed", "invalid_request",
+                                            "upstream_error", "error"])
+    query.add_argument("--limit", type=int, default=100)
+    query.add_argument("--offset", type=int, default=0)
+    query.add_argument("--format", choices=["table", "json"], default="table")
+    query.set_defaults(func=_audit_query)
+    verify = audit.add_parser("verify", help="check every sink's hash chain; report the first broken link")
+    verify.add_argument("--config", required=True)
+    verify.add_argument("--sink", help="index or type of one sink (default: all)")
+    verify.set_defaults(func=_audit_verify)
     return parser
 
 

@@ -137,6 +137,7 @@ class Config(_Model):
     audit: Audit = Audit()
     policy_reload_interval_s: float = Field(2.0, ge=0)  # how often the policy file is checked; 0: SIGHUP only
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "text"] = "json"
     source: Path | None = None
 
     @field_validator("public_url")

@@ -27,7 +27,7 @@ from typing import Any
 
 import orjson
 
-from gateway import errors, jsonrpc, mcp
+from gateway import admin, errors, jsonrpc, mcp
 from gateway.audit import AuditEvent, AuditUnavailable, redact_arguments
 from gateway.auth import AuthFailed, Principal
 from gateway.config import Config, Upstream, load_config
@@ -115,6 +115,9 @@ class MCPSecurityMiddleware:
             await send({"type": "websocket.close", "code": 1008})
         elif scope["type"] == "http" and path.startswith(self._metadata_prefix):
             await self._protected_resource_metadata(path, send)
+        elif scope["type"] == "http" and path == admin.PATH:
+            self.runtime.start()
+            await admin.serve_audit(self.runtime, scope, send)
         else:
             await self.app(scope, receive, send)
 

@@ -59,7 +59,7 @@ class Authenticator:
         self._public = signing_key.public
         self._issuer = config.public_url
         self._anonymous_role = config.auth.anonymous_role
-        self._verified: TTLCache[str, tuple[Principal, str]] = TTLCache(
+        self._verified: TTLCache[str, tuple[Principal, str | tuple[str, ...]]] = TTLCache(
             maxsize=cache_size, ttl=config.auth.clients.token_ttl_s
         )
 
@@ -86,9 +86,13 @@ class Authenticator:
         return "Bearer " + ", ".join(f'{name}="{_quoted(value)}"' for name, value in params)
 
     def authenticate(
-        self, headers: Mapping[str, list[str]], query_string: bytes, resource: str, upstream_path: str
+        self, headers: Mapping[str, list[str]], query_string: bytes, resource: str | tuple[str, ...],
+        upstream_path: str,
     ) -> Principal:
-        """The principal for this request, or raise AuthFailed (401 with a challenge)."""
+        """The principal for this request, or raise AuthFailed (401 with a challenge).
+
+        `resource` is the audience the token must name (any one of them, when several).
+        """
         try:
             principal = self._authenticate(headers, query_string, resource, upstream_path)
         except AuthFailed as failed:
@@ -102,7 +106,8 @@ class Authenticator:
             self._metrics.auth_attempts.labels(source, outcome).inc()
 
     def _authenticate(
-        self, headers: Mapping[str, list[str]], query_string: bytes, resource: str, upstream_path: str
+        self, headers: Mapping[str, list[str]], query_string: bytes, resource: str | tuple[str, ...],
+        upstream_path: str,
     ) -> Principal:
         if _token_in_query(query_string):
             raise AuthFailed(
@@ -127,7 +132,7 @@ class Authenticator:
                              self.challenge(upstream_path, "invalid_request"), reason="malformed_header")
         return self._verify(token, resource, upstream_path)
 
-    def _verify(self, token: str, resource: str, upstream_path: str) -> Principal:
+    def _verify(self, token: str, resource: str | tuple[str, ...], upstream_path: str) -> Principal:
         digest = hashlib.sha256(token.encode()).hexdigest()
         cached = self._verified.get(digest)
         now = time.time()
@@ -144,7 +149,7 @@ class Authenticator:
                 token,
                 self._public,
                 algorithms=[ALGORITHM],
-                audience=resource,
+                audience=resource if isinstance(resource, str) else list(resource),
                 issuer=self._issuer,
                 leeway=_LEEWAY_S,
                 options={"require": ["exp", "iat", "sub", "iss", "aud"]},
