@@ -26,6 +26,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_decide.py
+	@command -v wrk >/dev/null || { echo "bench_audit needs wrk: apt-get install wrk"; exit 1; }
+	$(BIN)/python bench/bench_audit.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check gateway tests examples bench

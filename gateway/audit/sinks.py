@@ -125,15 +125,21 @@ class SqliteSink:
 
     async def write(self, events: list[AuditEvent]) -> None:
         sealed = seal(events, self._last)
-        await asyncio.to_thread(self._insert, [_row(s) for s in sealed])
+        await asyncio.to_thread(self._insert, orjson.dumps([_row(s) for s in sealed]))
         self._last = sealed[-1].hash
 
-    def _insert(self, rows: list[tuple[Any, ...]]) -> None:
+    # The whole batch is one statement over one JSON array. With executemany the worker thread gives the
+    # GIL back and waits for it again around every row, and while the event loop is busy each wait can take
+    # a switch interval: under load that wrote ~800 events/s against a ceiling of ~18,000.
+    _INSERT = (f"INSERT INTO audit_events ({', '.join(_SQL_COLUMNS)}) SELECT "
+               + ", ".join(f"json_extract(value, '$[{i}]')" for i in range(len(_SQL_COLUMNS)))
+               + " FROM json_each(?)")
+
+    def _insert(self, rows: bytes) -> None:
         assert self._db is not None
-        placeholders = ", ".join("?" for _ in _SQL_COLUMNS)
         with self._db:
             self._db.execute("BEGIN")
-            self._db.executemany(f"INSERT INTO audit_events ({', '.join(_SQL_COLUMNS)}) VALUES ({placeholders})", rows)
+            self._db.execute(self._INSERT, (rows.decode(),))
 
     async def close(self) -> None:
         if self._db is not None:
