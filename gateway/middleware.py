@@ -337,6 +337,8 @@ class MCPSecurityMiddleware:
             if audited:
                 return
             audited = True
+            if state.upstream_error is not None:
+                self.runtime.metrics.upstream_errors.labels(ex.upstream.name, state.upstream_error).inc()
             if inspector.started_at is not None:
                 upstream_s = inspector.started_at - forwarded_at
                 metrics = self.runtime.metrics

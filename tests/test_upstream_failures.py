@@ -100,6 +100,8 @@ def test_unreachable_upstream_is_a_502_with_the_request_id(tmp_path: Path) -> No
         assert response.json() == {"jsonrpc": "2.0", "id": 7,
                                    "error": {"code": -32050, "message": "Upstream unavailable: connect"}}
         assert _audit(server, app) == ["upstream_error:upstream:connect"]
+        metrics = httpx.get(f"{server.url}/metrics").text
+        assert 'mcp_gateway_upstream_errors_total{kind="connect",upstream="demo"} 1.0' in metrics
     finally:
         server.stop()
 
