@@ -7,6 +7,7 @@ goes through `MCPSecurityMiddleware`, exactly as it does around an in-process ap
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -21,6 +22,13 @@ from gateway.middleware import MCPSecurityMiddleware
 from gateway.proxy import UpstreamProxy
 from gateway.runtime import Runtime
 from gateway.types import ASGIApp
+
+CONFIG_ENV = "MCP_GATEWAY_CONFIG"
+
+
+def app_from_environment() -> MCPSecurityMiddleware:
+    """The app for each uvicorn worker (`serve --workers N`): the config path comes from MCP_GATEWAY_CONFIG."""
+    return create_app(os.environ[CONFIG_ENV])
 
 
 def create_app(config: Config | str | Path) -> MCPSecurityMiddleware:

@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from gateway.config import Config, ConfigError, load_config
 
@@ -24,32 +25,40 @@ def _load(path: str) -> Config:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import os
+    import tempfile
+
     import uvicorn
 
-    from gateway.app import create_app
+    from gateway import logs
+    from gateway.app import CONFIG_ENV, create_app
+    from gateway.auth import load_or_create_signing_key
 
     config = _load(args.config)
     try:
-        app = create_app(config)
+        app = create_app(config)  # every check a worker would make, made once here with a clear message
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return 2
-    from gateway import logs
-
     logs.configure(config.log_level, config.log_format)
-    uvicorn.run(
-        app,
-        host=args.host or config.listen.host,
-        port=args.port if args.port is not None else config.listen.port,
-        loop="auto",
-        http="auto",
-        lifespan="on",
-        access_log=False,
-        log_level=config.log_level.lower(),
-        log_config=None,  # keep the gateway's JSON handler for uvicorn's own lines
-        timeout_graceful_shutdown=10,
-    )
+    common = {
+        "host": args.host or config.listen.host,
+        "port": args.port if args.port is not None else config.listen.port,
+        "lifespan": "on",
+        "access_log": False,
+        "log_level": config.log_level.lower(),
+        "log_config": None,  # keep the gateway's JSON handler for uvicorn's own lines
+        "timeout_graceful_shutdown": 10,
+    }
+    if args.workers <= 1:
+        uvicorn.run(app, **common)  # type: ignore[arg-type]
+        return 0
+    # Several workers: each loads the config itself; /metrics adds up every worker's values.
+    load_or_create_signing_key(config.auth.clients.signing_key_file)  # created once, before the workers race
+    os.environ[CONFIG_ENV] = str(Path(args.config).resolve())
+    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="mcp-gateway-metrics-"))
+    uvicorn.run("gateway.app:app_from_environment", factory=True, workers=args.workers, **common)  # type: ignore[arg-type]
     return 0
 
 
@@ -235,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", required=True)
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
+    serve.add_argument("--workers", type=int, default=1, help="worker processes (metrics are summed across them)")
     serve.set_defaults(func=_serve)
 
     check = commands.add_parser("check-config", help="validate the config and every file it names")

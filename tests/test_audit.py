@@ -462,3 +462,61 @@ def test_the_jsonl_sink_rotates_and_verifies_across_files(tmp_path: Path) -> Non
     assert len(list(tmp_path.glob("a.jsonl.*"))) >= 2
     shutil.rmtree(tmp_path)
     os.makedirs(tmp_path)
+
+
+def test_two_workers_share_the_sinks_and_the_metrics(tmp_path: Path, pg_table: str) -> None:
+    port = free_port()
+    config = write_config(tmp_path, f"http://127.0.0.1:{free_port()}/mcp", public_url=f"http://127.0.0.1:{port}",
+                          listen={"host": "127.0.0.1", "port": port}, audit={"sinks": sinks(tmp_path, pg_table)[::2]})
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    process = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", str(config),
+                                "--workers", "2"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port)
+        time.sleep(1.5)  # both workers up
+        for _ in range(300):  # a new connection each: the kernel spreads them over the workers
+            assert call(f"http://127.0.0.1:{port}/mcp", None).status_code == 401
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        total = sum(s.value for s in families["mcp_gateway_requests"].samples if s.name.endswith("_total"))
+        assert total == 300, "the workers' counts were not added up"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(60)
+    db = sqlite3.connect(tmp_path / "audit.db")
+    chains = dict(db.execute("SELECT chain, count(*) FROM audit_events GROUP BY chain").fetchall())
+    db.close()
+    assert sum(chains.values()) == 300 and len(chains) == 2, chains
+    done = subprocess.run([sys.executable, "-m", "gateway.cli", "audit", "verify", "--config", str(config)],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stdout
+    assert all(line.endswith("300 events, chain intact") for line in done.stdout.splitlines())
+
+
+def test_deleting_an_earlier_writers_events_is_found_through_the_next_chains_anchor(tmp_path: Path) -> None:
+    from gateway.audit.event import AuditEvent
+
+    spec = AuditSink(type="sqlite", path=tmp_path / "a.db")
+
+    async def two_lifetimes() -> None:
+        for chain in ("first-run", "second-run"):
+            sink = open_sink(spec)
+            await sink.open()
+            events = [AuditEvent(result="allowed", reason=str(i), chain=chain) for i in range(3)]
+            await sink.write(events)
+            await sink.close()
+
+    asyncio.run(two_lifetimes())
+
+    async def verify_now() -> Any:
+        return await open_sink(spec).verify()
+
+    assert asyncio.run(verify_now()).ok
+    db = sqlite3.connect(tmp_path / "a.db")
+    db.execute("DELETE FROM audit_events WHERE chain = 'first-run'")
+    db.commit()
+    db.close()
+    report = asyncio.run(verify_now())
+    assert (report.ok, report.broken_at) == (False, 1)
+    assert "earlier events were deleted" in (report.why or "")

@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
+import uuid
 from collections import deque
 
 from gateway.audit.event import AuditEvent, ChainReport, redact_arguments
@@ -58,6 +61,7 @@ class AuditLog:
         self._closing = False
         self.failing: set[str] = set()  # names of sinks whose last write failed
         self.written = 0
+        self.chain = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"  # this writer's hash chain
 
     @property
     def depth(self) -> int:
@@ -88,6 +92,7 @@ class AuditLog:
         if len(self._queue) >= self._config.max_buffer:
             self._metrics.audit_refused.inc()
             raise AuditUnavailable(f"audit buffer full ({self._config.max_buffer} events)")
+        event.chain = self.chain
         self._queue.append(event)
         self._metrics.audit_queue_depth.set(len(self._queue))
         self._wake.set()

@@ -1,9 +1,15 @@
 """`AuditEvent`: the record of one decision; its canonical form and hash chain; argument redaction.
 
-Tamper evidence: every sink keeps its own chain. An event's `record` is its
-canonical JSON (sorted keys, no `hash`/`prev_hash`); its `hash` is
-SHA-256 over `prev_hash` and that record. An edited, deleted or reordered
-event breaks the chain at that point, which `verify_chain` reports.
+Tamper evidence: every writer (one gateway process) keeps its own chain in
+each sink, named by the event's `chain`. An event's `record` is its canonical
+JSON (sorted keys, no `hash`/`prev_hash`); its `hash` is SHA-256 over
+`prev_hash` and that record. A chain's first event is anchored to the last
+event the sink held when the writer started (or to the genesis value), so
+several workers or replicas can share a sink, and a deleted earlier chain is
+found because the anchor that named it is gone. An edited, deleted or
+reordered event breaks its chain at that point, which `verify_chain` reports.
+(Cutting the newest events off the end of a sink cannot be told from an
+idle gateway by any hash chain; ship the sink elsewhere to protect the tail.)
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ class AuditEvent:
     protocol_version: str | None = None
     http_method: str | None = None
     arguments: str | None = None
+    chain: str = ""  # the writer whose hash chain this event is in
 
     def to_dict(self) -> dict[str, Any]:
         # Field by field: dataclasses.asdict deep-copies, which costs more than the rest of a denial.
@@ -106,7 +113,8 @@ class ChainReport:
 
 def verify_chain(rows: Iterator[tuple[bytes, str, str, Mapping[str, Any] | None]]) -> ChainReport:
     """Check (record, prev_hash, hash, columns) rows in stored order; `columns` are the queryable copies, if any."""
-    expected_prev = GENESIS
+    tails: dict[str, str] = {}  # chain -> hash of its latest event
+    seen: set[str] = {GENESIS}
     count = 0
     for record, prev_hash, digest, columns in rows:
         count += 1
@@ -114,8 +122,14 @@ def verify_chain(rows: Iterator[tuple[bytes, str, str, Mapping[str, Any] | None]
             event = orjson.loads(record)
         except orjson.JSONDecodeError:
             return ChainReport(count, count, None, "record is not JSON")
-        event_id = event.get("id") if isinstance(event, dict) else None
-        if prev_hash != expected_prev:
+        if not isinstance(event, dict):
+            return ChainReport(count, count, None, "record is not an object")
+        event_id, chain = event.get("id"), str(event.get("chain", ""))
+        expected = tails.get(chain)
+        if expected is None and prev_hash not in seen:
+            return ChainReport(count, count, event_id, "a chain starts from an event that is not there "
+                               "(earlier events were deleted)")
+        if expected is not None and prev_hash != expected:
             return ChainReport(count, count, event_id, "prev_hash does not name the event before it "
                                "(an event was deleted, inserted or moved)")
         if chain_hash(prev_hash, record) != digest:
@@ -126,7 +140,8 @@ def verify_chain(rows: Iterator[tuple[bytes, str, str, Mapping[str, Any] | None]
             for name, value in columns.items():
                 if _column(event.get(name)) != _column(value):
                     return ChainReport(count, count, event_id, f"column {name} differs from the sealed record")
-        expected_prev = digest
+        tails[chain] = digest
+        seen.add(digest)
     return ChainReport(count)
 
 

@@ -1,7 +1,8 @@
 """Audit sinks: where sealed batches are written, and how they are read back (queries, chain verification).
 
-Each sink keeps its own hash chain, continued across restarts from the last
-event it holds. A batch is written whole or not at all (a transaction; for
+Each writer keeps its own hash chain in each sink, anchored to the last event
+the sink held when the writer started (several workers or replicas may share
+a sink; see `event.verify_chain`). A batch is written whole or not at all (a transaction; for
 JSONL, a failed append is cut back), so a retried batch is never stored twice.
 
     sqlite    WAL mode, one transaction per batch, in a worker thread (the event loop never waits on disk)
@@ -114,6 +115,7 @@ class SqliteSink:
     def _open(self) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA busy_timeout=10000")  # other workers' writers share the file
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         columns = ", ".join(f"{c} TEXT UNIQUE NOT NULL" if c == "id" else c for c in _SQL_COLUMNS)
