@@ -122,6 +122,21 @@ class Audit(_Model):
     read_scope: str = "audit:read"  # the scope GET /admin/audit requires
 
 
+class Sessions(_Model):
+    """Where legacy-era session bindings (session id -> principal) live."""
+
+    backend: Literal["memory", "redis"] = "memory"
+    url: str | None = None  # redis://127.0.0.1:6379/0
+    ttl_s: float = Field(3600, gt=0)  # a binding unused this long ends
+    max_sessions: int = Field(100_000, gt=0)  # memory backend
+
+    @model_validator(mode="after")
+    def _redis_url(self) -> Sessions:
+        if self.backend == "redis" and not (self.url or "").startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("the redis backend needs url: redis://host:port/db")
+        return self
+
+
 class Config(_Model):
     """The whole gateway configuration. `policy` is the compiled policy the `policy:` key names."""
 
@@ -135,6 +150,7 @@ class Config(_Model):
     auth: Auth = Auth()
     policy: Policy
     audit: Audit = Audit()
+    sessions: Sessions = Sessions()
     policy_reload_interval_s: float = Field(2.0, ge=0)  # how often the policy file is checked; 0: SIGHUP only
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"

@@ -17,7 +17,8 @@ reader sees the whole catalogue in one screen:
     denied            FORBIDDEN             403  -32011  policy refused (AuthorizationDenied); with an
                                                            insufficient_scope challenge when a scope would grant it
                       SECURITY_LEVEL        401  -32012  authentication too weak for the item's level (RFC 9470 step-up)
-                      INVALID_SESSION       403  -32013  legacy session id bound to another principal
+                      INVALID_SESSION       403  -32013  legacy session id bound to another principal (hijack)
+                      UNKNOWN_SESSION       404  -32013  legacy session id the gateway never bound, or ended
                       UNKNOWN_TARGET        400  -32602  refused target hidden from the caller (deny_detail:
                                                            minimal); 200 in the legacy era, as upstreams answer there
                       METHOD_NOT_FOUND      404  -32601  unknown method refused by policy
@@ -65,6 +66,7 @@ UNAUTHORIZED = Refusal("unauthorized", 401, -32001, "auth_failed", "Unauthorized
 FORBIDDEN = Refusal("forbidden", 403, -32011, "denied", "Forbidden")
 SECURITY_LEVEL = Refusal("security_level", 401, -32012, "denied", "Stronger authentication required")
 INVALID_SESSION = Refusal("invalid_session", 403, -32013, "denied", "Invalid session")
+UNKNOWN_SESSION = Refusal("unknown_session", 404, -32013, "denied", "Session not found")
 # The message is the upstream's own wording for a missing item ("Unknown tool: X"), filled in per call.
 UNKNOWN_TARGET = Refusal("unknown_target", 400, -32602, "denied", "Unknown")
 METHOD_NOT_FOUND = Refusal("method_not_found", 404, -32601, "denied", "Method not found")
@@ -87,6 +89,7 @@ CATALOGUE: tuple[Refusal, ...] = (
     FORBIDDEN,
     SECURITY_LEVEL,
     INVALID_SESSION,
+    UNKNOWN_SESSION,
     UNKNOWN_TARGET,
     METHOD_NOT_FOUND,
     AUDIT_UNAVAILABLE,

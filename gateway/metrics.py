@@ -91,6 +91,14 @@ class Metrics:
             "mcp_gateway_requests_refused_audit_total",
             "Requests refused with 503 because the audit trail could not take them.", registry=self.registry,
         )
+        self.active_sessions = Gauge(
+            "mcp_gateway_active_sessions", "Legacy-era sessions bound to a principal and not ended.",
+            registry=self.registry, multiprocess_mode="livemax",
+        )
+        self.session_refusals = Counter(
+            "mcp_gateway_session_refusals_total", "Requests refused for their session id (hijack, unknown).",
+            ["kind"], registry=self.registry,
+        )
         self.policy_reloads = Counter(
             "mcp_gateway_policy_reloads_total", "Policy reloads, by outcome (ok, invalid).",
             ["outcome"], registry=self.registry,

@@ -147,6 +147,7 @@ class MCPSecurityMiddleware:
                 ex.messages = ()
                 ex.operations = (mcp.Operation("stream_open" if ex.http_method == "GET" else "session_end",
                                                ex.http_method),)
+            await self._check_session(ex)
             self._decide(ex)
         except AuthFailed as refusal:
             await self._refuse(ex, send, refusal, extra_headers=[(b"www-authenticate", refusal.challenge.encode())])
@@ -227,6 +228,38 @@ class MCPSecurityMiddleware:
             ex.operations = tuple(mcp.classify(m) for m in parsed.messages)
         except mcp.MalformedParams as exc:
             raise errors.GatewayRefusal(errors.INVALID_PARAMS, str(exc), reason=f"invalid_params:{exc}") from None
+
+    async def _check_session(self, ex: _Exchange) -> None:
+        """A legacy session id must be one the gateway bound, to this principal."""
+        if ex.session_id is None or ex.era == "modern" or (ex.protocol_version or "") in mcp.MODERN_VERSIONS:
+            return  # 2026-07-28 has no sessions: the header is ignored upstream too
+        assert ex.principal is not None
+        owner = await self.runtime.sessions.owner(ex.session_id)
+        if owner is None:
+            self.runtime.metrics.session_refusals.labels("unknown").inc()
+            raise errors.GatewayRefusal(errors.UNKNOWN_SESSION, reason="session_unknown")
+        if owner != ex.principal.identity:
+            self.runtime.metrics.session_refusals.labels("hijack").inc()
+            log.warning("session %s presented by %s but bound to %s", ex.session_id[:8], ex.principal.identity,
+                        owner, extra={"session_hijack": True})
+            raise errors.GatewayRefusal(errors.INVALID_SESSION, reason="session_hijack")
+
+    async def _track_session(self, ex: _Exchange, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        """Bind the session id an upstream issues; end the binding when its DELETE succeeds."""
+        sessions, principal = self.runtime.sessions, ex.principal
+        if ex.http_method == "DELETE" and ex.session_id is not None and 200 <= status < 300:
+            await sessions.end(ex.session_id)
+        elif ex.session_id is None and principal is not None:
+            issued = next((v.decode("latin-1") for n, v in headers if n.lower() == b"mcp-session-id"), None)
+            if issued is None or ex.era == "modern":
+                return
+            if await sessions.owner(issued) not in (None, principal.identity):
+                log.error("upstream issued session id %s... that is bound to another principal", issued[:8])
+                return
+            await sessions.bind(issued, principal.identity)
+        else:
+            return
+        self.runtime.metrics.active_sessions.set(await sessions.active())
 
     def _decide(self, ex: _Exchange) -> None:
         assert ex.principal is not None
@@ -351,7 +384,8 @@ class MCPSecurityMiddleware:
                                       max_bytes=self.config.limits.max_inspected_bytes,
                                       upstream_error=lambda: state.upstream_error, on_complete=audit,
                                       # a legacy GET stream can stay open for hours: it is recorded when it opens
-                                      complete_on_start=ex.http_method == "GET")
+                                      complete_on_start=ex.http_method == "GET",
+                                      before_start=lambda status, headers: self._track_session(ex, status, headers))
         app = self._apps.get(ex.upstream.path, self.app)
         try:
             await app(inner_scope, _replay(body, receive), inspector.send)

@@ -24,7 +24,7 @@ The decisions themselves come from the `Rules` the middleware supplies.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,10 +66,12 @@ class ResponseInspector:
     """An ASGI `send` wrapper applying `Rules` to one response."""
 
     def __init__(self, send: ASGISend, rules: Rules, *, max_bytes: int, upstream_error: Callable[[], str | None],
-                 on_complete: Callable[[int], None], complete_on_start: bool = False) -> None:
+                 on_complete: Callable[[int], None], complete_on_start: bool = False,
+                 before_start: Callable[[int, list[tuple[bytes, bytes]]], Awaitable[None]] | None = None) -> None:
         self._send = send
         self._on_complete = on_complete  # called just before the last byte goes out (or at the start: streams)
         self._complete_on_start = complete_on_start
+        self._before_start = before_start  # runs before the client sees the status line (session binding)
         self._rules = rules
         self._max = max_bytes
         self._upstream_error = upstream_error
@@ -99,6 +101,8 @@ class ResponseInspector:
         self.response_started = True
         self.started_at = time.perf_counter()
         self.status = message["status"]
+        if self._before_start is not None:
+            await self._before_start(self.status, list(message.get("headers", [])))
         if self._complete_on_start:
             self._on_complete(self.status)
         headers = [(n.lower(), v) for n, v in message.get("headers", [])]

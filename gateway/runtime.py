@@ -24,6 +24,7 @@ from gateway.auth import Authenticator, load_or_create_signing_key
 from gateway.config import Config
 from gateway.metrics import Metrics
 from gateway.policy import Policy, PolicyError, load_policy
+from gateway.sessions import SessionStore, open_sessions
 
 log = logging.getLogger("gateway.policy")
 
@@ -39,6 +40,7 @@ class Runtime:
         self.metrics = Metrics()
         self.authenticator = Authenticator(config, self.signing_key, metrics=self.metrics)
         self.audit = AuditLog(config.audit, self.metrics)
+        self.sessions: SessionStore = open_sessions(config.sessions)
         # Per upstream: tool name -> inputSchema, learnt from tools/list results passing through,
         # so that 2026-07-28 Mcp-Param-* headers can be checked against the tool's declaration.
         self._tool_schemas: dict[str, LRUCache[str, Mapping[str, Any]]] = {
@@ -70,6 +72,7 @@ class Runtime:
             self._watcher.cancel()
             self._watcher = None
         await self.audit.close()
+        await self.sessions.close()
         self.started = False
 
     def reload_policy(self) -> bool:

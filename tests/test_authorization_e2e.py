@@ -218,6 +218,8 @@ def test_a_server_request_on_the_legacy_get_stream_is_dropped_and_answered_upstr
     try:
         audience = app.runtime.config.resource_url(app.runtime.config.upstreams[0])
         token = app.runtime.authenticator.issue_token(subject="alice", audience=audience, scopes=["mcp:tools"])
+        # The session the scripted upstream's stream belongs to, bound to alice as her initialize would have.
+        server.call(app.runtime.sessions.bind("s-1", (app.runtime.config.public_url, "alice", "")))
         stream = httpx.get(f"{server.url}/mcp", headers={"Authorization": f"Bearer {token}",
                                                          "Accept": "text/event-stream", "Mcp-Session-Id": "s-1",
                                                          "MCP-Protocol-Version": "2025-11-25"})
