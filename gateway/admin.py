@@ -33,7 +33,7 @@ async def serve_audit(runtime: Runtime, scope: ASGIScope, send: ASGISend) -> Non
         if scope.get("method") != "GET":
             raise errors.GatewayRefusal(errors.METHOD_NOT_ALLOWED, scope.get("method", ""))
         audiences = (f"{config.public_url}/admin", *(config.resource_url(u) for u in config.upstreams))
-        principal = runtime.authenticator.authenticate(header_values(scope), b"", audiences, "/admin")
+        principal = await runtime.authenticator.authenticate(header_values(scope), b"", audiences, "/admin")
         event.user_id, event.client_id = principal.subject, principal.client_id
         needed = config.audit.read_scope
         if needed not in principal.scopes:

@@ -89,9 +89,36 @@ class GatewayClients(_Model):
     token_ttl_s: int = Field(900, gt=0)
 
 
+_ASYMMETRIC = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
+
+
+class ExternalJwt(_Model):
+    """Bearer JWTs from an external authorization server, verified with its JWKS."""
+
+    issuer: str
+    jwks_uri: str | None = None  # default: discovered from the issuer's RFC 8414 / OIDC metadata
+    algorithms: tuple[str, ...] = ("RS256", "ES256", "EdDSA")
+    leeway_s: int = Field(30, ge=0, le=300)
+    jwks_cache_s: float = Field(3600, gt=0)  # how long fetched keys are trusted before a routine refresh
+    min_refresh_interval_s: float = Field(30, ge=0)  # unknown kids trigger at most one fetch per interval
+
+    @field_validator("algorithms")
+    @classmethod
+    def _asymmetric_only(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [alg for alg in value if alg not in _ASYMMETRIC]
+        if bad:
+            raise ValueError(f"{', '.join(bad)} not allowed: only asymmetric algorithms ({', '.join(_ASYMMETRIC)})")
+        if not value:
+            raise ValueError("at least one algorithm")
+        return value
+
+
 class Auth(_Model):
     anonymous_role: str | None = None
     clients: GatewayClients = GatewayClients()
+    jwt: ExternalJwt | None = None
+    # Authorization servers advertised in the RFC 9728 metadata; default: jwt.issuer, and the gateway itself.
+    authorization_servers: tuple[str, ...] | None = None
 
 
 class AuditSink(_Model):

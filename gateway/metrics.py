@@ -99,6 +99,10 @@ class Metrics:
             "mcp_gateway_session_refusals_total", "Requests refused for their session id (hijack, unknown).",
             ["kind"], registry=self.registry,
         )
+        self.jwks_refreshes = Counter(
+            "mcp_gateway_jwks_refreshes_total", "Fetches of the external issuer's JWKS, by outcome.",
+            ["outcome"], registry=self.registry,
+        )
         self.policy_reloads = Counter(
             "mcp_gateway_policy_reloads_total", "Policy reloads, by outcome (ok, invalid).",
             ["outcome"], registry=self.registry,

@@ -136,7 +136,7 @@ class MCPSecurityMiddleware:
         try:
             headers = header_values(scope)
             self._guard_edge(ex, headers)
-            ex.principal = self.runtime.authenticator.authenticate(
+            ex.principal = await self.runtime.authenticator.authenticate(
                 headers, scope.get("query_string", b""), self.config.resource_url(upstream), upstream.path
             )
             body = b""
@@ -583,6 +583,12 @@ class MCPSecurityMiddleware:
 
         await self.app(scope, wrapped_receive, wrapped_send)
 
+    def _authorization_servers(self) -> tuple[str, ...]:
+        auth = self.config.auth
+        if auth.authorization_servers is not None:
+            return auth.authorization_servers
+        return (*((auth.jwt.issuer,) if auth.jwt is not None else ()), self.config.public_url)
+
     async def _protected_resource_metadata(self, path: str, send: ASGISend) -> None:
         """RFC 9728 metadata, built from `public_url` (never from the request's Host)."""
         suffix = path[len(self._metadata_prefix):]
@@ -596,7 +602,7 @@ class MCPSecurityMiddleware:
             return
         payload = orjson.dumps({
             "resource": self.config.resource_url(upstream),
-            "authorization_servers": [self.config.public_url],
+            "authorization_servers": list(self._authorization_servers()),
             "bearer_methods_supported": ["header"],
             "resource_name": upstream.name,
         })

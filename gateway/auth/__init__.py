@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import jwt
 from cachetools import TTLCache
 
+from gateway.auth.jwks import JwksCache
 from gateway.auth.keys import ALGORITHM, SigningKey, load_or_create_signing_key
 from gateway.auth.principal import Principal
 from gateway.errors import UNAUTHORIZED, GatewayRefusal
@@ -36,9 +37,12 @@ _LEEWAY_S = 30
 class AuthFailed(GatewayRefusal):
     """A refusal with the `WWW-Authenticate` challenge that goes with it."""
 
-    def __init__(self, detail: str, challenge: str, *, reason: str) -> None:
+    def __init__(self, detail: str, challenge: str, *, reason: str, error: str | None = None,
+                 source: str = "gateway") -> None:
         super().__init__(UNAUTHORIZED, detail, reason=reason)
         self.challenge = challenge
+        self.error = error
+        self.source = source  # which kind of credential failed: gateway, jwt (for metrics)
 
 
 class Authenticator:
@@ -59,7 +63,8 @@ class Authenticator:
         self._public = signing_key.public
         self._issuer = config.public_url
         self._anonymous_role = config.auth.anonymous_role
-        self._verified: TTLCache[str, tuple[Principal, str | tuple[str, ...]]] = TTLCache(
+        self._jwks = JwksCache(config.auth.jwt, metrics) if config.auth.jwt is not None else None
+        self._verified: TTLCache[str, tuple[Principal, str | tuple[str, ...], str]] = TTLCache(
             maxsize=cache_size, ttl=config.auth.clients.token_ttl_s
         )
 
@@ -85,7 +90,7 @@ class Authenticator:
                 params.append((name, value))
         return "Bearer " + ", ".join(f'{name}="{_quoted(value)}"' for name, value in params)
 
-    def authenticate(
+    async def authenticate(
         self, headers: Mapping[str, list[str]], query_string: bytes, resource: str | tuple[str, ...],
         upstream_path: str,
     ) -> Principal:
@@ -94,21 +99,21 @@ class Authenticator:
         `resource` is the audience the token must name (any one of them, when several).
         """
         try:
-            principal = self._authenticate(headers, query_string, resource, upstream_path)
+            principal, source = await self._authenticate(headers, query_string, resource, upstream_path)
         except AuthFailed as failed:
-            self._count("gateway", failed.reason.split(":")[0])
+            self._count(failed.source, failed.reason.split(":")[0])
             raise
-        self._count("anonymous" if principal.anonymous else "gateway", "ok")
+        self._count(source, "ok")
         return principal
 
     def _count(self, source: str, outcome: str) -> None:
         if self._metrics is not None:
             self._metrics.auth_attempts.labels(source, outcome).inc()
 
-    def _authenticate(
+    async def _authenticate(
         self, headers: Mapping[str, list[str]], query_string: bytes, resource: str | tuple[str, ...],
         upstream_path: str,
-    ) -> Principal:
+    ) -> tuple[Principal, str]:
         if _token_in_query(query_string):
             raise AuthFailed(
                 "access tokens are accepted only in the Authorization header",
@@ -118,9 +123,8 @@ class Authenticator:
         values = headers.get("authorization", [])
         if not values:
             if self._anonymous_role is not None:
-                return Principal(
-                    subject="anonymous", issuer="anonymous", roles=frozenset({self._anonymous_role}), anonymous=True
-                )
+                return Principal(subject="anonymous", issuer="anonymous", roles=frozenset({self._anonymous_role}),
+                                 anonymous=True), "anonymous"
             raise AuthFailed("a bearer token is required", self.challenge(upstream_path), reason="no_token")
         if len(values) > 1:
             raise AuthFailed("one Authorization header, please", self.challenge(upstream_path, "invalid_request"),
@@ -130,42 +134,86 @@ class Authenticator:
         if scheme.lower() != "bearer" or not token or " " in token:
             raise AuthFailed("expected 'Authorization: Bearer <token>'",
                              self.challenge(upstream_path, "invalid_request"), reason="malformed_header")
-        return self._verify(token, resource, upstream_path)
+        return await self._verify(token, resource, upstream_path)
 
-    def _verify(self, token: str, resource: str | tuple[str, ...], upstream_path: str) -> Principal:
+    async def _verify(self, token: str, resource: str | tuple[str, ...], upstream_path: str
+                      ) -> tuple[Principal, str]:
         digest = hashlib.sha256(token.encode()).hexdigest()
         cached = self._verified.get(digest)
         now = time.time()
         if cached is not None:
-            principal, audience = cached
-            if audience == resource and (principal.expires_at is None or principal.expires_at + _LEEWAY_S > now):
+            principal, cached_for, source = cached
+            if cached_for == resource and (principal.expires_at is None or principal.expires_at + _LEEWAY_S > now):
                 if self._metrics is not None:
                     self._metrics.token_cache.labels("hit").inc()
-                return principal
+                return principal, source
         if self._metrics is not None:
             self._metrics.token_cache.labels("miss").inc()
         try:
-            claims: dict[str, Any] = jwt.decode(
-                token,
-                self._public,
-                algorithms=[ALGORITHM],
-                audience=resource if isinstance(resource, str) else list(resource),
-                issuer=self._issuer,
-                leeway=_LEEWAY_S,
-                options={"require": ["exp", "iat", "sub", "iss", "aud"]},
-            )
-        except jwt.ExpiredSignatureError:
-            raise AuthFailed("token expired", self.challenge(upstream_path, "invalid_token"),
-                             reason="expired") from None
-        except jwt.InvalidAudienceError:
-            raise AuthFailed("token is not for this resource", self.challenge(upstream_path, "invalid_token"),
-                             reason="wrong_audience") from None
+            claims, source = await self._decode(token, resource if isinstance(resource, str) else list(resource))
+        except AuthFailed as failed:
+            failed.challenge = self.challenge(upstream_path, failed.error)
+            raise
         except jwt.PyJWTError as exc:
-            raise AuthFailed("invalid token", self.challenge(upstream_path, "invalid_token"),
-                             reason=f"invalid_token:{type(exc).__name__}") from None
+            raise self._classified(exc, upstream_path, self._source_of(token)) from None
+        if "sub" not in claims and isinstance(claims.get("client_id"), str):
+            claims = {**claims, "sub": claims["client_id"]}  # a client-credentials token names its client
+        if not isinstance(claims.get("sub"), str):
+            raise self._invalid(upstream_path, "token names no subject", "missing_claim:sub", source)
         principal = principal_from_claims(claims)
-        self._verified[digest] = (principal, resource)
-        return principal
+        self._verified[digest] = (principal, resource, source)
+        return principal, source
+
+    async def _decode(self, token: str, audience: str | list[str]) -> tuple[dict[str, Any], str]:
+        """Verified claims, and which issuer vouched for them (`gateway` or `jwt`)."""
+        header = jwt.get_unverified_header(token)
+        alg, kid = header.get("alg"), header.get("kid")
+        if kid == self._key.kid and alg == ALGORITHM:
+            claims = jwt.decode(token, self._public, algorithms=[ALGORITHM], audience=audience, issuer=self._issuer,
+                                leeway=_LEEWAY_S, options={"require": ["exp", "iat", "sub", "iss", "aud"]})
+            return claims, "gateway"
+        external = self._config.auth.jwt
+        if external is None or self._jwks is None:
+            raise AuthFailed("token from an unknown issuer", "", reason="unknown_key", error="invalid_token",
+                             source="jwt")
+        if alg not in external.algorithms:  # never "none", never HS* with a public key: only the allow-list
+            raise AuthFailed(f"algorithm {alg} not accepted", "", reason=f"alg_not_allowed:{alg}",
+                             error="invalid_token", source="jwt")
+        key = await self._jwks.key(kid if isinstance(kid, str) else None)
+        if key is None:
+            raise AuthFailed("token signed with an unknown key", "", reason="unknown_kid", error="invalid_token",
+                             source="jwt")
+        if key.algorithm_name and key.algorithm_name != alg:
+            raise AuthFailed("token algorithm does not match its key", "", reason="alg_key_mismatch",
+                             error="invalid_token", source="jwt")
+        claims = jwt.decode(token, key.key, algorithms=[alg], audience=audience, issuer=external.issuer,
+                            leeway=external.leeway_s, options={"require": ["exp", "iss", "aud"]})
+        return claims, "jwt"
+
+    def _source_of(self, token: str) -> str:
+        try:
+            return "gateway" if jwt.get_unverified_header(token).get("kid") == self._key.kid else "jwt"
+        except jwt.PyJWTError:
+            return "jwt" if self._jwks is not None else "gateway"
+
+    def _classified(self, exc: jwt.PyJWTError, upstream_path: str, source: str) -> AuthFailed:
+        """Why a token was refused, as a person reads it and as the audit log records it."""
+        if isinstance(exc, jwt.ExpiredSignatureError):
+            detail, reason = "token expired", "expired"
+        elif isinstance(exc, jwt.ImmatureSignatureError):
+            detail, reason = "token not valid yet", "not_yet_valid"
+        elif isinstance(exc, jwt.InvalidAudienceError):
+            detail, reason = "token is not for this resource", "wrong_audience"
+        elif isinstance(exc, jwt.InvalidIssuerError):
+            detail, reason = "token from an unknown issuer", "wrong_issuer"
+        elif isinstance(exc, jwt.MissingRequiredClaimError):
+            detail, reason = f"token has no {exc.claim}", f"missing_claim:{exc.claim}"
+        else:
+            detail, reason = "invalid token", f"invalid_token:{type(exc).__name__}"
+        return self._invalid(upstream_path, detail, reason, source)
+
+    def _invalid(self, upstream_path: str, detail: str, reason: str, source: str = "gateway") -> AuthFailed:
+        return AuthFailed(detail, self.challenge(upstream_path, "invalid_token"), reason=reason, source=source)
 
     def issue_token(
         self,
