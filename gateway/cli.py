@@ -236,6 +236,19 @@ def _audit_verify(args: argparse.Namespace) -> int:
     return 1 if broken else 0
 
 
+def _hash_secret(args: argparse.Namespace) -> int:
+    import getpass
+
+    from gateway.auth.secrets import hash_secret
+
+    secret = sys.stdin.readline().rstrip("\n") if not sys.stdin.isatty() else getpass.getpass("client secret: ")
+    if len(secret) < 16:
+        print("a client secret must be at least 16 characters", file=sys.stderr)
+        return 2
+    print(hash_secret(secret))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mcp-gateway", description="A security gateway for MCP servers.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -260,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--upstream", help="the upstream (resource) the token is for; default: the first")
     token.add_argument("--ttl", type=int, help="seconds; default auth.clients.token_ttl_s")
     token.set_defaults(func=_issue_token)
+
+    hashing = commands.add_parser("hash-secret", help="print the scrypt hash of a client secret read from stdin")
+    hashing.set_defaults(func=_hash_secret)
 
     policy = commands.add_parser("policy", help="explain and test policies").add_subparsers(dest="action",
                                                                                            required=True)

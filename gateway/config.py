@@ -82,11 +82,23 @@ class Upstream(_Model):
         return value
 
 
+class RegisteredClient(_Model):
+    """A machine client that may get tokens from POST /oauth/token (client_credentials)."""
+
+    client_id: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,128}$")
+    secret_hash: str = Field(pattern=r"^scrypt\$\d+\$\d+\$\d+\$[A-Za-z0-9+/=]+\$[A-Za-z0-9+/=]+$")
+    scopes: tuple[str, ...] = ()
+    claims: dict[str, Any] = Field(default_factory=dict)
+    security_level: Literal["low", "standard", "high", "critical"] = "standard"  # the most this client reaches
+
+
 class GatewayClients(_Model):
-    """Tokens the gateway signs itself (`mcp-gateway issue-token`)."""
+    """Tokens the gateway signs itself: for registered clients (POST /oauth/token) and `mcp-gateway issue-token`."""
 
     signing_key_file: Path = Path("gateway-signing-key.pem")
     token_ttl_s: int = Field(900, gt=0)
+    registered: tuple[RegisteredClient, ...] = ()
+    max_failures: int = Field(5, gt=0)  # failed secrets per client or source before answers slow down
 
 
 _ASYMMETRIC = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")

@@ -99,6 +99,9 @@ class Metrics:
             "mcp_gateway_session_refusals_total", "Requests refused for their session id (hijack, unknown).",
             ["kind"], registry=self.registry,
         )
+        self.revocations = Counter(
+            "mcp_gateway_revocations_total", "Tokens revoked at /oauth/revoke.", registry=self.registry,
+        )
         self.jwks_refreshes = Counter(
             "mcp_gateway_jwks_refreshes_total", "Fetches of the external issuer's JWKS, by outcome.",
             ["outcome"], registry=self.registry,

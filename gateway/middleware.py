@@ -29,7 +29,8 @@ import orjson
 
 from gateway import admin, errors, jsonrpc, mcp
 from gateway.audit import AuditEvent, AuditUnavailable, redact_arguments
-from gateway.auth import AuthFailed, Principal
+from gateway.auth import AuthFailed, Principal, server
+from gateway.auth.server import AuthorizationServer
 from gateway.config import Config, Upstream, load_config
 from gateway.metrics import method_label
 from gateway.policy import Decision, Policy, decide
@@ -102,6 +103,7 @@ class MCPSecurityMiddleware:
         self._apps = dict(apps or {})
         self._metadata_prefix = "/.well-known/oauth-protected-resource"
         self._background: set[asyncio.Task[None]] = set()
+        self._authorization_server = AuthorizationServer(self.runtime)
 
     async def __call__(self, scope: ASGIScope, receive: ASGIReceive, send: ASGISend) -> None:
         if scope["type"] == "lifespan":
@@ -115,6 +117,9 @@ class MCPSecurityMiddleware:
             await send({"type": "websocket.close", "code": 1008})
         elif scope["type"] == "http" and path.startswith(self._metadata_prefix):
             await self._protected_resource_metadata(path, send)
+        elif scope["type"] == "http" and path in server.PATHS:
+            self.runtime.start()
+            await self._authorization_server(scope, receive, send)
         elif scope["type"] == "http" and path == admin.PATH:
             self.runtime.start()
             await admin.serve_audit(self.runtime, scope, send)

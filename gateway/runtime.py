@@ -38,9 +38,9 @@ class Runtime:
         self.policy_tools = config.policy.named_tools
         self.signing_key = load_or_create_signing_key(config.auth.clients.signing_key_file)
         self.metrics = Metrics()
-        self.authenticator = Authenticator(config, self.signing_key, metrics=self.metrics)
-        self.audit = AuditLog(config.audit, self.metrics)
         self.sessions: SessionStore = open_sessions(config.sessions)
+        self.authenticator = Authenticator(config, self.signing_key, metrics=self.metrics, revocations=self.sessions)
+        self.audit = AuditLog(config.audit, self.metrics)
         # Per upstream: tool name -> inputSchema, learnt from tools/list results passing through,
         # so that 2026-07-28 Mcp-Param-* headers can be checked against the tool's declaration.
         self._tool_schemas: dict[str, LRUCache[str, Mapping[str, Any]]] = {

@@ -1,6 +1,6 @@
-"""Legacy-era session binding: which principal a `Mcp-Session-Id` belongs to.
+"""Legacy-era session binding (which principal a `Mcp-Session-Id` belongs to) and revoked tokens.
 
-Owns the binding store. The first session id an upstream issues to a
+Owns the store of both, in memory or in Redis, so replicas share them. The first session id an upstream issues to a
 principal (on the answer to `initialize`) is bound to that principal's
 identity (issuer, subject, client). A request carrying a session id bound to
 someone else is a hijack attempt; one carrying a session id the gateway never
@@ -35,12 +35,17 @@ class SessionStore(Protocol):
 
     async def active(self) -> int: ...
 
+    async def revoke(self, token_id: str, until: float) -> None: ...
+
+    async def revoked(self, token_id: str) -> bool: ...
+
     async def close(self) -> None: ...
 
 
 class MemorySessions:
     def __init__(self, config: Sessions) -> None:
         self._bindings: TTLCache[str, Identity] = TTLCache(maxsize=config.max_sessions, ttl=config.ttl_s)
+        self._revoked: dict[str, float] = {}  # token id -> its expiry (kept no longer than the token lives)
 
     async def bind(self, session_id: str, identity: Identity) -> None:
         self._bindings[session_id] = identity
@@ -57,6 +62,15 @@ class MemorySessions:
     async def active(self) -> int:
         self._bindings.expire()
         return len(self._bindings)
+
+    async def revoke(self, token_id: str, until: float) -> None:
+        now = time.time()
+        self._revoked = {k: v for k, v in self._revoked.items() if v > now}
+        self._revoked[token_id] = until
+
+    async def revoked(self, token_id: str) -> bool:
+        until = self._revoked.get(token_id)
+        return until is not None and until > time.time()
 
     async def close(self) -> None:
         return None
@@ -101,6 +115,13 @@ class RedisSessions:
         now = time.time()
         await self._redis.zremrangebyscore(self._EXPIRIES, "-inf", now)
         return int(await self._redis.zcard(self._EXPIRIES))
+
+    async def revoke(self, token_id: str, until: float) -> None:
+        ttl = max(1, int(until - time.time()) + 1)
+        await self._redis.set(f"mcpgw:revoked:{token_id}", b"1", ex=ttl)
+
+    async def revoked(self, token_id: str) -> bool:
+        return bool(await self._redis.exists(f"mcpgw:revoked:{token_id}"))
 
     async def close(self) -> None:
         await self._redis.aclose()

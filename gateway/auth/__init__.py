@@ -28,6 +28,7 @@ from gateway.errors import UNAUTHORIZED, GatewayRefusal
 if TYPE_CHECKING:
     from gateway.config import Config
     from gateway.metrics import Metrics
+    from gateway.sessions import SessionStore
 
 __all__ = ["Authenticator", "Principal", "SigningKey", "load_or_create_signing_key"]
 
@@ -53,12 +54,14 @@ class Authenticator:
         signing_key: the gateway's own key; tokens it signed are accepted.
         cache_size: how many verified tokens to remember (each until it expires).
         metrics: where attempts and token-cache lookups are counted.
+        revocations: where revoked token ids are looked up (every request, cached tokens included).
     """
 
     def __init__(self, config: Config, signing_key: SigningKey, *, cache_size: int = 10_000,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, revocations: SessionStore | None = None) -> None:
         self._config = config
         self._metrics = metrics
+        self._revocations = revocations
         self._key = signing_key
         self._public = signing_key.public
         self._issuer = config.public_url
@@ -146,6 +149,7 @@ class Authenticator:
             if cached_for == resource and (principal.expires_at is None or principal.expires_at + _LEEWAY_S > now):
                 if self._metrics is not None:
                     self._metrics.token_cache.labels("hit").inc()
+                await self._refuse_if_revoked(principal, source, upstream_path)
                 return principal, source
         if self._metrics is not None:
             self._metrics.token_cache.labels("miss").inc()
@@ -161,8 +165,14 @@ class Authenticator:
         if not isinstance(claims.get("sub"), str):
             raise self._invalid(upstream_path, "token names no subject", "missing_claim:sub", source)
         principal = principal_from_claims(claims)
+        await self._refuse_if_revoked(principal, source, upstream_path)
         self._verified[digest] = (principal, resource, source)
         return principal, source
+
+    async def _refuse_if_revoked(self, principal: Principal, source: str, upstream_path: str) -> None:
+        if source == "gateway" and principal.token_id is not None and self._revocations is not None \
+                and await self._revocations.revoked(principal.token_id):
+            raise self._invalid(upstream_path, "token revoked", "revoked", source)
 
     async def _decode(self, token: str, audience: str | list[str]) -> tuple[dict[str, Any], str]:
         """Verified claims, and which issuer vouched for them (`gateway` or `jwt`)."""
@@ -266,6 +276,7 @@ def principal_from_claims(claims: Mapping[str, Any]) -> Principal:
         acr=str(claims["acr"]) if "acr" in claims else None,
         amr=frozenset(m for m in amr if isinstance(m, str)) if isinstance(amr, list) else frozenset(),
         auth_time=float(auth_time) if isinstance(auth_time, int | float) else None,
+        max_level=str(claims["gateway_level"]) if isinstance(claims.get("gateway_level"), str) else None,
     )
 
 

@@ -29,6 +29,7 @@ class Principal:
     acr: str | None = None  # authentication context class (RFC 9470)
     amr: frozenset[str] = frozenset()  # authentication methods used (RFC 8176): pwd, mfa, hwk, ...
     auth_time: float | None = None
+    max_level: str | None = None  # a registered client's ceiling (security_level), whatever else it proves
     anonymous: bool = False
 
     @property

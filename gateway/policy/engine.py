@@ -115,7 +115,9 @@ def roles_for(principal: Principal, policy: Policy) -> tuple[str, ...]:
 def authentication_level(principal: Principal, policy: Policy) -> int:
     """How strong the login was: the highest level of any rule that holds, else the default."""
     levels = [LEVEL[rule.level] for rule in policy.auth_rules if holds(rule.when, principal)]
-    return max(levels) if levels else policy.auth_default
+    level = max(levels) if levels else policy.auth_default
+    ceiling = LEVEL.get(principal.max_level or "")
+    return level if ceiling is None else min(level, ceiling)
 
 
 def decide(principal: Principal, operation: Operation, policy: Policy) -> Decision:

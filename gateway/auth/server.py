@@ -1,0 +1,222 @@
+"""The gateway as a minimal OAuth 2.1 authorization server for its own machine clients.
+
+Owns four endpoints, served in both deployment modes:
+
+    GET  /.well-known/oauth-authorization-server   RFC 8414 metadata
+    GET  /.well-known/jwks.json                    the gateway's public signing key
+    POST /oauth/token                              client_credentials (RFC 6749 4.4), client_secret_basic or _post
+    POST /oauth/revoke                             RFC 7009
+    GET  /oauth/authorize                          there for clients that require the field; every
+                                                   request is answered unsupported_response_type
+
+Secrets are checked against scrypt hashes in constant time. Failed attempts
+are counted per client and per source address; past `max_failures` every
+answer to that client or address is delayed, doubling up to 10 s. The token
+is a short-lived JWT for one protected resource (RFC 8707 `resource`), named
+by `jti` so it can be revoked; every issue and refusal is an audit event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import time
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, unquote
+
+import jwt
+import orjson
+from cachetools import TTLCache
+
+from gateway.audit import AuditEvent, AuditUnavailable
+from gateway.auth.keys import ALGORITHM
+from gateway.auth.secrets import secret_matches
+from gateway.types import ASGIReceive, ASGIScope, ASGISend, header_values
+
+if TYPE_CHECKING:
+    from gateway.config import RegisteredClient
+    from gateway.runtime import Runtime
+
+PATHS = ("/.well-known/oauth-authorization-server", "/.well-known/jwks.json", "/oauth/token", "/oauth/revoke",
+         "/oauth/authorize")
+_MAX_FORM = 64 * 1024
+
+
+class _OAuthError(Exception):
+    def __init__(self, status: int, error: str, description: str, *, basic_challenge: bool = False) -> None:
+        super().__init__(description)
+        self.status, self.error, self.description, self.basic_challenge = status, error, description, basic_challenge
+
+
+class AuthorizationServer:
+    """The four endpoints, for one gateway runtime."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+        config = runtime.config
+        self._issuer = config.public_url
+        self._clients = {c.client_id: c for c in config.auth.clients.registered}
+        self._failures: TTLCache[str, int] = TTLCache(maxsize=100_000, ttl=600)
+        self._max_failures = config.auth.clients.max_failures
+
+    def metadata(self) -> dict[str, Any]:
+        config = self._runtime.config
+        scopes = sorted({s for c in self._clients.values() for s in c.scopes} | set(self._runtime.policy.scopes))
+        return {
+            "issuer": self._issuer,
+            "authorization_endpoint": f"{self._issuer}/oauth/authorize",
+            "token_endpoint": f"{self._issuer}/oauth/token",
+            "revocation_endpoint": f"{self._issuer}/oauth/revoke",
+            "jwks_uri": f"{self._issuer}/.well-known/jwks.json",
+            "grant_types_supported": ["client_credentials"],
+            "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
+            "revocation_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
+            "response_types_supported": [],  # no interactive grants: client_credentials only
+            "scopes_supported": scopes,
+            "resource_indicators_supported": True,
+            "protected_resources": [config.resource_url(u) for u in config.upstreams],
+        }
+
+    async def __call__(self, scope: ASGIScope, receive: ASGIReceive, send: ASGISend) -> None:
+        path, method = scope["path"], scope["method"]
+        if path == "/.well-known/oauth-authorization-server" and method == "GET":
+            await _json(send, 200, self.metadata())
+        elif path == "/.well-known/jwks.json" and method == "GET":
+            await _json(send, 200, {"keys": [self._runtime.signing_key.public_jwk()]})
+        elif path in ("/oauth/token", "/oauth/revoke") and method == "POST":
+            await self._endpoint(path, scope, receive, send)
+        elif path == "/oauth/authorize":
+            await _json(send, 400, {"error": "unsupported_response_type",
+                                    "error_description": "this server issues tokens by client_credentials only"})
+        else:
+            await _json(send, 405, {"error": "invalid_request", "error_description": f"{method} not allowed"})
+
+    async def _endpoint(self, path: str, scope: ASGIScope, receive: ASGIReceive, send: ASGISend) -> None:
+        source = (scope.get("client") or ["?"])[0]
+        event = AuditEvent(result="allowed", reason="", operation=path.lstrip("/"), http_method="POST",
+                           source_ip=source)
+        started = time.perf_counter()
+        try:
+            form = await _form(scope, receive)
+            client = await self._client(scope, form, source)
+            event.client_id = event.user_id = client.client_id
+            if path == "/oauth/token":
+                status, body = 200, self._issue(client, form)
+                event.reason = f"token_issued:{body['scope'] or '-'}"
+            else:
+                status, body = 200, {}
+                event.reason = await self._revoke(client, form)
+        except _OAuthError as failure:
+            status = failure.status
+            body = {"error": failure.error, "error_description": failure.description}
+            event.result = "auth_failed" if failure.error == "invalid_client" else "invalid_request"
+            event.reason = f"oauth:{failure.error}"
+            extra = [(b"www-authenticate", b'Basic realm="mcp-gateway"')] if failure.basic_challenge else []
+        else:
+            extra = []
+        event.status = status
+        event.duration_ms = round((time.perf_counter() - started) * 1000, 3)
+        try:
+            self._runtime.audit.record(event)
+        except AuditUnavailable:
+            await _json(send, 503, {"error": "temporarily_unavailable", "error_description": "audit unavailable"})
+            return
+        await _json(send, status, body, extra)
+
+    async def _client(self, scope: ASGIScope, form: dict[str, str], source: str) -> RegisteredClient:
+        client_id, secret, basic = _credentials(header_values(scope), form)
+        keys = [f"ip:{source}"] + ([f"client:{client_id}"] if client_id else [])
+        over = max(self._failures.get(k, 0) for k in keys) - self._max_failures
+        if over >= 0:
+            await asyncio.sleep(min(10.0, 0.25 * 2**over))  # slow down whoever keeps guessing
+        client = self._clients.get(client_id or "")
+        # A missing client costs the same scrypt as a wrong secret, so answers do not tell them apart.
+        stored = client.secret_hash if client is not None else _DUMMY_HASH
+        if client is None or secret is None or not await asyncio.to_thread(secret_matches, secret, stored):
+            for key in keys:
+                self._failures[key] = self._failures.get(key, 0) + 1
+            raise _OAuthError(401, "invalid_client", "client authentication failed", basic_challenge=basic)
+        return client
+
+    def _issue(self, client: RegisteredClient, form: dict[str, str]) -> dict[str, Any]:
+        if form.get("grant_type") != "client_credentials":
+            raise _OAuthError(400, "unsupported_grant_type", "only client_credentials is supported")
+        requested = form.get("scope", "").split()
+        granted = [s for s in requested if s in client.scopes] if requested else list(client.scopes)
+        if requested and len(granted) != len(requested):
+            raise _OAuthError(400, "invalid_scope", f"{client.client_id} may not have {set(requested) - set(granted)}")
+        config = self._runtime.config
+        resources = [config.resource_url(u) for u in config.upstreams]
+        resource = form.get("resource")
+        if resource is None:
+            if len(resources) != 1:
+                raise _OAuthError(400, "invalid_target", "name the protected resource (RFC 8707 resource)")
+            resource = resources[0]
+        if resource.rstrip("/") not in resources:
+            raise _OAuthError(400, "invalid_target", f"{resource} is not a resource of this gateway")
+        ttl = config.auth.clients.token_ttl_s
+        token = self._runtime.authenticator.issue_token(
+            subject=client.client_id, audience=resource.rstrip("/"), scopes=granted, client_id=client.client_id,
+            claims={**client.claims, "gateway_level": client.security_level}, ttl_s=ttl)
+        return {"access_token": token, "token_type": "Bearer", "expires_in": ttl, "scope": " ".join(granted)}
+
+    async def _revoke(self, client: RegisteredClient, form: dict[str, str]) -> str:
+        token = form.get("token")
+        if not token:
+            raise _OAuthError(400, "invalid_request", "token is required")
+        try:
+            claims = jwt.decode(token, self._runtime.signing_key.public, algorithms=[ALGORITHM], issuer=self._issuer,
+                                options={"verify_exp": False, "verify_aud": False})
+        except jwt.PyJWTError:
+            return "revoke:not_ours"  # RFC 7009 2.2: an invalid token is answered 200 all the same
+        if claims.get("client_id") != client.client_id:
+            raise _OAuthError(400, "unauthorized_client", "the token was not issued to this client")
+        if isinstance(claims.get("jti"), str):
+            await self._runtime.sessions.revoke(claims["jti"], float(claims.get("exp", time.time() + 86400)))
+            self._runtime.metrics.revocations.inc()
+        return f"revoked:{claims.get('jti')}"
+
+
+_DUMMY_HASH = "scrypt$16384$8$1$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+
+
+def _credentials(headers: dict[str, list[str]], form: dict[str, str]) -> tuple[str | None, str | None, bool]:
+    """(client_id, secret, came by Basic auth) from client_secret_basic or client_secret_post."""
+    authorization = (headers.get("authorization") or [""])[0]
+    if authorization.lower().startswith("basic "):
+        try:
+            decoded = base64.b64decode(authorization[6:].strip(), validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            return None, None, True
+        client_id, _, secret = decoded.partition(":")
+        return unquote(client_id), unquote(secret), True
+    return form.get("client_id"), form.get("client_secret"), False
+
+
+async def _form(scope: ASGIScope, receive: ASGIReceive) -> dict[str, str]:
+    content_type = (header_values(scope).get("content-type") or [""])[0].split(";")[0].strip().lower()
+    if content_type != "application/x-www-form-urlencoded":
+        raise _OAuthError(400, "invalid_request", "the body must be application/x-www-form-urlencoded")
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if len(body) > _MAX_FORM:
+            raise _OAuthError(400, "invalid_request", "body too large")
+        if not message.get("more_body"):
+            break
+    parsed = parse_qs(body.decode("latin-1"), keep_blank_values=False)
+    repeated = [k for k, v in parsed.items() if len(v) > 1]
+    if repeated:
+        raise _OAuthError(400, "invalid_request", f"parameter repeated: {', '.join(repeated)}")
+    return {k: v[0] for k, v in parsed.items()}
+
+
+async def _json(send: ASGISend, status: int, body: dict[str, Any],
+                extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    payload = orjson.dumps(body)
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+               (b"cache-control", b"no-store"), *(extra or [])]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload, "more_body": False})
