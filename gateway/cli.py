@@ -12,16 +12,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from gateway.config import Config, ConfigError, load_config
-
-
-def _load(path: str) -> Config:
-    try:
-        return load_config(path)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
-        raise SystemExit(2) from None
+from gateway.config import load_config
+from gateway.yamlfile import ProblemsError
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -34,13 +26,8 @@ def _serve(args: argparse.Namespace) -> int:
     from gateway.app import CONFIG_ENV, create_app
     from gateway.auth import load_or_create_signing_key
 
-    config = _load(args.config)
-    try:
-        app = create_app(config)  # every check a worker would make, made once here with a clear message
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
-        return 2
+    config = load_config(args.config)
+    app = create_app(config)  # every check a worker would make, made once here with a clear message
     logs.configure(config.log_level, config.log_format)
     common = {
         "host": args.host or config.listen.host,
@@ -63,7 +50,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    config = load_config(args.config)
     names = ", ".join(f"{u.name} at {u.path}" for u in config.upstreams)
     print(f"{args.config}: OK ({len(config.upstreams)} upstream(s): {names}; "
           f"policy {config.policy.source} version {config.policy.version})")
@@ -73,7 +60,7 @@ def _check_config(args: argparse.Namespace) -> int:
 def _issue_token(args: argparse.Namespace) -> int:
     from gateway.auth import Authenticator, load_or_create_signing_key
 
-    config = _load(args.config)
+    config = load_config(args.config)
     upstreams = {u.name: u for u in config.upstreams}
     upstream = upstreams.get(args.upstream) if args.upstream else config.upstreams[0]
     if upstream is None:
@@ -104,15 +91,10 @@ def _issue_token(args: argparse.Namespace) -> int:
 def _policy_explain(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from gateway.policy import PolicyError, load_policy
+    from gateway.policy import load_policy
     from gateway.policy.explain import explain, operation_for, principal_from
 
-    try:
-        policy = load_policy(Path(args.policy))
-    except PolicyError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
-        return 2
+    policy = load_policy(Path(args.policy))
     claims: dict[str, object] = {}
     if args.claims:
         try:
@@ -137,15 +119,9 @@ def _policy_explain(args: argparse.Namespace) -> int:
 def _policy_test(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from gateway.policy import PolicyError
     from gateway.policy.explain import run_cases
 
-    try:
-        policy, results = run_cases(Path(args.file))
-    except PolicyError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
-        return 2
+    policy, results = run_cases(Path(args.file))
     for result in results:
         outcome = "PASS" if result.passed else "FAIL"
         print(f"{outcome}  {result.name}" + ("" if result.passed else f"  (got {result.got})"))
@@ -159,7 +135,7 @@ def _audit_query(args: argparse.Namespace) -> int:
 
     from gateway.audit.reading import BadQuery, query_from, reader_for
 
-    config = _load(args.config)
+    config = load_config(args.config)
     try:
         query = query_from({"since": args.since, "until": args.until, "user": args.user, "client": args.client,
                             "operation": args.operation, "tool": args.tool, "resource": args.resource,
@@ -206,7 +182,7 @@ def _audit_verify(args: argparse.Namespace) -> int:
     from gateway.audit import ChainReport, open_sink
     from gateway.audit.sinks import Sink
 
-    config = _load(args.config)
+    config = load_config(args.config)
     specs = list(enumerate(config.audit.sinks))
     if args.sink is not None:
         specs = [(i, s) for i, s in specs if str(i) == args.sink or s.type == args.sink]
@@ -319,8 +295,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except SystemExit as exc:
-        return int(exc.code or 0)
+    except ProblemsError as exc:  # a bad config, policy or test-case file: every problem, then exit 2
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

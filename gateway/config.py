@@ -16,30 +16,22 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gateway.policy import Policy, PolicyError, load_policy
-from gateway.yamlfile import YamlFileError, format_validation, read_yaml
+from gateway.yamlfile import ProblemsError, StrictModel, YamlFileError, format_validation, read_yaml
 
 
-class ConfigError(Exception):
+class ConfigError(ProblemsError):
     """The config (or a file it names) is invalid. `problems` holds one `FILE: key.path: why` line each."""
 
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = problems
 
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Listen(_Model):
+class Listen(StrictModel):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
 
 
-class Limits(_Model):
+class Limits(StrictModel):
     max_body_bytes: int = Field(4 * 1024 * 1024, gt=0)
     max_json_depth: int = Field(64, gt=0, le=1000)
     upstream_timeout_s: float = Field(300.0, gt=0)
@@ -49,7 +41,7 @@ class Limits(_Model):
     max_inspected_bytes: int = Field(16 * 1024 * 1024, gt=0)
 
 
-class Upstream(_Model):
+class Upstream(StrictModel):
     """One MCP server behind the gateway, served at `{public_url}{path}`."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
@@ -82,7 +74,7 @@ class Upstream(_Model):
         return value
 
 
-class RegisteredClient(_Model):
+class RegisteredClient(StrictModel):
     """A machine client that may get tokens from POST /oauth/token (client_credentials)."""
 
     client_id: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,128}$")
@@ -92,7 +84,7 @@ class RegisteredClient(_Model):
     security_level: Literal["low", "standard", "high", "critical"] = "standard"  # the most this client reaches
 
 
-class GatewayClients(_Model):
+class GatewayClients(StrictModel):
     """Tokens the gateway signs itself: for registered clients (POST /oauth/token) and `mcp-gateway issue-token`."""
 
     signing_key_file: Path = Path("gateway-signing-key.pem")
@@ -104,7 +96,7 @@ class GatewayClients(_Model):
 _ASYMMETRIC = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
 
 
-class ExternalJwt(_Model):
+class ExternalJwt(StrictModel):
     """Bearer JWTs from an external authorization server, verified with its JWKS."""
 
     issuer: str
@@ -125,7 +117,7 @@ class ExternalJwt(_Model):
         return value
 
 
-class Auth(_Model):
+class Auth(StrictModel):
     anonymous_role: str | None = None
     clients: GatewayClients = GatewayClients()
     jwt: ExternalJwt | None = None
@@ -133,7 +125,7 @@ class Auth(_Model):
     authorization_servers: tuple[str, ...] | None = None
 
 
-class AuditSink(_Model):
+class AuditSink(StrictModel):
     type: Literal["sqlite", "jsonl", "postgres"]
     path: Path | None = None  # sqlite, jsonl
     dsn: str | None = None  # postgres, e.g. postgresql://127.0.0.1/test
@@ -149,7 +141,7 @@ class AuditSink(_Model):
         return self
 
 
-class Audit(_Model):
+class Audit(StrictModel):
     sinks: tuple[AuditSink, ...] = Field((AuditSink(type="sqlite", path=Path("audit.db")),), min_length=1)
     # fail_closed: refuse requests (503) while a sink cannot write; buffer: keep up to max_buffer events in
     # memory and retry, refusing only when that is full. Neither drops an event without counting it.
@@ -161,7 +153,7 @@ class Audit(_Model):
     read_scope: str = "audit:read"  # the scope GET /admin/audit requires
 
 
-class Sessions(_Model):
+class Sessions(StrictModel):
     """Where legacy-era session bindings (session id -> principal) live."""
 
     backend: Literal["memory", "redis"] = "memory"
@@ -176,7 +168,7 @@ class Sessions(_Model):
         return self
 
 
-class Config(_Model):
+class Config(StrictModel):
     """The whole gateway configuration. `policy` is the compiled policy the `policy:` key names."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)

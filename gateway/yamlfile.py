@@ -10,15 +10,25 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 
-class YamlFileError(Exception):
-    """A YAML file cannot be read or parsed. `problems` holds one `FILE: where: why` line."""
+class ProblemsError(Exception):
+    """Something a person must fix in a file. `problems` holds one `FILE: key.path: why` line each."""
 
     def __init__(self, problems: list[str]) -> None:
         super().__init__("\n".join(problems))
         self.problems = problems
+
+
+class YamlFileError(ProblemsError):
+    """A YAML file cannot be read or parsed."""
+
+
+class StrictModel(BaseModel):
+    """Base of every model read from YAML: unknown keys are errors (a typo must not be ignored), values frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 def read_yaml(path: Path) -> tuple[Any, bytes]:

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from gateway.policy.globs import GlobIndex
-from gateway.yamlfile import YamlFileError, format_validation, read_yaml
+from gateway.yamlfile import ProblemsError, StrictModel, YamlFileError, format_validation, read_yaml
 
 LevelName = Literal["low", "standard", "high", "critical"]
 LEVELS: tuple[LevelName, ...] = ("low", "standard", "high", "critical")
@@ -31,16 +31,8 @@ CAPABILITIES = frozenset({
 })
 
 
-class PolicyError(Exception):
+class PolicyError(ProblemsError):
     """The policy file is invalid. `problems` holds one `FILE: key.path: why` line each."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = problems
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 def _known_capabilities(values: tuple[str, ...]) -> tuple[str, ...]:
@@ -50,7 +42,7 @@ def _known_capabilities(values: tuple[str, ...]) -> tuple[str, ...]:
     return values
 
 
-class PermissionSpec(_Model):
+class PermissionSpec(StrictModel):
     """The PermissionSet of a role. Unset keys are inherited; set ones replace the parent's."""
 
     can_list_resources: bool | None = None
@@ -62,7 +54,7 @@ class PermissionSpec(_Model):
     can_list_roots: bool | None = None
 
 
-class RoleSpec(_Model):
+class RoleSpec(StrictModel):
     inherits: tuple[str, ...] = ()
     security_level: LevelName | None = None
     capabilities: tuple[str, ...] = ()
@@ -74,7 +66,7 @@ class RoleSpec(_Model):
         return _known_capabilities(value)
 
 
-class Requirement(_Model):
+class Requirement(StrictModel):
     """What an item (tool, resource, prompt) demands beyond the permission to use it."""
 
     security_level: LevelName = "low"
@@ -86,7 +78,7 @@ class Requirement(_Model):
         return _known_capabilities(value)
 
 
-class Condition(_Model):
+class Condition(StrictModel):
     """A test on the principal; every key given must hold."""
 
     scope: str | None = None
@@ -103,22 +95,22 @@ class Condition(_Model):
         return self
 
 
-class BindingSpec(_Model):
+class BindingSpec(StrictModel):
     when: Condition
     roles: tuple[str, ...] = Field(min_length=1)
 
 
-class AuthLevelRule(_Model):
+class AuthLevelRule(StrictModel):
     when: Condition
     level: LevelName
 
 
-class AuthLevels(_Model):
+class AuthLevels(StrictModel):
     rules: tuple[AuthLevelRule, ...] = ()
     default: LevelName = "standard"
 
 
-class PolicySpec(_Model):
+class PolicySpec(StrictModel):
     roles: dict[str, RoleSpec] = Field(min_length=1)
     bindings: tuple[BindingSpec, ...] = ()
     tools: dict[str, Requirement] = Field(default_factory=dict)
