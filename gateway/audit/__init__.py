@@ -60,7 +60,6 @@ class AuditLog:
         self._lock = asyncio.Lock()
         self._closing = False
         self.failing: set[str] = set()  # names of sinks whose last write failed
-        self.written = 0
         self.chain = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"  # this writer's hash chain
 
     @property
@@ -141,7 +140,6 @@ class AuditLog:
                 for _ in range(size):
                     self._queue.popleft()
                 self._offsets = [offset - size for offset in self._offsets]
-                self.written += size
                 self._metrics.audit_queue_depth.set(len(self._queue))
                 self._metrics.audit_buffered.set(len(self._queue) if self.failing else 0)
 

@@ -23,7 +23,6 @@ from typing import Any
 
 import orjson
 
-RESULTS = ("allowed", "denied", "auth_failed", "invalid_request", "upstream_error", "error")
 GENESIS = "0" * 64  # prev_hash of the first event in a sink
 
 

@@ -126,8 +126,8 @@ class Authenticator:
         values = headers.get("authorization", [])
         if not values:
             if self._anonymous_role is not None:
-                return Principal(subject="anonymous", issuer="anonymous", roles=frozenset({self._anonymous_role}),
-                                 anonymous=True), "anonymous"
+                return Principal(subject="anonymous", issuer="anonymous",
+                                 roles=frozenset({self._anonymous_role})), "anonymous"
             raise AuthFailed("a bearer token is required", self.challenge(upstream_path), reason="no_token")
         if len(values) > 1:
             raise AuthFailed("one Authorization header, please", self.challenge(upstream_path, "invalid_request"),

@@ -30,7 +30,6 @@ class Principal:
     amr: frozenset[str] = frozenset()  # authentication methods used (RFC 8176): pwd, mfa, hwk, ...
     auth_time: float | None = None
     max_level: str | None = None  # a registered client's ceiling (security_level), whatever else it proves
-    anonymous: bool = False
 
     @property
     def identity(self) -> tuple[str, str, str]:
