@@ -18,7 +18,7 @@ from gateway.audit import AuditEvent, AuditUnavailable
 from gateway.audit.reading import BadQuery, query_from, reader_for
 from gateway.auth import AuthFailed
 from gateway.runtime import Runtime
-from gateway.types import ASGIScope, ASGISend, header_values
+from gateway.types import ASGIScope, ASGISend, header_values, send_json
 
 PATH = "/admin/audit"
 
@@ -58,12 +58,9 @@ async def serve_audit(runtime: Runtime, scope: ASGIScope, send: ASGISend) -> Non
         status = refusal.refusal.http_status
         event.result, event.reason = refusal.refusal.audit_result, refusal.reason
         payload = errors.error_body(refusal.refusal, None, refusal.detail)
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
-    if challenge is not None:
-        headers.append((b"www-authenticate", challenge.encode()))
+    headers = [(b"www-authenticate", challenge.encode())] if challenge is not None else []
     event.status = status
     event.duration_ms = round((time.perf_counter() - started) * 1000, 3)
     with contextlib.suppress(AuditUnavailable):  # counted by the audit log; the caller still gets its answer
         runtime.audit.record(event)
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": payload, "more_body": False})
+    await send_json(send, status, payload, headers)

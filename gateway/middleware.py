@@ -36,7 +36,16 @@ from gateway.metrics import method_label
 from gateway.policy import Decision, Policy, decide
 from gateway.responses import ResponseInspector, Rules
 from gateway.runtime import Runtime
-from gateway.types import ASGIApp, ASGIMessage, ASGIReceive, ASGIScope, ASGISend, RequestState, header_values
+from gateway.types import (
+    ASGIApp,
+    ASGIMessage,
+    ASGIReceive,
+    ASGIScope,
+    ASGISend,
+    RequestState,
+    header_values,
+    send_json,
+)
 
 log = logging.getLogger("gateway")
 
@@ -325,9 +334,7 @@ class MCPSecurityMiddleware:
             status, payload = denial.status, bodies[0]
             if denial.challenge is not None:
                 headers.append((b"www-authenticate", denial.challenge.encode()))
-        if payload:
-            headers = [_JSON, (b"content-length", str(len(payload)).encode()), *headers]
-        await _respond(send, status, headers, payload)
+        await send_json(send, status, payload, headers)
         self._audit_all(ex, status)
 
     async def _refuse(
@@ -339,8 +346,7 @@ class MCPSecurityMiddleware:
     ) -> None:
         request_id = ex.messages[0].id if len(ex.messages) == 1 else None
         payload = errors.error_body(refusal.refusal, request_id, refusal.detail)
-        headers = [_JSON, (b"content-length", str(len(payload)).encode()), *(extra_headers or [])]
-        await _respond(send, refusal.refusal.http_status, headers, payload)
+        await send_json(send, refusal.refusal.http_status, payload, extra_headers or [])
         method = (ex.messages[0].method or "response") if len(ex.messages) == 1 else ex.http_method
         self._record(ex, AuditEvent(
             result=refusal.refusal.audit_result,
@@ -400,7 +406,7 @@ class MCPSecurityMiddleware:
             if not inspector.response_started:
                 only_id = state.request_ids[0] if len(state.request_ids) == 1 else None
                 payload = errors.error_body(errors.INTERNAL, only_id)
-                await _respond(send, 500, [_JSON, (b"content-length", str(len(payload)).encode())], payload)
+                await send_json(send, 500, payload)
                 inspector.status = 500
             elif not inspector.finished:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -603,7 +609,7 @@ class MCPSecurityMiddleware:
             upstream = self.config.upstreams[0]
         if upstream is None:
             payload = b'{"error":"not_found"}'
-            await _respond(send, 404, [_JSON, (b"content-length", str(len(payload)).encode())], payload)
+            await send_json(send, 404, payload)
             return
         payload = orjson.dumps({
             "resource": self.config.resource_url(upstream),
@@ -611,7 +617,7 @@ class MCPSecurityMiddleware:
             "bearer_methods_supported": ["header"],
             "resource_name": upstream.name,
         })
-        await _respond(send, 200, [_JSON, (b"content-length", str(len(payload)).encode())], payload)
+        await send_json(send, 200, payload)
 
 
 def _replay(body: bytes, receive: ASGIReceive) -> ASGIReceive:
@@ -650,11 +656,6 @@ def _item_operation(method: str, item: dict[str, Any]) -> mcp.Operation | None:
     if key == "name":
         return mcp.Operation(kind, method, name=value)
     return mcp.Operation(kind, method, uri=value)
-
-
-async def _respond(send: ASGISend, status: int, headers: list[tuple[bytes, bytes]], payload: bytes) -> None:
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": payload, "more_body": False})
 
 
 def _first(headers: Mapping[str, list[str]], name: str) -> str | None:

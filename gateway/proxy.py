@@ -23,7 +23,7 @@ import aiohttp
 
 from gateway.config import Limits, Upstream
 from gateway.errors import UPSTREAM_TIMEOUT, UPSTREAM_UNAVAILABLE, Refusal, error_body
-from gateway.types import ASGIReceive, ASGIScope, ASGISend, RequestState
+from gateway.types import ASGIReceive, ASGIScope, ASGISend, RequestState, send_json
 
 log = logging.getLogger("gateway.proxy")
 
@@ -149,12 +149,7 @@ class UpstreamProxy:
             payload = b"[" + b",".join(error_body(refusal, i, kind) for i in ids) + b"]"
         else:
             payload = error_body(refusal, ids[0] if ids else None, kind)
-        await send({
-            "type": "http.response.start",
-            "status": refusal.http_status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
-        })
-        await send({"type": "http.response.body", "body": payload, "more_body": False})
+        await send_json(send, refusal.http_status, payload)
 
 
 def _error_kind(exc: BaseException, started: bool) -> str:

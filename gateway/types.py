@@ -23,6 +23,15 @@ class RequestState:
     upstream_error: str | None = None
 
 
+async def send_json(send: ASGISend, status: int, payload: bytes,
+                    headers: list[tuple[bytes, bytes]] | tuple[tuple[bytes, bytes], ...] = ()) -> None:
+    """A whole answer: a JSON body with its length (or no body at all), plus `headers`."""
+    framing = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": [*(framing if payload else []),
+                                                                                *headers]})
+    await send({"type": "http.response.body", "body": payload, "more_body": False})
+
+
 def header_values(scope: Mapping[str, Any]) -> dict[str, list[str]]:
     """Request headers by lowercase name, every value kept (repeats matter for routing headers)."""
     out: dict[str, list[str]] = {}

@@ -32,7 +32,7 @@ from cachetools import TTLCache
 from gateway.audit import AuditEvent, AuditUnavailable
 from gateway.auth.keys import ALGORITHM
 from gateway.auth.secrets import secret_matches
-from gateway.types import ASGIReceive, ASGIScope, ASGISend, header_values
+from gateway.types import ASGIReceive, ASGIScope, ASGISend, header_values, send_json
 
 if TYPE_CHECKING:
     from gateway.config import RegisteredClient
@@ -215,8 +215,4 @@ async def _form(scope: ASGIScope, receive: ASGIReceive) -> dict[str, str]:
 
 async def _json(send: ASGISend, status: int, body: dict[str, Any],
                 extra: list[tuple[bytes, bytes]] | None = None) -> None:
-    payload = orjson.dumps(body)
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-               (b"cache-control", b"no-store"), *(extra or [])]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": payload, "more_body": False})
+    await send_json(send, status, orjson.dumps(body), [(b"cache-control", b"no-store"), *(extra or [])])
