@@ -74,7 +74,6 @@ class _Exchange:
     source_ip: str | None
     started: float = field(default_factory=time.perf_counter)
     policy: Policy | None = None  # one snapshot per request: a reload never changes it half-way
-    policy_tools: frozenset[str] = frozenset()  # tool names the policy spells out (bounded metric labels)
     principal: Principal | None = None
     era: mcp.Era | None = None
     protocol_version: str | None = None
@@ -278,7 +277,6 @@ class MCPSecurityMiddleware:
     def _decide(self, ex: _Exchange) -> None:
         assert ex.principal is not None
         policy = ex.policy = self.runtime.policy
-        ex.policy_tools = self.runtime.policy_tools
         ex.decisions = tuple(decide(ex.principal, op, policy) if op is not None else None for op in ex.operations)
 
     def _denials(self, ex: _Exchange) -> dict[int, _Denial]:
@@ -514,7 +512,8 @@ class MCPSecurityMiddleware:
             decision = ex.decisions[index] if index < len(ex.decisions) else None
             if op is None or decision is None:
                 continue
-            tool = op.name if op.kind == "tool_call" and op.name in ex.policy_tools else "other"
+            assert ex.policy is not None
+            tool = op.name if op.kind == "tool_call" and op.name in ex.policy.named_tools else "other"
             self.runtime.metrics.decisions.labels("allowed" if decision.allowed else decision.outcome,
                                                   decision.reason, tool if op.kind == "tool_call" else "").inc()
             if not decision.allowed:

@@ -35,7 +35,6 @@ class Runtime:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.policy: Policy = config.policy
-        self.policy_tools = config.policy.named_tools
         self.signing_key = load_or_create_signing_key(config.auth.clients.signing_key_file)
         self.metrics = Metrics()
         self.sessions: SessionStore = open_sessions(config.sessions)
@@ -88,7 +87,7 @@ class Runtime:
             return False
         if fresh.version != self.policy.version:
             log.info("policy %s reloaded: version %s -> %s", path, self.policy.version, fresh.version)
-        self.policy, self.policy_tools = fresh, fresh.named_tools
+        self.policy = fresh
         self.metrics.policy_reloads.labels("ok").inc()
         return True
 

@@ -189,11 +189,7 @@ class Policy:
     deny_detail: Literal["minimal", "explain"]
     version: str
     source: str
-
-    @property
-    def named_tools(self) -> frozenset[str]:
-        """Tool names the policy spells out: the only tool names allowed as metric label values."""
-        return frozenset().union(self.tools.index.exact, *(role.tools.exact for role in self.roles.values()))
+    named_tools: frozenset[str]  # tool names the policy spells out: the only ones allowed as metric labels
 
     @property
     def scopes(self) -> tuple[str, ...]:
@@ -263,13 +259,14 @@ def compile_policy(spec: PolicySpec, *, version: str, source: str) -> Policy:
         if binding.when.scope is not None:
             for role_name in binding.roles:
                 scope_bindings.setdefault(role_name, []).append(index)
+    tool_requirements = _requirements(spec.tools)
     return Policy(
         roles=roles,
         bindings=bindings,
         bindings_by_key={k: tuple(v) for k, v in by_key.items()},
         unindexed_bindings=tuple(unindexed),
         scope_bindings={k: tuple(v) for k, v in scope_bindings.items()},
-        tools=_requirements(spec.tools),
+        tools=tool_requirements,
         resources=_requirements(spec.resources),
         prompts=_requirements(spec.prompts),
         auth_rules=spec.authentication_levels.rules,
@@ -278,6 +275,7 @@ def compile_policy(spec: PolicySpec, *, version: str, source: str) -> Policy:
         deny_detail=spec.deny_detail,
         version=version,
         source=source,
+        named_tools=frozenset().union(tool_requirements.index.exact, *(role.tools.exact for role in roles.values())),
     )
 
 
