@@ -446,22 +446,23 @@ class MCPSecurityMiddleware:
             op = _item_operation(method, item)
             return op is not None and decide(principal, op, policy).visible
 
-        def server_request(message: dict[str, Any]) -> bool:
-            op = mcp.classify_server_request(jsonrpc.Message("request", message.get("id"), message.get("method"),
-                                                             message.get("params"), message))
+        def police(message: dict[str, Any], request_id: jsonrpc.JsonRpcId) -> tuple[mcp.Operation, Decision]:
+            """Decide and audit one server->client request (on a stream, or in inputRequests)."""
+            method = message.get("method")
+            op = mcp.classify_server_request(jsonrpc.Message(
+                "request", request_id, method if isinstance(method, str) else None, message.get("params"), message))
             decision = decide(principal, op, policy)
             self._audit_server_request(ex, op, decision)
+            return op, decision
+
+        def server_request(message: dict[str, Any]) -> bool:
+            op, decision = police(message, message.get("id"))
             if not decision.allowed:
                 self._tell_upstream(ex, scope, op, decision)
             return decision.allowed
 
         def input_request(request: dict[str, Any]) -> bool:
-            method = request.get("method")
-            op = mcp.classify_server_request(jsonrpc.Message("request", None, method if isinstance(method, str)
-                                                             else None, request.get("params"), request))
-            decision = decide(principal, op, policy)
-            self._audit_server_request(ex, op, decision)
-            return decision.allowed
+            return police(request, None)[1].allowed
 
         def learn(method: str, result: dict[str, Any]) -> None:
             if method == "tools/list":
