@@ -45,12 +45,16 @@ def create_app(config: Config | str | Path) -> MCPSecurityMiddleware:
         return JSONResponse({"status": "ok"})
 
     async def readyz(_: Request) -> Response:
-        """Ready: config loaded (it is, or we would not run), started, and the audit trail taking events."""
+        """Ready: config loaded (it is, or we would not run), started, the audit trail taking events, and the
+        external issuer's keys at hand (without them no token of its could be verified)."""
         checks = {
             "started": runtime.started,
             "audit_sinks_writable": not runtime.audit.failing,
             "audit_accepting": runtime.audit.accepting(),
         }
+        jwks = await runtime.authenticator.jwks_ready()
+        if jwks is not None:
+            checks["jwks_keys"] = jwks
         ready = all(checks.values())
         body = {"status": "ready" if ready else "not ready", "checks": checks,
                 "failing_sinks": sorted(runtime.audit.failing), "policy_version": runtime.policy.version}

@@ -1,4 +1,5 @@
-"""The `mcp-gateway` command: serve, check-config, issue-token, policy explain|test, audit query|verify.
+"""The `mcp-gateway` command: serve, check-config, issue-token, hash-secret, policy explain|test,
+audit query|verify, sessions list|revoke.
 
 Owns argument parsing and exit codes: 0 success, 2 invalid configuration
 (each problem printed as `FILE: key.path: why`), 1 anything else.
@@ -212,6 +213,48 @@ def _audit_verify(args: argparse.Namespace) -> int:
     return 1 if broken else 0
 
 
+def _sessions(args: argparse.Namespace) -> int:
+    """List or revoke token sessions through the running gateway's admin API, with a one-minute token the
+    command signs itself (it reads the gateway's key, as issue-token does: whoever can read the key is admin)."""
+    import urllib.error
+    import urllib.request
+
+    from gateway.auth import Authenticator, load_or_create_signing_key
+
+    config = load_config(args.config)
+    authenticator = Authenticator(config, load_or_create_signing_key(config.auth.clients.signing_key_file))
+    token = authenticator.issue_token(subject="mcp-gateway-cli", audience=f"{config.public_url}/admin",
+                                      scopes=[config.sessions.admin_scope], ttl_s=60)
+    base = (args.url or f"http://{config.listen.host}:{config.listen.port}").rstrip("/")
+    if args.action == "revoke":
+        request = urllib.request.Request(f"{base}/admin/sessions/{args.id}", method="DELETE")
+    else:
+        request = urllib.request.Request(f"{base}/admin/sessions")
+    request.add_header("authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            answer = json.loads(response.read())
+    except urllib.error.HTTPError as failed:
+        body = json.loads(failed.read() or b"{}")
+        print(f"{failed.code}: {body.get('error', {}).get('message', failed.reason)}", file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError) as failed:
+        print(f"cannot reach the gateway at {base}: {failed}", file=sys.stderr)
+        return 1
+    if args.action == "revoke":
+        print(f"revoked {answer['revoked']}")
+    elif args.format == "json":
+        print(json.dumps(answer["sessions"], indent=2))
+    else:
+        print(f"{'TOKEN ID':34} {'CLIENT':16} {'SUBJECT':16} {'ISSUED':20} {'LAST SEEN':20} {'EXPIRES':20} STATE")
+        for item in answer["sessions"]:
+            state = "revoked" if item["revoked"] else "active"
+            print(f"{item['token_id']:34} {item['client_id'] or '-':16} {item['subject']:16} "
+                  f"{_when(item['issued_at']):20} {_when(item['last_seen']) if item['last_seen'] else '-':20} "
+                  f"{_when(item['expires_at']):20} {state}")
+    return 0
+
+
 def _hash_secret(args: argparse.Namespace) -> int:
     import getpass
 
@@ -288,6 +331,17 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--config", required=True)
     verify.add_argument("--sink", help="index or type of one sink (default: all)")
     verify.set_defaults(func=_audit_verify)
+
+    sessions = commands.add_parser("sessions", help="list and revoke token sessions (via the running gateway)")
+    session_actions = sessions.add_subparsers(dest="action", required=True)
+    listing = session_actions.add_parser("list", help="tokens that have not expired: who, issued, last seen")
+    revoke = session_actions.add_parser("revoke", help="revoke a token: refused on its next request")
+    revoke.add_argument("id", help="the token id (jti), as `sessions list` shows it")
+    listing.add_argument("--format", choices=["table", "json"], default="table")
+    for action in (listing, revoke):
+        action.add_argument("--config", required=True)
+        action.add_argument("--url", help="the gateway's address; default: http://listen.host:listen.port")
+        action.set_defaults(func=_sessions)
     return parser
 
 

@@ -48,6 +48,9 @@ class Upstream(StrictModel):
     path: str = Field(pattern=r"^/[^?#]*$")
     url: str | None = None  # required by `serve`; absent when the gateway wraps an in-process app
     headers: dict[str, str] = Field(default_factory=dict)
+    # Send the upstream who is calling: a 60 s JWT signed with the gateway's key (aud = the upstream's URL)
+    # in X-MCP-Identity, verifiable with the gateway's JWKS. A client's own X-MCP-Identity never passes.
+    identity_header: bool = False
 
     @field_validator("url")
     @classmethod
@@ -117,12 +120,49 @@ class ExternalJwt(StrictModel):
         return value
 
 
+class Introspection(StrictModel):
+    """RFC 7662 token introspection, for opaque tokens (and JWTs no configured key can verify)."""
+
+    url: str
+    client_id: str
+    client_secret: str  # write ${INTROSPECTION_SECRET}: the value comes from the environment
+    issuer: str | None = None  # when set, an answer naming another `iss` is refused
+    cache_s: float = Field(60, ge=0)  # an answer is reused for at most this long (and never past the token's exp)
+    timeout_s: float = Field(5, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+
 class Auth(StrictModel):
     anonymous_role: str | None = None
+    # The protected resource's URL, which tokens' `aud` must name. Default: public_url + the upstream's path.
+    # Only with one upstream: each upstream is its own resource.
+    resource: str | None = None
     clients: GatewayClients = GatewayClients()
     jwt: ExternalJwt | None = None
+    introspection: Introspection | None = None
     # Authorization servers advertised in the RFC 9728 metadata; default: jwt.issuer, and the gateway itself.
     authorization_servers: tuple[str, ...] | None = None
+    # Scopes advertised in the RFC 9728 metadata; default: every scope the policy binds.
+    scopes_supported: tuple[str, ...] | None = None
+    # A broader scope implies narrower ones (transitively): {mcp:admin: [mcp:tools, mcp:read]}.
+    scope_hierarchy: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+
+    @field_validator("resource")
+    @classmethod
+    def _resource_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+            raise ValueError("must be an absolute http:// or https:// URL without query or fragment")
+        return value.rstrip("/")
 
 
 class AuditSink(StrictModel):
@@ -154,12 +194,13 @@ class Audit(StrictModel):
 
 
 class Sessions(StrictModel):
-    """Where legacy-era session bindings (session id -> principal) live."""
+    """Where legacy-era session bindings (session id -> principal), token sessions and revocations live."""
 
     backend: Literal["memory", "redis"] = "memory"
     url: str | None = None  # redis://127.0.0.1:6379/0
     ttl_s: float = Field(3600, gt=0)  # a binding unused this long ends
     max_sessions: int = Field(100_000, gt=0)  # memory backend
+    admin_scope: str = "sessions:admin"  # the scope /admin/sessions (and `mcp-gateway sessions`) requires
 
     @model_validator(mode="after")
     def _redis_url(self) -> Sessions:
@@ -216,6 +257,9 @@ class Config(StrictModel):
         names = [u.name for u in self.upstreams]
         if len(set(names)) != len(names):
             raise ValueError("upstream names must be unique")
+        if self.auth.resource is not None and len(self.upstreams) > 1:
+            raise ValueError("auth.resource names one protected resource: with several upstreams, each is "
+                             "public_url + its path")
         role = self.auth.anonymous_role
         if role is not None and role not in self.policy.roles:
             raise ValueError(f"auth.anonymous_role {role!r} is not a role in the policy")
@@ -233,7 +277,7 @@ class Config(StrictModel):
 
     def resource_url(self, upstream: Upstream) -> str:
         """The protected resource's URL for an upstream: what tokens' `aud` must name."""
-        return f"{self.public_url}{upstream.path}"
+        return self.auth.resource or f"{self.public_url}{upstream.path}"
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

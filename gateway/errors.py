@@ -13,6 +13,7 @@ reader sees the whole catalogue in one screen:
                       METHOD_NOT_ALLOWED    405  -32600  HTTP method other than POST, GET, DELETE
                       FORBIDDEN_ORIGIN      403  -32600  Origin not public_url's nor allowed
                       INVALID_PARAMS        400  -32602  known method, unreadable target (tools/call w/o name)
+                      NOT_FOUND             404  -32602  admin API: no such token session
     auth_failed       UNAUTHORIZED          401  -32001  no / bad / expired / revoked token
     denied            FORBIDDEN             403  -32011  policy refused (AuthorizationDenied); with an
                                                            insufficient_scope challenge when a scope would grant it
@@ -62,6 +63,7 @@ BAD_CONTENT_TYPE = Refusal("bad_content_type", 415, -32600, "invalid_request", "
 METHOD_NOT_ALLOWED = Refusal("method_not_allowed", 405, -32600, "invalid_request", "Method not allowed")
 FORBIDDEN_ORIGIN = Refusal("forbidden_origin", 403, -32600, "invalid_request", "Forbidden origin")
 INVALID_PARAMS = Refusal("invalid_params", 400, -32602, "invalid_request", "Invalid params")
+NOT_FOUND = Refusal("not_found", 404, -32602, "invalid_request", "Not found")
 UNAUTHORIZED = Refusal("unauthorized", 401, -32001, "auth_failed", "Unauthorized")
 FORBIDDEN = Refusal("forbidden", 403, -32011, "denied", "Forbidden")
 SECURITY_LEVEL = Refusal("security_level", 401, -32012, "denied", "Stronger authentication required")
@@ -85,6 +87,7 @@ CATALOGUE: tuple[Refusal, ...] = (
     METHOD_NOT_ALLOWED,
     FORBIDDEN_ORIGIN,
     INVALID_PARAMS,
+    NOT_FOUND,
     UNAUTHORIZED,
     FORBIDDEN,
     SECURITY_LEVEL,

@@ -100,7 +100,12 @@ class Metrics:
             ["kind"], registry=self.registry,
         )
         self.revocations = Counter(
-            "mcp_gateway_revocations_total", "Tokens revoked at /oauth/revoke.", registry=self.registry,
+            "mcp_gateway_revocations_total", "Tokens revoked (POST /oauth/revoke, /admin/sessions).",
+            registry=self.registry,
+        )
+        self.introspections = Counter(
+            "mcp_gateway_introspections_total", "RFC 7662 introspection calls, by outcome (active, inactive, error).",
+            ["outcome"], registry=self.registry,
         )
         self.jwks_refreshes = Counter(
             "mcp_gateway_jwks_refreshes_total", "Fetches of the external issuer's JWKS, by outcome.",

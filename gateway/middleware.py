@@ -33,7 +33,7 @@ from gateway.auth import AuthFailed, Principal, server
 from gateway.auth.server import AuthorizationServer
 from gateway.config import Config, Upstream, load_config
 from gateway.metrics import method_label
-from gateway.policy import Decision, Policy, decide
+from gateway.policy import Decision, Policy, decide, roles_for
 from gateway.responses import ResponseInspector, Rules
 from gateway.runtime import Runtime
 from gateway.types import (
@@ -128,9 +128,9 @@ class MCPSecurityMiddleware:
         elif scope["type"] == "http" and path in server.PATHS:
             self.runtime.start()
             await self._authorization_server(scope, receive, send)
-        elif scope["type"] == "http" and path == admin.PATH:
+        elif scope["type"] == "http" and admin.serves(path):
             self.runtime.start()
-            await admin.serve_audit(self.runtime, scope, send)
+            await admin.serve(self.runtime, scope, send)
         else:
             await self.app(scope, receive, send)
 
@@ -364,7 +364,13 @@ class MCPSecurityMiddleware:
         send: ASGISend,
     ) -> None:
         forwarded = [i for i in range(len(ex.messages)) if i not in denied]
-        headers = [(n, v) for n, v in scope["headers"] if n not in (b"authorization", b"content-length")]
+        # The client's token stays here; an X-MCP-Identity only ever comes from the gateway.
+        headers = [(n, v) for n, v in scope["headers"] if n not in _NOT_FORWARDED]
+        if ex.upstream.identity_header and ex.principal is not None:
+            policy = ex.policy or self.runtime.policy
+            identity = self.runtime.authenticator.identity_token(
+                ex.principal, roles_for(ex.principal, policy), ex.upstream.url or self.config.resource_url(ex.upstream))
+            headers.append((b"x-mcp-identity", identity.encode()))
         body, headers = self._rewritten(ex, forwarded, body, headers)
         if ex.http_method == "POST":
             headers.append((b"content-length", str(len(body)).encode()))
@@ -600,6 +606,12 @@ class MCPSecurityMiddleware:
             return auth.authorization_servers
         return (*((auth.jwt.issuer,) if auth.jwt is not None else ()), self.config.public_url)
 
+    def _scopes_supported(self) -> tuple[str, ...]:
+        auth = self.config.auth
+        if auth.scopes_supported is not None:
+            return auth.scopes_supported
+        return tuple(sorted(set(self.runtime.policy.scopes) | set(auth.scope_hierarchy)))
+
     async def _protected_resource_metadata(self, path: str, send: ASGISend) -> None:
         """RFC 9728 metadata, built from `public_url` (never from the request's Host)."""
         suffix = path[len(self._metadata_prefix):]
@@ -615,9 +627,13 @@ class MCPSecurityMiddleware:
             "resource": self.config.resource_url(upstream),
             "authorization_servers": list(self._authorization_servers()),
             "bearer_methods_supported": ["header"],
+            "scopes_supported": list(self._scopes_supported()),
             "resource_name": upstream.name,
         })
         await send_json(send, 200, payload)
+
+
+_NOT_FORWARDED = frozenset({b"authorization", b"content-length", b"x-mcp-identity"})
 
 
 def _replay(body: bytes, receive: ASGIReceive) -> ASGIReceive:

@@ -38,7 +38,7 @@ class Runtime:
         self.signing_key = load_or_create_signing_key(config.auth.clients.signing_key_file)
         self.metrics = Metrics()
         self.sessions: SessionStore = open_sessions(config.sessions)
-        self.authenticator = Authenticator(config, self.signing_key, metrics=self.metrics, revocations=self.sessions)
+        self.authenticator = Authenticator(config, self.signing_key, metrics=self.metrics, sessions=self.sessions)
         self.audit = AuditLog(config.audit, self.metrics)
         # Per upstream: tool name -> inputSchema, learnt from tools/list results passing through,
         # so that 2026-07-28 Mcp-Param-* headers can be checked against the tool's declaration.
@@ -71,6 +71,7 @@ class Runtime:
             self._watcher.cancel()
             self._watcher = None
         await self.audit.close()
+        await self.authenticator.close()
         await self.sessions.close()
         self.started = False
 

@@ -173,13 +173,15 @@ class Recorder:
 
 
 def write_config(directory: Path, upstream_url: str | None, *, policy: Mapping[str, Any] | None = None,
-                 **overrides: Any) -> Path:
-    """A gateway config (and policy file) in `directory`; `overrides` replace top-level keys."""
+                 upstream_options: Mapping[str, Any] | None = None, **overrides: Any) -> Path:
+    """A gateway config (and policy file) in `directory`; `overrides` replace top-level keys,
+    `upstream_options` are added to the one upstream's."""
     policy_path = directory / "policy.yaml"
     policy_path.write_text(yaml.safe_dump(dict(policy) if policy is not None else DEFAULT_POLICY))
     upstream: dict[str, Any] = {"name": "demo", "path": "/mcp", "headers": {"X-Api-Key": "upstream-secret"}}
     if upstream_url is not None:
         upstream["url"] = upstream_url
+    upstream.update(upstream_options or {})
     config: dict[str, Any] = {
         "public_url": "http://127.0.0.1:1",  # replaced once the gateway's port is known
         "upstreams": [upstream],

@@ -232,3 +232,22 @@ def test_config_refuses_symmetric_algorithms(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as raised:
         load_config(path)
     assert any("auth.jwt.algorithms: HS256, none not allowed" in line for line in raised.value.problems)
+
+
+def test_readyz_reports_whether_the_issuers_keys_are_at_hand(tmp_path: Path) -> None:
+    idp = Idp()
+    dead = Idp()
+    dead.stop()  # an issuer that never answers
+    for name in ("up", "down"):
+        (tmp_path / name).mkdir()
+    ready = behind(tmp_path / "up", idp, min_refresh_interval_s=0)
+    unready = behind(tmp_path / "down", dead, min_refresh_interval_s=0)
+    try:
+        answer = httpx.get(f"{ready.gateway.url}/readyz")
+        assert answer.status_code == 200 and answer.json()["checks"]["jwks_keys"] is True
+        answer = httpx.get(f"{unready.gateway.url}/readyz")
+        assert answer.status_code == 503 and answer.json()["checks"]["jwks_keys"] is False
+    finally:
+        ready.stop()
+        unready.stop()
+        idp.stop()

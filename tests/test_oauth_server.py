@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -145,3 +146,53 @@ def test_hash_secret_prints_a_hash_that_matches_and_refuses_short_secrets() -> N
                            capture_output=True, text=True, cwd=ROOT)
     assert short.returncode == 2
 
+
+
+def _cli(deployment: Deployment, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gateway.cli", "sessions", *args, "--config",
+                           str(deployment.config_path), "--url", deployment.gateway.url],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+
+
+def test_sessions_list_shows_issued_tokens_and_sessions_revoke_ends_one(gateway_as: Deployment) -> None:
+    used = token_request(gateway_as).json()["access_token"]
+    unused = token_request(gateway_as).json()["access_token"]
+    used_id, unused_id = (jwt.decode(t, options={"verify_signature": False})["jti"] for t in (used, unused))
+    assert call(gateway_as, used).status_code == 200
+
+    listed = _cli(gateway_as, "list", "--format", "json")
+    assert listed.returncode == 0, listed.stderr
+    sessions = {s["token_id"]: s for s in json.loads(listed.stdout)}
+    assert {s["subject"] for s in sessions.values()} == {"ci-bot", "mcp-gateway-cli"}  # the command's own, too
+    assert {i for i, s in sessions.items() if s["subject"] == "ci-bot"} == {used_id, unused_id}
+    assert sessions[used_id]["client_id"] == "ci-bot" and sessions[used_id]["scopes"] == ["mcp:tools"]
+    assert sessions[used_id]["last_seen"] is not None and sessions[unused_id]["last_seen"] is None
+    assert sessions[used_id]["issued_at"] <= sessions[used_id]["last_seen"] < sessions[used_id]["expires_at"]
+    table = _cli(gateway_as, "list")
+    assert used_id in table.stdout and "active" in table.stdout
+
+    revoked = _cli(gateway_as, "revoke", used_id)
+    assert revoked.returncode == 0 and revoked.stdout.strip() == f"revoked {used_id}"
+    before = len(gateway_as.recorder.requests)
+    refused = call(gateway_as, used)
+    assert refused.status_code == 401 and 'error="invalid_token"' in refused.headers["www-authenticate"]
+    assert len(gateway_as.recorder.requests) == before  # never reached the upstream
+    assert call(gateway_as, unused).status_code == 200
+    assert "revoked" in _cli(gateway_as, "list").stdout
+    missing = _cli(gateway_as, "revoke", "no-such-token")
+    assert missing.returncode == 1 and "404" in missing.stderr
+    events = [(e["operation"], e["result"], e["reason"]) for e in gateway_as.audit_events()]
+    assert ("admin/sessions:delete", "allowed", f"admin:revoked:{used_id}") in events
+    assert [r for _, r, why in events if why == "revoked"] == ["auth_failed"]
+    assert ("admin/sessions:delete", "invalid_request", "admin:no_such_session") in events
+
+
+def test_the_sessions_api_needs_the_admin_scope(gateway_as: Deployment) -> None:
+    admin = f"{gateway_as.gateway.url}/admin/sessions"
+    bot = token_request(gateway_as).json()["access_token"]  # mcp:tools only
+    forbidden = httpx.get(admin, headers={"Authorization": f"Bearer {bot}"})
+    assert forbidden.status_code == 403 and 'scope="sessions:admin"' in forbidden.headers["www-authenticate"]
+    assert httpx.get(admin).status_code == 401
+    assert httpx.delete(f"{admin}/x", headers={"Authorization": f"Bearer {bot}"}).status_code == 403
+    assert [(e["operation"], e["result"]) for e in gateway_as.audit_events()][-3:] == [
+        ("admin/sessions", "denied"), ("admin/sessions", "auth_failed"), ("admin/sessions:delete", "denied")]

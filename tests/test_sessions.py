@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from gateway import create_app
+from gateway.config import Sessions
+from gateway.sessions import TokenSession, open_sessions
 from tests.harness import Deployment, ServerThread, deploy, free_port, write_config
 from tests.test_bad_input import BASE_HEADERS, modern
 
@@ -99,3 +104,26 @@ def test_replicas_share_bindings_through_redis(tmp_path: Path) -> None:
     finally:
         replica.stop()
         deployment.stop()
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_token_sessions_record_use_and_revocation_in_either_store(backend: str) -> None:
+    store = open_sessions(Sessions(**(REDIS if backend == "redis" else {})))
+    now = time.time()
+    mine = f"t-{uuid.uuid4().hex}"
+    session = TokenSession(token_id=mine, subject="ci-bot", client_id="ci-bot", issuer="http://gw",
+                           scopes=("mcp:tools",), issued_at=now, expires_at=now + 60)
+    expired = TokenSession(**{**session.as_dict(), "token_id": f"x-{uuid.uuid4().hex}", "expires_at": now - 1})
+    try:
+        await store.open_token(session)
+        await store.open_token(expired)
+        listed = {t.token_id: t for t in await store.tokens()}
+        assert listed[mine].last_seen is None and expired.token_id not in listed
+        assert await store.token_used(session) is False
+        listed = {t.token_id: t for t in await store.tokens()}
+        assert listed[mine].last_seen is not None and listed[mine].scopes == ("mcp:tools",)
+        await store.revoke(mine, session.expires_at)
+        assert await store.token_used(session) is True
+        assert {t.token_id: t for t in await store.tokens()}[mine].revoked
+    finally:
+        await store.close()

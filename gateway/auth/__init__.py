@@ -7,10 +7,17 @@ tokens keyed by the token's hash until its expiry (the signature is checked
 once per token, not once per request), the anonymous role for token-less
 callers when configured, and the `WWW-Authenticate` challenge whose
 `resource_metadata` URL is built from `public_url`, never from the request.
+
+Also: external JWTs (JWKS), opaque tokens (RFC 7662 introspection), the
+scope hierarchy (a broader scope implies narrower ones), token sessions
+(each gateway token's last use, and every token's revocation, checked on
+every request, cached tokens included), and the short-lived identity tokens
+an upstream may ask for in `X-MCP-Identity`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 import uuid
@@ -20,10 +27,12 @@ from typing import TYPE_CHECKING, Any
 import jwt
 from cachetools import TTLCache
 
+from gateway.auth.introspection import IntrospectionUnavailable, Introspector
 from gateway.auth.jwks import JwksCache
 from gateway.auth.keys import ALGORITHM, SigningKey, load_or_create_signing_key
 from gateway.auth.principal import Principal
 from gateway.errors import UNAUTHORIZED, GatewayRefusal
+from gateway.sessions import TokenSession
 
 if TYPE_CHECKING:
     from gateway.config import Config
@@ -33,6 +42,9 @@ if TYPE_CHECKING:
 __all__ = ["Authenticator", "Principal", "SigningKey", "load_or_create_signing_key"]
 
 _LEEWAY_S = 30
+IDENTITY_TYPE = "mcp-identity+jwt"  # the `typ` of X-MCP-Identity tokens: never accepted as an access token
+IDENTITY_TTL_S = 60
+_TOUCH_EVERY_S = 10  # a token's last use is written at most this often
 
 
 class AuthFailed(GatewayRefusal):
@@ -54,22 +66,37 @@ class Authenticator:
         signing_key: the gateway's own key; tokens it signed are accepted.
         cache_size: how many verified tokens to remember (each until it expires).
         metrics: where attempts and token-cache lookups are counted.
-        revocations: where revoked token ids are looked up (every request, cached tokens included).
+        sessions: where token sessions and revoked token ids live (looked up on every request, cached
+            tokens included).
     """
 
     def __init__(self, config: Config, signing_key: SigningKey, *, cache_size: int = 10_000,
-                 metrics: Metrics | None = None, revocations: SessionStore | None = None) -> None:
+                 metrics: Metrics | None = None, sessions: SessionStore | None = None) -> None:
         self._config = config
         self._metrics = metrics
-        self._revocations = revocations
+        self._sessions = sessions
         self._key = signing_key
         self._public = signing_key.public
         self._issuer = config.public_url
         self._anonymous_role = config.auth.anonymous_role
-        self._jwks = JwksCache(config.auth.jwt, metrics) if config.auth.jwt is not None else None
-        self._verified: TTLCache[str, tuple[Principal, str | tuple[str, ...], str]] = TTLCache(
-            maxsize=cache_size, ttl=config.auth.clients.token_ttl_s
+        auth = config.auth
+        self._jwks = JwksCache(auth.jwt, metrics) if auth.jwt is not None else None
+        self._introspector = Introspector(auth.introspection, metrics) if auth.introspection is not None else None
+        self._implied = implied_scopes(auth.scope_hierarchy)
+        # token hash -> (principal, the audience it was verified for, source, valid until)
+        self._verified: TTLCache[str, tuple[Principal, str | tuple[str, ...], str, float]] = TTLCache(
+            maxsize=cache_size, ttl=max(auth.clients.token_ttl_s, 3600)
         )
+        self._touched: TTLCache[str, bool] = TTLCache(maxsize=cache_size, ttl=_TOUCH_EVERY_S)
+        self._identities: TTLCache[tuple[Any, ...], str] = TTLCache(maxsize=cache_size, ttl=IDENTITY_TTL_S / 2)
+
+    async def close(self) -> None:
+        if self._introspector is not None:
+            await self._introspector.close()
+
+    async def jwks_ready(self) -> bool | None:
+        """Whether the external issuer's keys are at hand (fetching them if none are); None without an issuer."""
+        return None if self._jwks is None else await self._jwks.ready()
 
     def metadata_url(self, upstream_path: str) -> str:
         """RFC 9728 metadata URL for a resource at `upstream_path` (path-suffixed form)."""
@@ -143,18 +170,18 @@ class Authenticator:
                       ) -> tuple[Principal, str]:
         digest = hashlib.sha256(token.encode()).hexdigest()
         cached = self._verified.get(digest)
-        now = time.time()
         if cached is not None:
-            principal, cached_for, source = cached
-            if cached_for == resource and (principal.expires_at is None or principal.expires_at + _LEEWAY_S > now):
+            principal, cached_for, source, valid_until = cached
+            if cached_for == resource and valid_until > time.time():
                 if self._metrics is not None:
                     self._metrics.token_cache.labels("hit").inc()
-                await self._refuse_if_revoked(principal, source, upstream_path)
+                await self._check_token(principal, source, upstream_path)
                 return principal, source
         if self._metrics is not None:
             self._metrics.token_cache.labels("miss").inc()
+        audiences = (resource,) if isinstance(resource, str) else resource
         try:
-            claims, source = await self._decode(token, resource if isinstance(resource, str) else list(resource))
+            claims, source, valid_until = await self._claims(token, audiences)
         except AuthFailed as failed:
             failed.challenge = self.challenge(upstream_path, failed.error)
             raise
@@ -165,27 +192,56 @@ class Authenticator:
         if not isinstance(claims.get("sub"), str):
             raise self._invalid(upstream_path, "token names no subject", "missing_claim:sub", source)
         principal = principal_from_claims(claims)
-        await self._refuse_if_revoked(principal, source, upstream_path)
-        self._verified[digest] = (principal, resource, source)
+        if self._implied:
+            principal = dataclasses.replace(principal, scopes=expand_scopes(principal.scopes, self._implied))
+        await self._check_token(principal, source, upstream_path)
+        self._verified[digest] = (principal, resource, source, valid_until)
         return principal, source
 
-    async def _refuse_if_revoked(self, principal: Principal, source: str, upstream_path: str) -> None:
-        if source == "gateway" and principal.token_id is not None and self._revocations is not None \
-                and await self._revocations.revoked(principal.token_id):
+    async def _check_token(self, principal: Principal, source: str, upstream_path: str) -> None:
+        """Refuse a revoked token; note when a gateway token was last used (at most every few seconds)."""
+        token_id = principal.token_id
+        if token_id is None or self._sessions is None:
+            return
+        if source == "gateway" and token_id not in self._touched:
+            self._touched[token_id] = True
+            revoked = await self._sessions.token_used(token_session(principal))
+        else:
+            revoked = await self._sessions.revoked(token_id)
+        if revoked:
             raise self._invalid(upstream_path, "token revoked", "revoked", source)
 
-    async def _decode(self, token: str, audience: str | list[str]) -> tuple[dict[str, Any], str]:
-        """Verified claims, and which issuer vouched for them (`gateway` or `jwt`)."""
-        header = jwt.get_unverified_header(token)
-        alg, kid = header.get("alg"), header.get("kid")
-        if kid == self._key.kid and alg == ALGORITHM:
-            claims = jwt.decode(token, self._public, algorithms=[ALGORITHM], audience=audience, issuer=self._issuer,
-                                leeway=_LEEWAY_S, options={"require": ["exp", "iat", "sub", "iss", "aud"]})
-            return claims, "gateway"
+    async def _claims(self, token: str, audiences: tuple[str, ...]) -> tuple[dict[str, Any], str, float]:
+        """Verified claims, which source vouched for them (`gateway`, `jwt`, `introspection`), and until when
+        the verdict may be reused."""
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.DecodeError:
+            header = None  # not a JWT: an opaque token
+        if header is not None and header.get("kid") == self._key.kid and header.get("alg") == ALGORITHM:
+            if header.get("typ") == IDENTITY_TYPE:
+                raise AuthFailed("an identity token is not an access token", "", reason="identity_token",
+                                 error="invalid_token")
+            claims = jwt.decode(token, self._public, algorithms=[ALGORITHM], audience=list(audiences),
+                                issuer=self._issuer, leeway=_LEEWAY_S,
+                                options={"require": ["exp", "iat", "sub", "iss", "aud"]})
+            return claims, "gateway", float(claims["exp"]) + _LEEWAY_S
+        if header is not None and self._jwks is not None:
+            claims = await self._external_jwt(token, header, audiences)
+            return claims, "jwt", float(claims["exp"]) + self._config.auth.jwt.leeway_s  # type: ignore[union-attr]
+        if self._introspector is not None:
+            return await self._introspected(token, audiences)
+        if header is None:
+            raise AuthFailed("the token is neither a JWT nor introspectable", "", reason="malformed_token",
+                             error="invalid_token", source="jwt")
+        raise AuthFailed("token from an unknown issuer", "", reason="unknown_key", error="invalid_token",
+                         source="jwt")
+
+    async def _external_jwt(self, token: str, header: dict[str, Any], audiences: tuple[str, ...]
+                            ) -> dict[str, Any]:
         external = self._config.auth.jwt
-        if external is None or self._jwks is None:
-            raise AuthFailed("token from an unknown issuer", "", reason="unknown_key", error="invalid_token",
-                             source="jwt")
+        assert external is not None and self._jwks is not None
+        alg, kid = header.get("alg"), header.get("kid")
         if alg not in external.algorithms:  # never "none", never HS* with a public key: only the allow-list
             raise AuthFailed(f"algorithm {alg} not accepted", "", reason=f"alg_not_allowed:{alg}",
                              error="invalid_token", source="jwt")
@@ -196,15 +252,49 @@ class Authenticator:
         if key.algorithm_name and key.algorithm_name != alg:
             raise AuthFailed("token algorithm does not match its key", "", reason="alg_key_mismatch",
                              error="invalid_token", source="jwt")
-        claims = jwt.decode(token, key.key, algorithms=[alg], audience=audience, issuer=external.issuer,
-                            leeway=external.leeway_s, options={"require": ["exp", "iss", "aud"]})
-        return claims, "jwt"
+        claims: dict[str, Any] = jwt.decode(token, key.key, algorithms=[alg], audience=list(audiences),
+                                            issuer=external.issuer, leeway=external.leeway_s,
+                                            options={"require": ["exp", "iss", "aud"]})
+        return claims
+
+    async def _introspected(self, token: str, audiences: tuple[str, ...]) -> tuple[dict[str, Any], str, float]:
+        """RFC 7662: the authorization server's word on the token, held to the same rules as a JWT's claims."""
+        config = self._config.auth.introspection
+        assert config is not None and self._introspector is not None
+
+        def refused(detail: str, reason: str) -> AuthFailed:
+            return AuthFailed(detail, "", reason=reason, error="invalid_token", source="introspection")
+
+        try:
+            claims = await self._introspector.claims(token)
+        except IntrospectionUnavailable as exc:
+            raise refused(f"the token cannot be checked now ({exc})", "introspection_unavailable") from None
+        if claims is None:
+            raise refused("token is not active", "inactive")
+        aud = claims.get("aud")
+        named = [aud] if isinstance(aud, str) else [a for a in aud if isinstance(a, str)] if isinstance(aud, list) \
+            else []
+        if not any(a.rstrip("/") in audiences for a in named):
+            raise refused("token is not for this resource", "wrong_audience")
+        if config.issuer is not None and claims.get("iss") != config.issuer:
+            raise refused("token from an unknown issuer", "wrong_issuer")
+        now = time.time()
+        exp, nbf = claims.get("exp"), claims.get("nbf")
+        if isinstance(exp, int | float) and exp + _LEEWAY_S < now:
+            raise refused("token expired", "expired")
+        if isinstance(nbf, int | float) and nbf - _LEEWAY_S > now:
+            raise refused("token not valid yet", "not_yet_valid")
+        claims.setdefault("iss", config.issuer or config.url)
+        until = now + config.cache_s
+        if isinstance(exp, int | float):
+            until = min(until, float(exp))
+        return claims, "introspection", until
 
     def _source_of(self, token: str) -> str:
         try:
             return "gateway" if jwt.get_unverified_header(token).get("kid") == self._key.kid else "jwt"
         except jwt.PyJWTError:
-            return "jwt" if self._jwks is not None else "gateway"
+            return "introspection" if self._introspector is not None else "jwt"
 
     def _classified(self, exc: jwt.PyJWTError, upstream_path: str, source: str) -> AuthFailed:
         """Why a token was refused, as a person reads it and as the audit log records it."""
@@ -253,6 +343,57 @@ class Authenticator:
         if scope_list:
             body["scope"] = " ".join(scope_list)
         return jwt.encode(body, self._key.private, algorithm=ALGORITHM, headers={"kid": self._key.kid})
+
+
+    def identity_token(self, principal: Principal, roles: Iterable[str], audience: str) -> str:
+        """A 60 s JWT telling the upstream at `audience` who is calling (`X-MCP-Identity`), reused for half
+        its life so that signing is not paid on every request."""
+        role_list = sorted(roles)
+        key = (principal.identity, tuple(role_list), principal.scopes, audience)
+        token = self._identities.get(key)
+        if token is None:
+            now = int(time.time())
+            body: dict[str, Any] = {
+                "iss": self._issuer, "sub": principal.subject, "aud": audience, "iat": now, "nbf": now,
+                "exp": now + IDENTITY_TTL_S, "jti": uuid.uuid4().hex, "roles": role_list,
+                "scope": " ".join(sorted(principal.scopes)), "authenticated_by": principal.issuer,
+            }
+            if principal.client_id:
+                body["client_id"] = principal.client_id
+            token = jwt.encode(body, self._key.private, algorithm=ALGORITHM,
+                               headers={"kid": self._key.kid, "typ": IDENTITY_TYPE})
+            self._identities[key] = token
+        return token
+
+
+def implied_scopes(hierarchy: Mapping[str, Iterable[str]]) -> dict[str, frozenset[str]]:
+    """Every scope each broader scope implies, followed transitively (cycles end where they started)."""
+    closure: dict[str, frozenset[str]] = {}
+    for top in hierarchy:
+        seen: set[str] = set()
+        stack = list(hierarchy[top])
+        while stack:
+            scope = stack.pop()
+            if scope not in seen:
+                seen.add(scope)
+                stack.extend(hierarchy.get(scope, ()))
+        closure[top] = frozenset(seen - {top})
+    return closure
+
+
+def expand_scopes(scopes: frozenset[str], implied: Mapping[str, frozenset[str]]) -> frozenset[str]:
+    return scopes.union(*(implied[s] for s in scopes if s in implied))
+
+
+def token_session(principal: Principal) -> TokenSession:
+    """The token session a verified principal's token stands for."""
+    iat = principal.claims.get("iat")
+    return TokenSession(
+        token_id=principal.token_id or "", subject=principal.subject, client_id=principal.client_id,
+        issuer=principal.issuer, scopes=tuple(sorted(principal.scopes)),
+        issued_at=float(iat) if isinstance(iat, int | float) else time.time(),
+        expires_at=principal.expires_at or time.time() + 3600,
+    )
 
 
 def principal_from_claims(claims: Mapping[str, Any]) -> Principal:

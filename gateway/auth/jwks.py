@@ -62,6 +62,14 @@ class JwksCache:
                 await self._refresh()
             return self._lookup(kid)
 
+    async def ready(self) -> bool:
+        """Whether any key is at hand; when none is, one fetch (at most once per refresh interval)."""
+        if not self._keys:
+            async with self._lock:
+                if not self._keys and time.monotonic() - self._attempted_at >= self._config.min_refresh_interval_s:
+                    await self._refresh()
+        return bool(self._keys)
+
     def _lookup(self, kid: str | None) -> jwt.PyJWK | None:
         if kid is None:
             return next(iter(self._keys.values())) if len(self._keys) == 1 else None

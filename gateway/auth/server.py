@@ -30,6 +30,7 @@ import orjson
 from cachetools import TTLCache
 
 from gateway.audit import AuditEvent, AuditUnavailable
+from gateway.auth import principal_from_claims, token_session
 from gateway.auth.keys import ALGORITHM
 from gateway.auth.secrets import secret_matches
 from gateway.types import ASGIReceive, ASGIScope, ASGISend, header_values, send_json
@@ -102,7 +103,7 @@ class AuthorizationServer:
             client = await self._client(scope, form, source)
             event.client_id = event.user_id = client.client_id
             if path == "/oauth/token":
-                status, body = 200, self._issue(client, form)
+                status, body = 200, await self._issue(client, form)
                 event.reason = f"token_issued:{body['scope'] or '-'}"
             else:
                 status, body = 200, {}
@@ -139,7 +140,7 @@ class AuthorizationServer:
             raise _OAuthError(401, "invalid_client", "client authentication failed", basic_challenge=basic)
         return client
 
-    def _issue(self, client: RegisteredClient, form: dict[str, str]) -> dict[str, Any]:
+    async def _issue(self, client: RegisteredClient, form: dict[str, str]) -> dict[str, Any]:
         if form.get("grant_type") != "client_credentials":
             raise _OAuthError(400, "unsupported_grant_type", "only client_credentials is supported")
         requested = form.get("scope", "").split()
@@ -159,6 +160,8 @@ class AuthorizationServer:
         token = self._runtime.authenticator.issue_token(
             subject=client.client_id, audience=resource.rstrip("/"), scopes=granted, client_id=client.client_id,
             claims={**client.claims, "gateway_level": client.security_level}, ttl_s=ttl)
+        issued = principal_from_claims(jwt.decode(token, options={"verify_signature": False}))
+        await self._runtime.sessions.open_token(token_session(issued))
         return {"access_token": token, "token_type": "Bearer", "expires_in": ttl, "scope": " ".join(granted)}
 
     async def _revoke(self, client: RegisteredClient, form: dict[str, str]) -> str:
