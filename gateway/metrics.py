@@ -10,6 +10,7 @@ catalogue are `other`; a tool name is a label only when the policy names it.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
@@ -34,6 +35,7 @@ class Metrics:
     """The gateway's metrics, on their own registry."""
 
     def __init__(self) -> None:
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "mcp_gateway_requests_total", "Messages handled, by upstream, method and audit result.",
@@ -115,6 +117,15 @@ class Metrics:
             "mcp_gateway_policy_reloads_total", "Policy reloads, by outcome (ok, invalid).",
             ["outcome"], registry=self.registry,
         )
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, remembered: prometheus_client takes a lock and builds a key on every
+        `labels()` call, and the request path makes several per request."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def render(self) -> bytes:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ import orjson
 
 from gateway import admin, errors, jsonrpc, mcp
 from gateway.audit import AuditEvent, AuditUnavailable, redact_arguments
+from gateway.audit.event import new_id
 from gateway.auth import AuthFailed, Principal, server
 from gateway.auth.server import AuthorizationServer
 from gateway.config import Config, Upstream, load_config
@@ -81,6 +81,7 @@ class _Exchange:
     messages: tuple[jsonrpc.Message, ...] = ()
     operations: tuple[mcp.Operation | None, ...] = ()
     decisions: tuple[Decision | None, ...] = ()
+    connection_id: str = field(default_factory=new_id)  # links the events of one HTTP request (a batch's members)
 
 
 class MCPSecurityMiddleware:
@@ -390,8 +391,8 @@ class MCPSecurityMiddleware:
             if inspector.started_at is not None:
                 upstream_s = inspector.started_at - forwarded_at
                 metrics = self.runtime.metrics
-                metrics.upstream_seconds.labels(ex.upstream.name).observe(upstream_s)
-                metrics.gateway_seconds.labels(ex.upstream.name).observe(
+                metrics.child(metrics.upstream_seconds, ex.upstream.name).observe(upstream_s)
+                metrics.child(metrics.gateway_seconds, ex.upstream.name).observe(
                     max(0.0, time.perf_counter() - ex.started - upstream_s))
             self._audit_all(ex, status, state.upstream_error)
 
@@ -521,8 +522,9 @@ class MCPSecurityMiddleware:
                 continue
             assert ex.policy is not None
             tool = op.name if op.kind == "tool_call" and op.name in ex.policy.named_tools else "other"
-            self.runtime.metrics.decisions.labels("allowed" if decision.allowed else decision.outcome,
-                                                  decision.reason, tool if op.kind == "tool_call" else "").inc()
+            metrics = self.runtime.metrics
+            metrics.child(metrics.decisions, "allowed" if decision.allowed else decision.outcome, decision.reason,
+                          tool if op.kind == "tool_call" else "").inc()
             if not decision.allowed:
                 result, reason = "denied", decision.reason
             elif upstream_error is not None or status in (502, 504):
@@ -563,7 +565,7 @@ class MCPSecurityMiddleware:
         elapsed = time.perf_counter() - ex.started
         principal = ex.principal
         event.duration_ms = round(elapsed * 1000, 3)
-        event.connection_id = ex.session_id or uuid.uuid4().hex
+        event.connection_id = ex.session_id or ex.connection_id
         event.user_id = principal.subject if principal else None
         event.client_id = principal.client_id if principal else None
         event.upstream = ex.upstream.name
@@ -571,18 +573,19 @@ class MCPSecurityMiddleware:
         event.protocol_version = ex.protocol_version
         event.http_method = ex.http_method
         metrics = self.runtime.metrics
-        metrics.requests.labels(ex.upstream.name, method_label(method), event.result).inc()
-        metrics.request_seconds.labels(ex.upstream.name).observe(elapsed)
+        metrics.child(metrics.requests, ex.upstream.name, method_label(method), event.result).inc()
+        metrics.child(metrics.request_seconds, ex.upstream.name).observe(elapsed)
         try:
             self.runtime.audit.record(event)
         except AuditUnavailable:
             log.error("audit buffer full: event %s could not be queued", event.id,
                       extra={"audit_id": event.id, "result": event.result, "reason": event.reason})
-        log.info("request", extra={
-            "audit_id": event.id, "upstream": ex.upstream.name, "operation": event.operation,
-            "result": event.result, "reason": event.reason, "status": event.status, "user_id": event.user_id,
-            "client_id": event.client_id, "duration_ms": event.duration_ms, "source_ip": event.source_ip,
-        })
+        if log.isEnabledFor(logging.INFO):
+            log.info("request", extra={
+                "audit_id": event.id, "upstream": ex.upstream.name, "operation": event.operation,
+                "result": event.result, "reason": event.reason, "status": event.status, "user_id": event.user_id,
+                "client_id": event.client_id, "duration_ms": event.duration_ms, "source_ip": event.source_ip,
+            })
 
     # ---- lifespan and metadata ------------------------------------------------------------------
 

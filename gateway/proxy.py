@@ -1,7 +1,7 @@
 """The forwarding hop: an ASGI app that sends each request to one upstream MCP server and streams the answer back.
 
-Owns: the upstream HTTP client (aiohttp, one pooled session per upstream,
-created on the running loop), which request headers go upstream and which
+Owns: the upstream HTTP client (`upstream_http`, one pool of keep-alive
+connections per upstream), which request headers go upstream and which
 response headers come back (hop-by-hop dropped; the client's `Authorization`
 and cookies never sent; `Host` the upstream's own; `X-Forwarded-*` added;
 configured upstream headers injected), timeouts, and turning every upstream
@@ -19,11 +19,10 @@ import logging
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
-import aiohttp
-
 from gateway.config import Limits, Upstream
 from gateway.errors import UPSTREAM_TIMEOUT, UPSTREAM_UNAVAILABLE, Refusal, error_body
 from gateway.types import ASGIReceive, ASGIScope, ASGISend, RequestState, send_json
+from gateway.upstream_http import UpstreamError, UpstreamPool
 
 log = logging.getLogger("gateway.proxy")
 
@@ -51,89 +50,91 @@ class UpstreamProxy:
         if upstream.url is None:
             raise ValueError(f"upstream {upstream.name!r} has no url to forward to")
         self.upstream = upstream
-        self._url = upstream.url
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, connect=limits.upstream_connect_timeout_s, sock_read=limits.upstream_timeout_s
-        )
+        target = urlsplit(upstream.url)
+        self._path = target.path or "/"
+        self._query = target.query
+        self._pool = UpstreamPool(upstream.url, connect_timeout=limits.upstream_connect_timeout_s,
+                                  read_timeout=limits.upstream_timeout_s)
         public = urlsplit(public_url)
-        self._forwarded = [
-            (b"x-forwarded-proto", public.scheme.encode()),
-            (b"x-forwarded-host", public.netloc.encode()),
-        ]
         self._inject = [(k.lower().encode(), v.encode()) for k, v in upstream.headers.items()]
         self._injected_names = {name for name, _ in self._inject}
-        self._session: aiohttp.ClientSession | None = None
-
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
-            self._session = aiohttp.ClientSession(
-                connector=connector, timeout=self._timeout, auto_decompress=False, skip_auto_headers=("User-Agent",)
-            )
-        return self._session
+        # Added to every request after the client's own headers: forwarding facts, then the configured ones.
+        self._added = [
+            (b"x-forwarded-proto", public.scheme.encode()),
+            (b"x-forwarded-host", public.netloc.encode()),
+            *self._inject,
+            (b"accept-encoding", b"identity"),
+        ]
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        self._pool.close()
 
-    def _request_headers(self, scope: ASGIScope) -> list[tuple[str, str]]:
+    def _request_headers(self, scope: ASGIScope) -> list[tuple[bytes, bytes]]:
         headers = [
-            (name.decode("latin-1"), value.decode("latin-1"))
-            for name, value in scope["headers"]
+            (name, value) for name, value in scope["headers"]
             if name not in _NOT_FORWARDED and name not in self._injected_names
         ]
         client = scope.get("client")
-        prior = [v.decode("latin-1") for n, v in scope["headers"] if n == b"x-forwarded-for"]
-        chain = ", ".join([*prior, client[0]]) if client else ", ".join(prior)
+        chain = [v for n, v in scope["headers"] if n == b"x-forwarded-for"]
+        if client:
+            chain.append(str(client[0]).encode("latin-1"))
         if chain:
-            headers.append(("x-forwarded-for", chain))
-        headers.extend((n.decode(), v.decode("latin-1")) for n, v in self._forwarded)
-        headers.extend((n.decode(), v.decode("latin-1")) for n, v in self._inject)
-        headers.append(("accept-encoding", "identity"))
+            headers.append((b"x-forwarded-for", b", ".join(chain)))
+        headers += self._added
         return headers
+
+    def _target(self, scope: ASGIScope) -> str:
+        query = "&".join(q for q in (self._query, scope.get("query_string", b"").decode("latin-1")) if q)
+        return f"{self._path}?{query}" if query else self._path
 
     async def __call__(self, scope: ASGIScope, receive: ASGIReceive, send: ASGISend) -> None:
         if scope["type"] != "http":
             return
         body = await _read_body(receive)
-        # A client that goes away must not leave an upstream stream (a legacy GET, a long SSE answer) being read.
-        forward = asyncio.ensure_future(self._forward(scope, body, send))
-        disconnect = asyncio.ensure_future(_until_disconnect(receive))
+        # A client that goes away must not leave an upstream stream (a legacy GET, a long SSE answer) being
+        # read: a watcher cancels this task when the client disconnects. One task per request, not two.
+        current = asyncio.current_task()
+        assert current is not None
+        watcher = asyncio.get_running_loop().create_task(_until_disconnect(receive))
+        finished = False
+
+        def client_gone(task: asyncio.Task[None]) -> None:
+            if not finished and not task.cancelled() and task.exception() is None:
+                current.cancel()
+
+        watcher.add_done_callback(client_gone)
         try:
-            await asyncio.wait((forward, disconnect), return_when=asyncio.FIRST_COMPLETED)
+            await self._forward(scope, body, send)
+        except asyncio.CancelledError:
+            if not watcher.done() or watcher.cancelled():
+                raise  # cancelled from outside, not by the client going away
+            current.uncancel()
         finally:
-            for task in (forward, disconnect):
-                if not task.done():
-                    task.cancel()
-            await asyncio.gather(forward, disconnect, return_exceptions=True)
-        if forward.done() and not forward.cancelled() and forward.exception() is not None:
-            raise forward.exception()  # type: ignore[misc]
+            finished = True
+            watcher.cancel()
 
     async def _forward(self, scope: ASGIScope, body: bytes, send: ASGISend) -> None:
         state: RequestState | None = scope.get("mcp_gateway")
-        url = self._url
-        if scope.get("query_string"):
-            url = f"{url}{'&' if '?' in url else '?'}{scope['query_string'].decode('latin-1')}"
         started = False
         try:
-            async with self._client().request(
-                scope["method"], url, data=body or None, headers=self._request_headers(scope), allow_redirects=False
-            ) as response:
+            response = await self._pool.request(scope["method"], self._target(scope), self._request_headers(scope),
+                                                body)
+            try:
                 await send({
                     "type": "http.response.start",
                     "status": response.status,
-                    "headers": list(_response_headers(response.raw_headers)),
+                    "headers": list(_response_headers(response.headers)),
                 })
                 started = True
-                async for chunk in response.content.iter_any():
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                async for chunk, more in response.body():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": more})
+            finally:
+                response.release()
         except TimeoutError:
             await self._fail(send, state, started, UPSTREAM_TIMEOUT, "timeout")
-        except (aiohttp.ClientError, OSError) as exc:
+        except UpstreamError as exc:
             log.warning("upstream %s failed: %s", self.upstream.name, exc)
-            await self._fail(send, state, started, UPSTREAM_UNAVAILABLE, _error_kind(exc, started))
+            await self._fail(send, state, started, UPSTREAM_UNAVAILABLE, "reset" if started else exc.kind)
 
     async def _fail(
         self, send: ASGISend, state: RequestState | None, started: bool, refusal: Refusal, kind: str
@@ -150,16 +151,6 @@ class UpstreamProxy:
         else:
             payload = error_body(refusal, ids[0] if ids else None, kind)
         await send_json(send, refusal.http_status, payload)
-
-
-def _error_kind(exc: BaseException, started: bool) -> str:
-    if started:
-        return "reset"
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return "connect"
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return "disconnected"
-    return "protocol"
 
 
 def _response_headers(raw: Iterable[tuple[bytes, bytes]]) -> Iterable[tuple[bytes, bytes]]:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
+import uvloop
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,18 +57,19 @@ def wait_for_port(port: int, timeout: float = 30.0) -> None:
 
 
 class ServerThread:
-    """uvicorn serving `app` on 127.0.0.1:`port` in a background thread."""
+    """uvicorn serving `app` on 127.0.0.1:`port` in a background thread, on uvloop with httptools: the stack
+    `mcp-gateway serve` runs on, so the tests exercise what production runs."""
 
     def __init__(self, app: Any, port: int | None = None) -> None:
         self.port = port or free_port()
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on",
-                                timeout_graceful_shutdown=2)
+                                timeout_graceful_shutdown=2, http="httptools")
         self.server = uvicorn.Server(config)
         self.loop: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = uvloop.new_event_loop()
         asyncio.set_event_loop(self.loop)
         try:
             self.loop.run_until_complete(self.server.serve())

@@ -34,6 +34,7 @@ __all__ = ["AuditEvent", "AuditLog", "AuditQuery", "AuditUnavailable", "ChainRep
 
 log = logging.getLogger("gateway.audit")
 
+_LINGER_S = 0.01
 _RETRY_S = 0.5
 
 
@@ -100,6 +101,8 @@ class AuditLog:
         await self._open_sinks()
         while True:
             await self._wake.wait()
+            if len(self._queue) < self._config.batch_size and not self._closing:
+                await asyncio.sleep(_LINGER_S)  # let a batch gather: one transaction per batch, not per event
             self._wake.clear()
             await self._drain()
             if self._closing and not self._queue:

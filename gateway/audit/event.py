@@ -15,8 +15,9 @@ idle gateway by any hash chain; ship the sink elsewhere to protect the tail.)
 from __future__ import annotations
 
 import hashlib
+import itertools
+import os
 import time
-import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,24 @@ import orjson
 GENESIS = "0" * 64  # prev_hash of the first event in a sink
 
 
+def _reset_ids() -> None:
+    global _ID_PREFIX, _ID_COUNTER
+    _ID_PREFIX = os.urandom(8).hex()
+    _ID_COUNTER = itertools.count(int.from_bytes(os.urandom(4)))
+
+
+_ID_PREFIX = ""
+_ID_COUNTER = itertools.count()
+_reset_ids()
+os.register_at_fork(after_in_child=_reset_ids)
+
+
+def new_id() -> str:
+    """A unique id of 32 hex digits: 64 random bits per process, then a counter. As unique as uuid4 across
+    processes and replicas, at a fraction of its cost (it is made for every event)."""
+    return f"{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
 @dataclass(slots=True)
 class AuditEvent:
     """One request (or one message of a batch, or one server request) as the audit trail records it."""
@@ -33,7 +52,7 @@ class AuditEvent:
     result: str
     reason: str
     operation: str = ""
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    id: str = field(default_factory=new_id)
     timestamp: float = field(default_factory=lambda: round(time.time(), 6))
     connection_id: str | None = None
     request_id: str | None = None

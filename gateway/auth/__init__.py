@@ -138,7 +138,7 @@ class Authenticator:
 
     def _count(self, source: str, outcome: str) -> None:
         if self._metrics is not None:
-            self._metrics.auth_attempts.labels(source, outcome).inc()
+            self._metrics.child(self._metrics.auth_attempts, source, outcome).inc()
 
     async def _authenticate(
         self, headers: Mapping[str, list[str]], query_string: bytes, resource: str | tuple[str, ...],
@@ -174,7 +174,7 @@ class Authenticator:
             principal, cached_for, source, valid_until = cached
             if cached_for == resource and valid_until > time.time():
                 if self._metrics is not None:
-                    self._metrics.token_cache.labels("hit").inc()
+                    self._metrics.child(self._metrics.token_cache, "hit").inc()
                 await self._check_token(principal, source, upstream_path)
                 return principal, source
         if self._metrics is not None:

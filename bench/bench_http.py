@@ -1,0 +1,278 @@
+"""B1, B2, B4: the gateway on the wire, beside direct access and nginx, measured in the same rounds.
+
+B1  tools/call (small arguments) to the SDK's MCPServer (stateless, JSON answers), directly and through
+    `mcp-gateway serve` with every feature on (gateway JWT, policy, SQLite audit, metrics); wrk at
+    concurrency 32 (throughput) and 1 (latency).
+B2  the same request to a trivial upstream (a bare ASGI app with a canned answer): directly, through nginx
+    proxy_pass (Debian nginx, one worker, keepalive to the upstream), and through the gateway.
+B4  SSE: time to the first event and to the end of a tool that streams 1,000 progress notifications,
+    directly and through the gateway; and the gateway's peak RSS while a 100 MB resource streams through.
+
+Each round runs every case once, in the same order (A B A B ...); medians and spreads are over rounds,
+ratios are taken within each round. Absolute figures are printed, never asserted.
+
+    python bench/bench_http.py [--rounds 3] [--seconds 5] [--only B1,B2,B4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import (
+    MODERN,
+    Processes,
+    free_port,
+    gateway,
+    median_spread,
+    save,
+    tools_call,
+    upstream,
+    wrk,
+    wrk_script,
+)
+
+Case = tuple[str, Path]  # (url, wrk script)
+
+
+Runs = dict[str, list[dict[str, float]]]  # case -> one wrk result per round
+
+
+def rounds_of(cases: dict[str, Case], concurrency: int, rounds: int, seconds: float) -> Runs:
+    for url, script in cases.values():  # warm up connections, caches and lazily started work
+        wrk(url, script, concurrency, 1)
+    runs: Runs = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, (url, script) in cases.items():
+            runs[name].append(wrk(url, script, concurrency, seconds))
+    return runs
+
+
+def ratio(runs: Runs, top: str, bottom: str, key: str) -> tuple[float, float]:
+    return median_spread([a[key] / b[key] for a, b in zip(runs[top], runs[bottom], strict=True)])
+
+
+def summary(runs: Runs) -> dict[str, dict[str, float]]:
+    out = {}
+    for name, values in runs.items():
+        out[name] = {key: median_spread([v[key] for v in values])[0] for key in ("rps", "p50_ms", "p99_ms", "errors")}
+    return out
+
+
+def print_runs(title: str, concurrency: int, runs: Runs) -> None:
+    print(f"\n{title}, c={concurrency}")
+    print(f"  {'case':<10} {'rps':>9} {'spread':>7} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
+    for name, values in runs.items():
+        rps, spread = median_spread([v["rps"] for v in values])
+        p50 = median_spread([v["p50_ms"] for v in values])[0]
+        p99 = median_spread([v["p99_ms"] for v in values])[0]
+        errors = sum(v["errors"] for v in values)
+        print(f"  {name:<10} {rps:>9,.0f} {spread:>6.0%} {p50:>8.3f} {p99:>8.3f} {errors:>7.0f}")
+
+
+def b1(processes: Processes, tmp: Path, rounds: int, seconds: float) -> dict[str, Any]:
+    direct = upstream(processes, "mcp")
+    via, token, _ = gateway(processes, tmp / "b1", direct)
+    headers, body = tools_call("echo", {"text": "hello"})
+    cases = {"direct": (direct, wrk_script(tmp / "b1-direct.lua", headers, body)),
+             "gateway": (via, wrk_script(tmp / "b1-gateway.lua", {**headers, "Authorization": f"Bearer {token}"},
+                                         body))}
+    c32 = rounds_of(cases, 32, rounds, seconds)
+    c1 = rounds_of(cases, 1, rounds, seconds)
+    print_runs("B1 tools/call, MCPServer (stateless JSON)", 32, c32)
+    print_runs("B1 tools/call, MCPServer (stateless JSON)", 1, c1)
+    throughput, throughput_spread = ratio(c32, "gateway", "direct", "rps")
+    latency, latency_spread = ratio(c1, "gateway", "direct", "p50_ms")
+    added = median_spread([g["p50_ms"] - d["p50_ms"] for g, d in zip(c1["gateway"], c1["direct"], strict=True)])[0]
+    print(f"  gateway/direct throughput at c=32: {throughput:.2f}x (spread {throughput_spread:.0%}; target >= 0.85)")
+    print(f"  gateway/direct p50 at c=1: {latency:.2f}x, +{added:.3f} ms (spread {latency_spread:.0%})")
+    return {"c32": summary(c32), "c1": summary(c1), "throughput_ratio": throughput, "p50_ratio": latency,
+            "added_p50_ms": added}
+
+
+NGINX_CONF = """worker_processes 1;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy; fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;
+    upstream trivial {{ server 127.0.0.1:{upstream}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://trivial;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+"""
+
+
+def b2(processes: Processes, tmp: Path, rounds: int, seconds: float) -> dict[str, Any]:
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(nginx).exists():
+        sys.exit("B2 needs nginx: apt-get install nginx")
+    direct = upstream(processes, "trivial")
+    via, token, _ = gateway(processes, tmp / "b2", direct)
+    port = free_port()
+    (tmp / "nginx").mkdir()
+    conf = tmp / "nginx" / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(dir=tmp / "nginx", upstream=urlsplit(direct).port, port=port))
+    processes.start([nginx, "-c", str(conf), "-p", str(tmp / "nginx")], port)
+    headers, body = tools_call("echo", {"text": "hello"})
+    plain = wrk_script(tmp / "b2-plain.lua", headers, body)
+    cases = {"trivial": (direct, plain), "nginx": (f"http://127.0.0.1:{port}/mcp", plain),
+             "gateway": (via, wrk_script(tmp / "b2-gateway.lua", {**headers, "Authorization": f"Bearer {token}"},
+                                         body))}
+    c32 = rounds_of(cases, 32, rounds, seconds)
+    c1 = rounds_of(cases, 1, rounds, seconds)
+    print_runs("B2 tools/call, trivial upstream", 32, c32)
+    print_runs("B2 tools/call, trivial upstream", 1, c1)
+    saturation, saturation_spread = ratio(c32, "gateway", "nginx", "rps")
+    latency, latency_spread = ratio(c1, "gateway", "trivial", "p50_ms")
+    print(f"  gateway/nginx throughput at c=32: {saturation:.2f}x (spread {saturation_spread:.0%}; target >= 0.2)")
+    print(f"  gateway p50 / trivial's own p50 at c=1: {latency:.2f}x (spread {latency_spread:.0%}; target <= 3)")
+    return {"c32": summary(c32), "c1": summary(c1), "throughput_ratio_to_nginx": saturation,
+            "p50_ratio_to_upstream": latency}
+
+
+def _post(url: str, headers: dict[str, str], body: bytes) -> http.client.HTTPResponse:
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
+    connection.request("POST", parts.path, body=body, headers=headers)
+    return connection.getresponse()
+
+
+def stream_times(url: str, headers: dict[str, str], body: bytes) -> tuple[float, float, int]:
+    """(ms to the first SSE event, ms to the end, events) for one streamed tools/call."""
+    started = time.perf_counter()
+    response = _post(url, headers, body)
+    first, events = 0.0, 0
+    while line := response.readline():
+        if line.startswith(b"data:"):
+            events += 1
+            if events == 1:
+                first = time.perf_counter() - started
+    total = time.perf_counter() - started
+    response.close()
+    return first * 1000, total * 1000, events
+
+
+def peak_rss(pid: int, work: Callable[[], int]) -> tuple[float, float, int]:
+    """(RSS before in MB, peak RSS during `work` in MB, what `work` returned), sampling every 5 ms."""
+
+    def rss() -> float:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    before, peak, done = rss(), 0.0, threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, rss())
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        result = work()
+    finally:
+        done.set()
+        sampler.join()
+    return before, max(peak, rss()), result
+
+
+def b4(processes: Processes, tmp: Path, rounds: int) -> dict[str, Any]:
+    direct = upstream(processes, "mcp", "--sse")
+    via, token, pid = gateway(processes, tmp / "b4", direct)
+    headers, body = tools_call("progress", {"count": 1000})
+    message = json.loads(body)
+    message["params"]["_meta"]["progressToken"] = "bench"
+    body = json.dumps(message).encode()
+    cases = {"direct": headers, "gateway": {**headers, "Authorization": f"Bearer {token}"}}
+    urls = {"direct": direct, "gateway": via}
+    for name in cases:
+        stream_times(urls[name], cases[name], body)  # warm up
+    runs: dict[str, list[tuple[float, float, int]]] = {name: [] for name in cases}
+    for _ in range(max(rounds, 5) * 2):
+        for name in cases:
+            runs[name].append(stream_times(urls[name], cases[name], body))
+    print("\nB4 SSE: a tool streaming 1,000 progress notifications")
+    print(f"  {'case':<10} {'first event ms':>15} {'total ms':>10} {'events':>7}")
+    for name, values in runs.items():
+        print(f"  {name:<10} {median_spread([v[0] for v in values])[0]:>15.2f} "
+              f"{median_spread([v[1] for v in values])[0]:>10.1f} {values[0][2]:>7}")
+    first, first_spread = median_spread([g[0] / d[0] for g, d in zip(runs["gateway"], runs["direct"], strict=True)])
+    total, total_spread = median_spread([g[1] / d[1] for g, d in zip(runs["gateway"], runs["direct"], strict=True)])
+    print(f"  gateway/direct first event: {first:.2f}x (spread {first_spread:.0%}; target <= 1.1); "
+          f"total: {total:.2f}x (spread {total_spread:.0%})")
+
+    # 100 MB through: a 2025-11-25 resources/read (JSON), read by the client as fast as it comes.
+    big = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "resources/read", "params": {"uri": "bench://big"}}).encode()
+    legacy = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream",
+              "MCP-Protocol-Version": "2025-11-25", "Authorization": f"Bearer {token}"}
+
+    def download() -> int:
+        response = _post(via.replace(urlsplit(via).path, "/mcp"), legacy, big)
+        received = 0
+        while chunk := response.read(65536):
+            received += len(chunk)
+        response.close()
+        return received
+
+    before, peak, received = peak_rss(pid, download)
+    print(f"  100 MB resources/read through the gateway: {received / 2**20:.1f} MB received; gateway RSS "
+          f"{before:.1f} MB before, {peak:.1f} MB peak, growth {peak - before:.1f} MB (target < 20)")
+    return {"first_event_ratio": first, "total_ratio": total,
+            "first_event_ms": {n: median_spread([v[0] for v in r])[0] for n, r in runs.items()},
+            "total_ms": {n: median_spread([v[1] for v in r])[0] for n, r in runs.items()},
+            "big_read": {"received_mb": received / 2**20, "rss_before_mb": before, "rss_peak_mb": peak,
+                         "rss_growth_mb": peak - before}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=5)
+    parser.add_argument("--only", default="B1,B2,B4")
+    args = parser.parse_args()
+    wanted = set(args.only.upper().split(","))
+    results: dict[str, Any] = {"rounds": args.rounds, "seconds": args.seconds, "protocol": MODERN}
+    processes = Processes()
+    try:
+        with tempfile.TemporaryDirectory() as name:
+            tmp = Path(name)
+            if "B1" in wanted:
+                results["B1"] = b1(processes, tmp, args.rounds, args.seconds)
+                processes.stop()
+            if "B2" in wanted:
+                results["B2"] = b2(processes, tmp, args.rounds, args.seconds)
+                processes.stop()
+            if "B4" in wanted:
+                results["B4"] = b4(processes, tmp, args.rounds)
+    finally:
+        processes.stop()
+    print(f"\nresults: {save('http', results)}")
+
+
+if __name__ == "__main__":
+    main()

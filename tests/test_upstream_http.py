@@ -1,0 +1,145 @@
+"""The upstream hop's HTTP/1.1 client against scripted servers on real loopback sockets."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import pytest
+
+from gateway import upstream_http
+from gateway.upstream_http import UpstreamError, UpstreamPool
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@asynccontextmanager
+async def server(handler: Handler) -> AsyncIterator[tuple[str, list[int]]]:
+    """A TCP server running `handler` per connection; yields its URL and the list of connection numbers."""
+    connections: list[int] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(len(connections) + 1)
+        try:
+            await handler(reader, writer)
+        finally:
+            writer.close()
+
+    listener = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}/mcp", connections
+    finally:
+        listener.close()
+
+
+async def read_request(reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(
+        b"content-length:")), 0)
+    return head + await reader.readexactly(length)
+
+
+async def collect(pool: UpstreamPool, body: bytes = b"{}") -> tuple[int, bytes]:
+    response = await pool.request("POST", "/mcp", [(b"content-type", b"application/json")], body)
+    try:
+        return response.status, b"".join([chunk async for chunk, _ in response.body()])
+    finally:
+        response.release()
+
+
+async def test_keep_alive_connections_are_reused_and_requests_arrive_whole() -> None:
+    seen: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while not reader.at_eof():
+            try:
+                seen.append(await read_request(reader))
+            except asyncio.IncompleteReadError:
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            await writer.drain()
+
+    async with server(handler) as (url, connections):
+        pool = UpstreamPool(url, connect_timeout=2, read_timeout=2)
+        assert [await collect(pool, b'{"n":%d}' % i) for i in range(3)] == [(200, b"ok")] * 3
+        pool.close()
+    assert connections == [1]  # one connection for all three
+    assert seen[2].startswith(b"POST /mcp HTTP/1.1\r\nhost: 127.0.0.1:") and seen[2].endswith(b'\r\n\r\n{"n":2}')
+
+
+async def test_chunked_and_connection_delimited_bodies_are_read_to_their_end() -> None:
+    async def chunked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.2)
+
+    async def until_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nall of it")
+        await writer.drain()
+
+    for handler, expected in ((chunked, b"abcde"), (until_close, b"all of it")):
+        async with server(handler) as (url, _):
+            pool = UpstreamPool(url, connect_timeout=2, read_timeout=2)
+            assert await collect(pool) == (200, expected)
+            pool.close()
+
+
+async def test_failures_have_a_kind() -> None:
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+
+    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\npartial")
+        await writer.drain()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await asyncio.sleep(5)
+
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"SSH-2.0-OpenSSH\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.5)
+
+    for handler, kind in ((hang_up, "disconnected"), (cut, "reset"), (silent, "timeout"), (garbage, "protocol")):
+        async with server(handler) as (url, _):
+            pool = UpstreamPool(url, connect_timeout=2, read_timeout=0.3)
+            with pytest.raises((UpstreamError, TimeoutError)) as failed:
+                await collect(pool)
+            assert (failed.value.kind if isinstance(failed.value, UpstreamError) else "timeout") == kind
+            pool.close()
+    async with server(hang_up) as (url, _):
+        pass  # closed: nothing listens on its port any more
+    with pytest.raises(UpstreamError) as refused:
+        await collect(UpstreamPool(url, connect_timeout=2, read_timeout=2))
+    assert refused.value.kind == "connect"
+
+
+async def test_a_slow_reader_pauses_the_upstream_instead_of_buffering_the_answer() -> None:
+    size = 8 * 1024 * 1024
+
+    async def big(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % size)
+        for _ in range(size // 65536):
+            writer.write(b"x" * 65536)
+            await writer.drain()
+
+    async with server(big) as (url, _):
+        pool = UpstreamPool(url, connect_timeout=2, read_timeout=5)
+        response = await pool.request("GET", "/mcp", [], b"")
+        received, most = 0, 0
+        async for chunk, _ in response.body():
+            received += len(chunk)
+            most = max(most, len(chunk))
+            await asyncio.sleep(0.001)  # a client slower than loopback
+        response.release()
+        pool.close()
+    assert received == size
+    assert most <= upstream_http._HIGH_WATER + 256 * 1024  # never much more than the high-water mark at once
