@@ -31,6 +31,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import save  # noqa: E402
 from gateway.audit import AuditEvent, AuditLog  # noqa: E402
 from gateway.config import Audit  # noqa: E402
 from gateway.metrics import Metrics  # noqa: E402
@@ -127,13 +128,17 @@ def under_load(kind: str, directory: Path) -> tuple[float, float, float]:
 def main() -> None:
     if shutil.which("wrk") is None:
         sys.exit("bench_audit needs wrk: apt-get install wrk")
+    print("B6 audit: events per second to each sink")
     print(f"{'sink':>9}  {'ceiling ev/s':>12}  {'requests/s':>10}  {'written ev/s':>12}  {'queue at end':>12}")
+    results = {}
     for kind in ("sqlite", "jsonl", "postgres"):
         with tempfile.TemporaryDirectory() as tmp:
             directory = Path(tmp)
             top = asyncio.run(ceiling(kind, directory))
             rps, written, queue = under_load(kind, directory)
         print(f"{kind:>9}  {top:>12,.0f}  {rps:>10,.0f}  {written:>12,.0f}  {queue:>12,.0f}")
+        results[kind] = {"ceiling_events_s": top, "requests_s": rps, "written_events_s": written, "queue_at_end": queue}
+    print(f"\nresults: {save('audit', results)}")
 
 
 if __name__ == "__main__":

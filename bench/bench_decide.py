@@ -1,4 +1,6 @@
-"""B5 (part): decide() cost with 10, 1,000 and 10,000 rules, as ratios to the 10-rule case.
+"""B5: decide() cost with 10, 1,000 and 10,000 rules, as ratios to the 10-rule case; and token verification
+cold (a token seen for the first time: ES256 signature, claims) against cached (seen before: one hash and one
+lookup, plus the revocation check), as the request path pays them.
 
 A "rule" here is one entry of each kind the engine indexes: a tool pattern in a
 role's permissions, a resource pattern, a per-tool requirement and a binding.
@@ -13,17 +15,27 @@ a noisy machine moves all of them alike.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hashlib
 import statistics
+import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import save
+from gateway.auth import Authenticator, load_or_create_signing_key
 from gateway.auth.principal import Principal
+from gateway.config import Config
 from gateway.mcp import Operation
 from gateway.policy import decide
 from gateway.policy.model import PolicySpec, compile_policy
+from gateway.sessions import MemorySessions
 
 
 def policy_with(rules: int) -> Any:
@@ -63,6 +75,37 @@ def measure(policy: Any, principal: Principal, operations: list[Operation], loop
     return (time.perf_counter() - start) / (loops * len(operations))
 
 
+async def token_costs(rounds: int, per_round: int = 300) -> tuple[list[float], list[float]]:
+    """Seconds per authenticate() for tokens never seen (cold) and for one token seen before (cached)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Config.model_validate({
+            "upstreams": [{"name": "bench", "path": "/mcp", "url": "http://127.0.0.1:9/mcp"}],
+            "policy": policy_with(10), "auth": {"clients": {"signing_key_file": f"{tmp}/key.pem"}}})
+        authenticator = Authenticator(config, load_or_create_signing_key(config.auth.clients.signing_key_file),
+                                      sessions=MemorySessions(config.sessions))
+        resource = config.resource_url(config.upstreams[0])
+
+        def header(token: str) -> dict[str, list[str]]:
+            return {"authorization": [f"Bearer {token}"]}
+
+        cached = header(authenticator.issue_token(subject="bench", audience=resource, scopes=["mcp:tools"]))
+        await authenticator.authenticate(cached, b"", resource, "/mcp")
+        cold: list[float] = []
+        warm: list[float] = []
+        for _ in range(rounds):
+            fresh = [header(authenticator.issue_token(subject=f"u{i}", audience=resource, scopes=["mcp:tools"]))
+                     for i in range(per_round)]
+            start = time.perf_counter()
+            for headers in fresh:
+                await authenticator.authenticate(headers, b"", resource, "/mcp")
+            cold.append((time.perf_counter() - start) / per_round)
+            start = time.perf_counter()
+            for _ in range(per_round):
+                await authenticator.authenticate(cached, b"", resource, "/mcp")
+            warm.append((time.perf_counter() - start) / per_round)
+        return cold, warm
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=15)
@@ -77,11 +120,23 @@ def main() -> None:
             policy, operations = cases[n]
             samples[n].append(measure(policy, principal, operations, args.loops))
     base = statistics.median(samples[10])
+    print("B5 decide() against policy size")
     print(f"{'rules':>8}  {'median µs/decide':>16}  {'ratio to 10':>11}  {'spread (min-max µs)':>20}")
+    results: dict[str, Any] = {"decide_us": {}, "decide_ratio": {}}
     for n in sizes:
         median = statistics.median(samples[n])
         spread = f"{min(samples[n]) * 1e6:.2f}-{max(samples[n]) * 1e6:.2f}"
         print(f"{n:>8}  {median * 1e6:>16.2f}  {median / base:>11.2f}  {spread:>20}")
+        results["decide_us"][n], results["decide_ratio"][n] = median * 1e6, median / base
+    cold, warm = asyncio.run(token_costs(max(3, args.rounds // 3)))
+    ratios = [c / w for c, w in zip(cold, warm, strict=True)]
+    print("\nB5 token verification (gateway ES256 token, revocation checked every time)")
+    print(f"  cold {statistics.median(cold) * 1e6:.1f} µs, cached {statistics.median(warm) * 1e6:.2f} µs: "
+          f"cached is {statistics.median(ratios):.0f}x faster (target >= 20x; spread {min(ratios):.0f}-"
+          f"{max(ratios):.0f}x)")
+    results.update(jwt_cold_us=statistics.median(cold) * 1e6, jwt_cached_us=statistics.median(warm) * 1e6,
+                   jwt_ratio=statistics.median(ratios))
+    print(f"\nresults: {save('decide_and_tokens', results)}")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,14 @@
 """B1, B2, B4: the gateway on the wire, beside direct access and nginx, measured in the same rounds.
 
+HOP the forwarding hop alone with each candidate HTTP client (aiohttp, httpx, httpx2, the gateway's own).
 B1  tools/call (small arguments) to the SDK's MCPServer (stateless, JSON answers), directly and through
     `mcp-gateway serve` with every feature on (gateway JWT, policy, SQLite audit, metrics); wrk at
     concurrency 32 (throughput) and 1 (latency).
 B2  the same request to a trivial upstream (a bare ASGI app with a canned answer): directly, through nginx
     proxy_pass (Debian nginx, one worker, keepalive to the upstream), and through the gateway.
+B3  the same tools/call through IBM ContextForge (PyPI mcp-contextforge-gateway 1.1.x, installed by this script
+    into bench/.contextforge with Python 3.12 from pyenv), one worker, SQLite, auth on, its direct_proxy mode,
+    in front of the same upstream: directly, through the gateway, through ContextForge.
 B4  SSE: time to the first event and to the end of a tool that streams 1,000 progress notifications,
     directly and through the gateway; and the gateway's peak RSS while a 100 MB resource streams through.
 
@@ -19,7 +23,9 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -29,11 +35,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (
     MODERN,
     Processes,
+    cpu_seconds,
     free_port,
     gateway,
     median_spread,
@@ -44,19 +53,23 @@ from bench.common import (
     wrk_script,
 )
 
-Case = tuple[str, Path]  # (url, wrk script)
+Case = tuple[str, Path, int | None]  # (url, wrk script, pid of the process whose CPU per request is reported)
 
 
 Runs = dict[str, list[dict[str, float]]]  # case -> one wrk result per round
 
 
 def rounds_of(cases: dict[str, Case], concurrency: int, rounds: int, seconds: float) -> Runs:
-    for url, script in cases.values():  # warm up connections, caches and lazily started work
+    for url, script, _ in cases.values():  # warm up connections, caches and lazily started work
         wrk(url, script, concurrency, 1)
     runs: Runs = {name: [] for name in cases}
     for _ in range(rounds):
-        for name, (url, script) in cases.items():
-            runs[name].append(wrk(url, script, concurrency, seconds))
+        for name, (url, script, pid) in cases.items():
+            before = cpu_seconds(pid) if pid else 0.0
+            result = wrk(url, script, concurrency, seconds)
+            if pid and result["rps"]:
+                result["cpu_us"] = (cpu_seconds(pid) - before) / (result["rps"] * seconds) * 1e6
+            runs[name].append(result)
     return runs
 
 
@@ -67,28 +80,30 @@ def ratio(runs: Runs, top: str, bottom: str, key: str) -> tuple[float, float]:
 def summary(runs: Runs) -> dict[str, dict[str, float]]:
     out = {}
     for name, values in runs.items():
-        out[name] = {key: median_spread([v[key] for v in values])[0] for key in ("rps", "p50_ms", "p99_ms", "errors")}
+        out[name] = {key: median_spread([v[key] for v in values])[0]
+                     for key in ("rps", "p50_ms", "p99_ms", "errors", "cpu_us") if key in values[0]}
     return out
 
 
 def print_runs(title: str, concurrency: int, runs: Runs) -> None:
     print(f"\n{title}, c={concurrency}")
-    print(f"  {'case':<10} {'rps':>9} {'spread':>7} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
+    print(f"  {'case':<10} {'rps':>9} {'spread':>7} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'CPU us/req':>11}")
     for name, values in runs.items():
         rps, spread = median_spread([v["rps"] for v in values])
         p50 = median_spread([v["p50_ms"] for v in values])[0]
         p99 = median_spread([v["p99_ms"] for v in values])[0]
         errors = sum(v["errors"] for v in values)
-        print(f"  {name:<10} {rps:>9,.0f} {spread:>6.0%} {p50:>8.3f} {p99:>8.3f} {errors:>7.0f}")
+        cpu = f"{median_spread([v['cpu_us'] for v in values])[0]:>11.0f}" if "cpu_us" in values[0] else f"{'-':>11}"
+        print(f"  {name:<10} {rps:>9,.0f} {spread:>6.0%} {p50:>8.3f} {p99:>8.3f} {errors:>7.0f} {cpu}")
 
 
 def b1(processes: Processes, tmp: Path, rounds: int, seconds: float) -> dict[str, Any]:
     direct = upstream(processes, "mcp")
-    via, token, _ = gateway(processes, tmp / "b1", direct)
+    via, token, pid = gateway(processes, tmp / "b1", direct)
     headers, body = tools_call("echo", {"text": "hello"})
-    cases = {"direct": (direct, wrk_script(tmp / "b1-direct.lua", headers, body)),
+    cases = {"direct": (direct, wrk_script(tmp / "b1-direct.lua", headers, body), None),
              "gateway": (via, wrk_script(tmp / "b1-gateway.lua", {**headers, "Authorization": f"Bearer {token}"},
-                                         body))}
+                                         body), pid)}
     c32 = rounds_of(cases, 32, rounds, seconds)
     c1 = rounds_of(cases, 1, rounds, seconds)
     print_runs("B1 tools/call, MCPServer (stateless JSON)", 32, c32)
@@ -129,17 +144,17 @@ def b2(processes: Processes, tmp: Path, rounds: int, seconds: float) -> dict[str
     if not Path(nginx).exists():
         sys.exit("B2 needs nginx: apt-get install nginx")
     direct = upstream(processes, "trivial")
-    via, token, _ = gateway(processes, tmp / "b2", direct)
+    via, token, pid = gateway(processes, tmp / "b2", direct)
     port = free_port()
     (tmp / "nginx").mkdir()
     conf = tmp / "nginx" / "nginx.conf"
     conf.write_text(NGINX_CONF.format(dir=tmp / "nginx", upstream=urlsplit(direct).port, port=port))
-    processes.start([nginx, "-c", str(conf), "-p", str(tmp / "nginx")], port)
+    nginx_process = processes.start([nginx, "-c", str(conf), "-p", str(tmp / "nginx")], port)
     headers, body = tools_call("echo", {"text": "hello"})
     plain = wrk_script(tmp / "b2-plain.lua", headers, body)
-    cases = {"trivial": (direct, plain), "nginx": (f"http://127.0.0.1:{port}/mcp", plain),
+    cases = {"trivial": (direct, plain, None), "nginx": (f"http://127.0.0.1:{port}/mcp", plain, nginx_process.pid),
              "gateway": (via, wrk_script(tmp / "b2-gateway.lua", {**headers, "Authorization": f"Bearer {token}"},
-                                         body))}
+                                         body), pid)}
     c32 = rounds_of(cases, 32, rounds, seconds)
     c1 = rounds_of(cases, 1, rounds, seconds)
     print_runs("B2 tools/call, trivial upstream", 32, c32)
@@ -150,6 +165,104 @@ def b2(processes: Processes, tmp: Path, rounds: int, seconds: float) -> dict[str
     print(f"  gateway p50 / trivial's own p50 at c=1: {latency:.2f}x (spread {latency_spread:.0%}; target <= 3)")
     return {"c32": summary(c32), "c1": summary(c1), "throughput_ratio_to_nginx": saturation,
             "p50_ratio_to_upstream": latency}
+
+
+def hop(processes: Processes, tmp: Path, rounds: int, seconds: float) -> dict[str, Any]:
+    """The forwarding hop alone, with each candidate client, in front of the trivial upstream."""
+    direct = upstream(processes, "trivial")
+    headers, body = tools_call("echo", {"text": "hello"})
+    plain = wrk_script(tmp / "hop.lua", headers, body)
+    cases: dict[str, Case] = {}
+    for client in ("aiohttp", "httpx", "httpx2", "lean"):
+        port = free_port()
+        process = processes.start([sys.executable, str(Path(__file__).parent / "hops.py"), client, str(port)], port,
+                                  env={"UPSTREAM": direct})
+        cases[client] = (f"http://127.0.0.1:{port}/mcp", plain, process.pid)
+    c32 = rounds_of(cases, 32, rounds, seconds)
+    c1 = rounds_of(cases, 1, rounds, seconds)
+    print_runs("HOP a bare pass-through per upstream client, trivial upstream", 32, c32)
+    print_runs("HOP a bare pass-through per upstream client, trivial upstream", 1, c1)
+    return {"c32": summary(c32), "c1": summary(c1)}
+
+
+CONTEXTFORGE = Path(__file__).resolve().parent / ".contextforge"
+CONTEXTFORGE_SECRET = "bench-jwt-secret-that-is-long-enough-0123456789"
+
+
+def contextforge_python() -> Path:
+    """ContextForge's own venv (Python 3.12, which it needs), created on first use."""
+    venv = CONTEXTFORGE / "venv"
+    python = venv / "bin" / "python"
+    if python.exists():
+        return python
+    candidates = sorted(Path.home().glob(".pyenv/versions/3.12.*/bin/python"))
+    found = shutil.which("python3.12")
+    interpreter = str(candidates[-1]) if candidates else found
+    if interpreter is None:
+        sys.exit("B3 needs Python 3.12 (pyenv install 3.12) for ContextForge")
+    print(f"B3: installing mcp-contextforge-gateway 1.1.x into {venv} (once)", flush=True)
+    subprocess.run([interpreter, "-m", "venv", str(venv)], check=True, env={**os.environ, "PYENV_VERSION": "3.12"})
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "mcp-contextforge-gateway>=1.1,<1.2"], check=True)
+    return python
+
+
+def contextforge(processes: Processes, tmp: Path, upstream_url: str) -> tuple[str, dict[str, str], int]:
+    """Start ContextForge with the upstream registered in direct_proxy mode; (MCP URL, headers to send, pid)."""
+    python = contextforge_python()
+    port = free_port()
+    (tmp / "contextforge").mkdir()
+    env = {
+        "DATABASE_URL": f"sqlite:///{tmp}/contextforge/cf.db", "JWT_SECRET_KEY": CONTEXTFORGE_SECRET,
+        "AUTH_ENCRYPTION_SECRET": "bench-encryption-secret-0123456789abcdef",
+        "PLATFORM_ADMIN_EMAIL": "admin@example.com", "PLATFORM_ADMIN_PASSWORD": "Bench@Admin2026!",
+        "BASIC_AUTH_PASSWORD": "Bench@Basic2026!", "DEFAULT_USER_PASSWORD": "Bench@Default2026!",
+        "SSRF_ALLOW_LOCALHOST": "true", "RATE_LIMITING_ENABLED": "false", "MCPGATEWAY_DIRECT_PROXY_ENABLED": "true",
+        "MCPGATEWAY_UI_ENABLED": "false", "MCPGATEWAY_ADMIN_API_ENABLED": "true", "LOG_LEVEL": "ERROR",
+        "CACHE_TYPE": "memory", "REDIS_URL": "",
+    }
+    process = processes.start([str(python.parent / "mcpgateway"), "--host", "127.0.0.1", "--port", str(port)], port,
+                              env=env, cwd=tmp / "contextforge", log=tmp / "contextforge" / "log")
+    token = subprocess.run([str(python), "-m", "mcpgateway.utils.create_jwt_token", "--username", "admin@example.com",
+                            "--exp", "600", "--secret", CONTEXTFORGE_SECRET], capture_output=True, text=True,
+                           check=True, env={**os.environ, **env}, cwd=tmp / "contextforge").stdout.strip().split()[-1]
+    base = f"http://127.0.0.1:{port}"
+    auth = {"Authorization": f"Bearer {token}"}
+    for _ in range(100):  # the port opens before the app has finished starting
+        try:
+            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    registered = httpx.post(f"{base}/gateways", headers=auth, timeout=60, json={
+        "name": "bench", "url": upstream_url, "transport": "STREAMABLEHTTP", "gateway_mode": "direct_proxy"})
+    registered.raise_for_status()
+    return f"{base}/mcp", {**auth, "X-Context-Forge-Gateway-Id": registered.json()["id"]}, process.pid
+
+
+def b3(processes: Processes, tmp: Path, rounds: int, seconds: float) -> dict[str, Any]:
+    direct = upstream(processes, "mcp")
+    via, token, pid = gateway(processes, tmp / "b3", direct)
+    forge, forge_headers, forge_pid = contextforge(processes, tmp, direct)
+    headers, body = tools_call("echo", {"text": "hello"})
+    # ContextForge speaks the 2025 protocol to its clients: the same call without the 2026-07-28 envelope.
+    legacy_body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                              "params": {"name": "echo", "arguments": {"text": "hello"}}}).encode()
+    legacy = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+    check = httpx.post(forge, headers={**legacy, **forge_headers}, content=legacy_body, timeout=60)
+    if check.status_code != 200 or b'"hello"' not in check.content:
+        sys.exit(f"B3: ContextForge did not forward the call: {check.status_code} {check.text[:300]}")
+    cases = {"direct": (direct, wrk_script(tmp / "b3-direct.lua", headers, body), None),
+             "gateway": (via, wrk_script(tmp / "b3-gateway.lua", {**headers, "Authorization": f"Bearer {token}"},
+                                         body), pid),
+             "forge": (forge, wrk_script(tmp / "b3-forge.lua", {**legacy, **forge_headers}, legacy_body), forge_pid)}
+    c32 = rounds_of(cases, 32, rounds, seconds)
+    c1 = rounds_of(cases, 1, rounds, seconds)
+    print_runs("B3 tools/call: direct, gateway, ContextForge 1.1 (direct_proxy, SQLite, one worker)", 32, c32)
+    print_runs("B3 tools/call: direct, gateway, ContextForge 1.1 (direct_proxy, SQLite, one worker)", 1, c1)
+    over, spread = ratio(c32, "gateway", "forge", "rps")
+    print(f"  gateway/ContextForge throughput at c=32: {over:,.0f}x (spread {spread:.0%}; target >= 100)")
+    return {"c32": summary(c32), "c1": summary(c1), "gateway_over_contextforge": over}
 
 
 def _post(url: str, headers: dict[str, str], body: bytes) -> http.client.HTTPResponse:
@@ -253,7 +366,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=5)
-    parser.add_argument("--only", default="B1,B2,B4")
+    parser.add_argument("--only", default="HOP,B1,B2,B3,B4")
     args = parser.parse_args()
     wanted = set(args.only.upper().split(","))
     results: dict[str, Any] = {"rounds": args.rounds, "seconds": args.seconds, "protocol": MODERN}
@@ -261,11 +374,17 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory() as name:
             tmp = Path(name)
+            if "HOP" in wanted:
+                results["HOP"] = hop(processes, tmp, args.rounds, args.seconds)
+                processes.stop()
             if "B1" in wanted:
                 results["B1"] = b1(processes, tmp, args.rounds, args.seconds)
                 processes.stop()
             if "B2" in wanted:
                 results["B2"] = b2(processes, tmp, args.rounds, args.seconds)
+                processes.stop()
+            if "B3" in wanted:
+                results["B3"] = b3(processes, tmp, args.rounds, args.seconds)
                 processes.stop()
             if "B4" in wanted:
                 results["B4"] = b4(processes, tmp, args.rounds)

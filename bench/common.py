@@ -153,6 +153,12 @@ def wrk(url: str, script: Path, connections: int, seconds: float) -> dict[str, f
     }
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, every thread) a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def median_spread(values: Sequence[float]) -> tuple[float, float]:
     """The median and the spread (max - min) as a fraction of the median."""
     middle = statistics.median(values)

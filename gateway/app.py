@@ -7,6 +7,7 @@ goes through `MCPSecurityMiddleware`, exactly as it does around an in-process ap
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -28,7 +29,21 @@ CONFIG_ENV = "MCP_GATEWAY_CONFIG"
 
 def app_from_environment() -> MCPSecurityMiddleware:
     """The app for each uvicorn worker (`serve --workers N`): the config path comes from MCP_GATEWAY_CONFIG."""
-    return create_app(os.environ[CONFIG_ENV])
+    app = create_app(os.environ[CONFIG_ENV])
+    settle_garbage_collector()
+    return app
+
+
+def settle_garbage_collector() -> None:
+    """For a process the gateway owns (`serve`), once the app is built: exempt everything built so far from
+    collection, and collect the youngest objects less often. Measured with wrk (trivial upstream, c=32): a
+    full collection walked every module, model and compiled pattern, and stalled requests for tens of ms (p99
+    41 ms); frozen, p99 was 13 ms and throughput 5-10% higher. Never called for an app embedded as middleware:
+    the host process's collector is not the gateway's to tune."""
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(10_000, middle, old)
 
 
 def create_app(config: Config | str | Path) -> MCPSecurityMiddleware:

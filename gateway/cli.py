@@ -24,7 +24,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway import logs
-    from gateway.app import CONFIG_ENV, create_app
+    from gateway.app import CONFIG_ENV, create_app, settle_garbage_collector
     from gateway.auth import load_or_create_signing_key
 
     config = load_config(args.config)
@@ -40,6 +40,7 @@ def _serve(args: argparse.Namespace) -> int:
         "timeout_graceful_shutdown": 10,
     }
     if args.workers <= 1:
+        settle_garbage_collector()
         uvicorn.run(app, **common)  # type: ignore[arg-type]
         return 0
     # Several workers: each loads the config itself; /metrics adds up every worker's values.

@@ -33,7 +33,7 @@ from gateway.auth import AuthFailed, Principal, server
 from gateway.auth.server import AuthorizationServer
 from gateway.config import Config, Upstream, load_config
 from gateway.metrics import method_label
-from gateway.policy import Decision, Policy, decide, roles_for
+from gateway.policy import Decision, DecisionCache, Policy, roles_for
 from gateway.responses import ResponseInspector, Rules
 from gateway.runtime import Runtime
 from gateway.types import (
@@ -108,6 +108,7 @@ class MCPSecurityMiddleware:
         self.app = app
         self.config = config if isinstance(config, Config) else load_config(config)
         self.runtime = runtime or Runtime(self.config)
+        self._decide_one = DecisionCache()  # decide(), remembered per principal, operation and policy
         self._routes = {u.path: u for u in self.config.upstreams}
         self._apps = dict(apps or {})
         self._metadata_prefix = "/.well-known/oauth-protected-resource"
@@ -278,6 +279,7 @@ class MCPSecurityMiddleware:
     def _decide(self, ex: _Exchange) -> None:
         assert ex.principal is not None
         policy = ex.policy = self.runtime.policy
+        decide = self._decide_one
         ex.decisions = tuple(decide(ex.principal, op, policy) if op is not None else None for op in ex.operations)
 
     def _denials(self, ex: _Exchange) -> dict[int, _Denial]:
@@ -451,14 +453,14 @@ class MCPSecurityMiddleware:
 
         def item_visible(method: str, item: dict[str, Any]) -> bool:
             op = _item_operation(method, item)
-            return op is not None and decide(principal, op, policy).visible
+            return op is not None and self._decide_one(principal, op, policy).visible
 
         def police(message: dict[str, Any], request_id: jsonrpc.JsonRpcId) -> tuple[mcp.Operation, Decision]:
             """Decide and audit one server->client request (on a stream, or in inputRequests)."""
             method = message.get("method")
             op = mcp.classify_server_request(jsonrpc.Message(
                 "request", request_id, method if isinstance(method, str) else None, message.get("params"), message))
-            decision = decide(principal, op, policy)
+            decision = self._decide_one(principal, op, policy)
             self._audit_server_request(ex, op, decision)
             return op, decision
 

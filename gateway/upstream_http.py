@@ -26,7 +26,9 @@ from urllib.parse import urlsplit
 import httptools
 
 _HIGH_WATER = 256 * 1024  # buffered answer bytes above which reading from the upstream pauses
-_IDLE_S = 4.0  # an idle connection older than this is closed, not reused (uvicorn closes at 5 s)
+# An idle connection older than this is closed, not reused: servers close idle keep-alive connections (gunicorn
+# after 2 s, uvicorn and Node after 5 s), and a request written just as the server closes is lost.
+_IDLE_S = 1.0
 
 
 class UpstreamError(Exception):
@@ -65,6 +67,11 @@ class _Connection(asyncio.Protocol):
             self._fail(UpstreamError("protocol", str(exc)))
             if self.transport is not None:
                 self.transport.close()
+
+    def eof_received(self) -> None:
+        # Marked now, while the loop polls: connection_lost comes a turn later, and a request picking this
+        # connection from the pool in between would be written to a server that has already gone.
+        self.closed = True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

@@ -12,7 +12,7 @@ import yaml
 
 from gateway.auth.principal import Principal
 from gateway.mcp import Operation
-from gateway.policy import Policy, PolicyError, decide, load_policy, normalize_uri
+from gateway.policy import DecisionCache, Policy, PolicyError, decide, load_policy, normalize_uri
 from gateway.policy.globs import GlobIndex
 from gateway.policy.uri import InvalidUri, template_probe
 
@@ -173,6 +173,19 @@ def test_decide(policy: Policy, case: str, principal: Principal, operation: Oper
     assert (decision.outcome, decision.reason) == (outcome, reason)
     assert decision.allowed == (outcome == "allowed")
     assert decision.policy_version == policy.version
+
+
+def test_the_decision_cache_answers_exactly_as_decide_does(policy: Policy, tmp_path: Path) -> None:
+    cache = DecisionCache()
+    for _, principal, operation, _, _ in TABLE * 2:  # the second pass is answered from the cache
+        assert cache(principal, operation, policy) == decide(principal, operation, policy)
+    # Another policy (a reload) or another principal is never answered from the first one's entries.
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({**POLICY, "roles": {
+        **POLICY["roles"], "reader": {**POLICY["roles"]["reader"], "permissions": {}}}}))
+    reloaded = load_policy(tmp_path / "p.yaml")
+    tool = Operation("tool_call", "tools/call", 1, name="search")
+    assert cache(READER, tool, policy).allowed and not cache(READER, tool, reloaded).allowed
+    assert not cache(NOBODY, tool, policy).allowed
 
 
 def test_step_up_names_the_level_and_the_acr_that_reaches_it(policy: Policy) -> None:

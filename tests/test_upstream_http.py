@@ -143,3 +143,18 @@ async def test_a_slow_reader_pauses_the_upstream_instead_of_buffering_the_answer
         pool.close()
     assert received == size
     assert most <= upstream_http._HIGH_WATER + 256 * 1024  # never much more than the high-water mark at once
+
+
+async def test_a_connection_the_upstream_closed_while_idle_is_not_reused() -> None:
+    async def one_and_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")  # keep-alive by default, then it leaves
+        await writer.drain()
+
+    async with server(one_and_close) as (url, connections):
+        pool = UpstreamPool(url, connect_timeout=2, read_timeout=2)
+        assert await collect(pool) == (200, b"ok")
+        await asyncio.sleep(0.05)  # the close arrives while the connection idles in the pool
+        assert await collect(pool) == (200, b"ok")
+        pool.close()
+    assert connections == [1, 2]

@@ -426,4 +426,6 @@ def _quoted(value: str) -> str:
 
 
 def _token_in_query(query_string: bytes) -> bool:
+    if b"access_token" not in query_string:
+        return False
     return any(part.split(b"=", 1)[0] == b"access_token" for part in query_string.split(b"&"))

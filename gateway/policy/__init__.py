@@ -11,11 +11,11 @@ normalisation: two different names never match the same way by accident).
 Resource URIs are normalised (`policy.uri`) before they are matched.
 """
 
-from gateway.policy.engine import Decision, authentication_level, decide, roles_for
+from gateway.policy.engine import Decision, DecisionCache, authentication_level, decide, roles_for
 from gateway.policy.model import LEVELS, Policy, PolicyError, Role, load_policy, parse_policy
 from gateway.policy.uri import InvalidUri, normalize_uri
 
 __all__ = [
-    "LEVELS", "Decision", "InvalidUri", "Policy", "PolicyError", "Role", "authentication_level", "decide",
-    "load_policy", "normalize_uri", "parse_policy", "roles_for",
+    "LEVELS", "Decision", "DecisionCache", "InvalidUri", "Policy", "PolicyError", "Role", "authentication_level",
+    "decide", "load_policy", "normalize_uri", "parse_policy", "roles_for",
 ]

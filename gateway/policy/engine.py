@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from gateway.auth.principal import Principal
 from gateway.mcp import Operation
@@ -171,6 +171,32 @@ def decide(principal: Principal, operation: Operation, policy: Policy) -> Decisi
     if kind == "completion":
         return result(True, f"role:{roles[0]}:completion")
     return result(False, f"unhandled:{kind}")
+
+
+class DecisionCache:
+    """`decide()` remembered: the request path asks the same question (this principal, this operation, this
+    policy) on every call a client makes, and a list filter asks it once per item.
+
+    `decide` is pure, so its answer depends only on what the key holds: the principal and the policy objects
+    (by identity: verified principals are cached per token, and a reload makes a new policy) and every field
+    of the operation `decide` reads. Bounded: when full it starts again empty.
+    """
+
+    def __init__(self, size: int = 50_000) -> None:
+        self._size = size
+        self._answers: dict[tuple[Any, ...], tuple[Principal, Policy, Decision]] = {}
+
+    def __call__(self, principal: Principal, operation: Operation, policy: Policy) -> Decision:
+        key = (id(principal), id(policy), operation.kind, operation.method, operation.name, operation.uri,
+               operation.input_responses)
+        found = self._answers.get(key)
+        if found is not None and found[0] is principal and found[1] is policy:
+            return found[2]
+        decision = decide(principal, operation, policy)
+        if len(self._answers) >= self._size:
+            self._answers.clear()
+        self._answers[key] = (principal, policy, decision)
+        return decision
 
 
 def _with_uri(decision: Decision, uri: str) -> Decision:

@@ -163,12 +163,17 @@ class Requirements:
     rules: tuple[Requirement, ...]
 
     def of(self, value: str) -> tuple[int, frozenset[str]]:
+        if not self.index:
+            return 0, _NONE
         level, capabilities = 0, set[str]()
         for rule_id in self.index.matching(value):
             rule = self.rules[rule_id]
             level = max(level, LEVEL[rule.security_level])
             capabilities.update(rule.capabilities)
         return level, frozenset(capabilities)
+
+
+_NONE: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
