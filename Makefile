@@ -24,9 +24,12 @@ test: $(STAMP)
 	$(BIN)/mypy gateway
 	$(BIN)/pytest -q
 
+# Benchmarks, not tests: ratios measured side by side (bench/README.md). Needs wrk and nginx (Debian packages);
+# B3 installs ContextForge into bench/.contextforge with pyenv's Python 3.12 on first run.
 bench: $(STAMP)
+	@command -v wrk >/dev/null || { echo "make bench needs wrk (and nginx): apt-get install wrk nginx"; exit 1; }
 	$(BIN)/python bench/bench_decide.py
-	@command -v wrk >/dev/null || { echo "bench_audit needs wrk: apt-get install wrk"; exit 1; }
+	$(BIN)/python bench/bench_http.py
 	$(BIN)/python bench/bench_audit.py
 
 lint: $(STAMP)

@@ -118,6 +118,7 @@ def b1(processes: Processes, tmp: Path, rounds: int, seconds: float) -> dict[str
 
 
 NGINX_CONF = """worker_processes 1;
+master_process off;
 daemon off;
 pid {dir}/nginx.pid;
 error_log {dir}/error.log warn;
@@ -339,13 +340,17 @@ def b4(processes: Processes, tmp: Path, rounds: int) -> dict[str, Any]:
     print(f"  gateway/direct first event: {first:.2f}x (spread {first_spread:.0%}; target <= 1.1); "
           f"total: {total:.2f}x (spread {total_spread:.0%})")
 
-    # 100 MB through: a 2025-11-25 resources/read (JSON), read by the client as fast as it comes.
+    # 100 MB through: a 2025-11-25 resources/read answered as one JSON body (by a JSON-mode upstream behind a
+    # gateway of its own), read by the client as fast as it comes. (An SSE event is inspected whole, so a
+    # 100 MB event would be refused by limits.max_inspected_bytes rather than streamed.)
+    json_upstream = upstream(processes, "mcp")
+    via, token, pid = gateway(processes, tmp / "b4-json", json_upstream)
     big = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "resources/read", "params": {"uri": "bench://big"}}).encode()
     legacy = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream",
               "MCP-Protocol-Version": "2025-11-25", "Authorization": f"Bearer {token}"}
 
     def download() -> int:
-        response = _post(via.replace(urlsplit(via).path, "/mcp"), legacy, big)
+        response = _post(via, legacy, big)
         received = 0
         while chunk := response.read(65536):
             received += len(chunk)

@@ -165,12 +165,12 @@ def median_spread(values: Sequence[float]) -> tuple[float, float]:
     return middle, (max(values) - min(values)) / middle if middle else 0.0
 
 
-def save(section: str, data: Any) -> Path:
-    """Merge `data` under `section` into bench/results/<today>.json."""
+def save(section: str, data: dict[str, Any]) -> Path:
+    """Merge `data` under `section` into bench/results/<today>.json (a partial run keeps the other keys)."""
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{datetime.date.today().isoformat()}.json"
     results = json.loads(path.read_text()) if path.exists() else {}
-    results[section] = data
+    results.setdefault(section, {}).update(data)
     results.setdefault("machine", {"cpus": os.cpu_count(), "python": sys.version.split()[0]})
     path.write_text(json.dumps(results, indent=2) + "\n")
     return path
