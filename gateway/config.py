@@ -74,6 +74,11 @@ class Upstream(StrictModel):
         bad = sorted(name for name in value if name.lower() in forbidden)
         if bad:
             raise ValueError(f"the gateway sets {', '.join(bad)} itself")
+        for name, text in value.items():  # they are written into the upstream request as they are
+            if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
+                raise ValueError(f"{name!r} is not a valid header name")
+            if any(c in text for c in "\r\n\0"):
+                raise ValueError(f"the value of {name} contains a line break or NUL")
         return value
 
 

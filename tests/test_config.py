@@ -31,6 +31,8 @@ BAD = [
     ({"upstreams": [UPSTREAM, {**UPSTREAM, "name": "other"}]}, "share path"),
     ({"upstreams": [{**UPSTREAM, "headers": {"Host": "x"}}]}, "upstreams.0.headers: the gateway sets Host"),
     ({"upstreams": [UPSTREAM], "auth": {"anonymous_role": "nobody"}}, "anonymous_role 'nobody' is not a role"),
+    ({"upstreams": [{**UPSTREAM, "headers": {"X-Key": "a\r\nX-Evil: 1"}}]}, "contains a line break"),
+    ({"upstreams": [{**UPSTREAM, "headers": {"X Key": "a"}}]}, "is not a valid header name"),
     ({"upstreams": [UPSTREAM], "allowed_origins": ["http://a.example/path"]}, "is not an origin"),
     ({"upstreams": [UPSTREAM, {**UPSTREAM, "name": "b", "path": "/b"}], "auth": {"resource": "http://a.example/x"}},
      "auth.resource names one protected resource"),

@@ -78,7 +78,9 @@ class Authenticator:
         self._key = signing_key
         self._public = signing_key.public
         self._issuer = config.public_url
-        self._anonymous_role = config.auth.anonymous_role
+        role = config.auth.anonymous_role
+        # One principal for every token-less caller: the same object each time, so per-principal caches hold one.
+        self._anonymous = Principal(subject="anonymous", issuer="anonymous", roles=frozenset({role})) if role else None
         auth = config.auth
         self._jwks = JwksCache(auth.jwt, metrics) if auth.jwt is not None else None
         self._introspector = Introspector(auth.introspection, metrics) if auth.introspection is not None else None
@@ -152,9 +154,8 @@ class Authenticator:
             )
         values = headers.get("authorization", [])
         if not values:
-            if self._anonymous_role is not None:
-                return Principal(subject="anonymous", issuer="anonymous",
-                                 roles=frozenset({self._anonymous_role})), "anonymous"
+            if self._anonymous is not None:
+                return self._anonymous, "anonymous"
             raise AuthFailed("a bearer token is required", self.challenge(upstream_path), reason="no_token")
         if len(values) > 1:
             raise AuthFailed("one Authorization header, please", self.challenge(upstream_path, "invalid_request"),
