@@ -158,3 +158,25 @@ async def test_a_connection_the_upstream_closed_while_idle_is_not_reused() -> No
         assert await collect(pool) == (200, b"ok")
         pool.close()
     assert connections == [1, 2]
+
+
+async def test_a_connection_that_speaks_while_idle_is_dropped() -> None:
+    async def chatty(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                await read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            await writer.drain()
+            await asyncio.sleep(0.02)
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nforged")  # unasked: an answer to nothing
+            await writer.drain()
+
+    async with server(chatty) as (url, connections):
+        pool = UpstreamPool(url, connect_timeout=2, read_timeout=2)
+        assert await collect(pool) == (200, b"ok")
+        await asyncio.sleep(0.1)
+        assert await collect(pool) == (200, b"ok")  # not the forged answer queued on the first connection
+        pool.close()
+    assert connections == [1, 2]
