@@ -227,9 +227,10 @@ class Authenticator:
                                 issuer=self._issuer, leeway=_LEEWAY_S,
                                 options={"require": ["exp", "iat", "sub", "iss", "aud"]})
             return claims, "gateway", float(claims["exp"]) + _LEEWAY_S
-        if header is not None and self._jwks is not None:
+        external = self._config.auth.jwt
+        if header is not None and external is not None:
             claims = await self._external_jwt(token, header, audiences)
-            return claims, "jwt", float(claims["exp"]) + self._config.auth.jwt.leeway_s  # type: ignore[union-attr]
+            return claims, "jwt", float(claims["exp"]) + external.leeway_s
         if self._introspector is not None:
             return await self._introspected(token, audiences)
         if header is None:
