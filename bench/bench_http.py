@@ -73,6 +73,15 @@ def rounds_of(cases: dict[str, Case], concurrency: int, rounds: int, seconds: fl
     return runs
 
 
+def both(cases: dict[str, Case], title: str, rounds: int, seconds: float) -> tuple[Runs, Runs]:
+    """Every case at concurrency 32 (throughput), then at 1 (latency), each table printed."""
+    c32 = rounds_of(cases, 32, rounds, seconds)
+    c1 = rounds_of(cases, 1, rounds, seconds)
+    print_runs(title, 32, c32)
+    print_runs(title, 1, c1)
+    return c32, c1
+
+
 def ratio(runs: Runs, top: str, bottom: str, key: str) -> tuple[float, float]:
     return median_spread([a[key] / b[key] for a, b in zip(runs[top], runs[bottom], strict=True)])
 
@@ -104,10 +113,7 @@ def b1(processes: Processes, tmp: Path, rounds: int, seconds: float) -> dict[str
     cases = {"direct": (direct, wrk_script(tmp / "b1-direct.lua", headers, body), None),
              "gateway": (via, wrk_script(tmp / "b1-gateway.lua", {**headers, "Authorization": f"Bearer {token}"},
                                          body), pid)}
-    c32 = rounds_of(cases, 32, rounds, seconds)
-    c1 = rounds_of(cases, 1, rounds, seconds)
-    print_runs("B1 tools/call, MCPServer (stateless JSON)", 32, c32)
-    print_runs("B1 tools/call, MCPServer (stateless JSON)", 1, c1)
+    c32, c1 = both(cases, "B1 tools/call, MCPServer (stateless JSON)", rounds, seconds)
     throughput, throughput_spread = ratio(c32, "gateway", "direct", "rps")
     latency, latency_spread = ratio(c1, "gateway", "direct", "p50_ms")
     added = median_spread([g["p50_ms"] - d["p50_ms"] for g, d in zip(c1["gateway"], c1["direct"], strict=True)])[0]
@@ -156,10 +162,7 @@ def b2(processes: Processes, tmp: Path, rounds: int, seconds: float) -> dict[str
     cases = {"trivial": (direct, plain, None), "nginx": (f"http://127.0.0.1:{port}/mcp", plain, nginx_process.pid),
              "gateway": (via, wrk_script(tmp / "b2-gateway.lua", {**headers, "Authorization": f"Bearer {token}"},
                                          body), pid)}
-    c32 = rounds_of(cases, 32, rounds, seconds)
-    c1 = rounds_of(cases, 1, rounds, seconds)
-    print_runs("B2 tools/call, trivial upstream", 32, c32)
-    print_runs("B2 tools/call, trivial upstream", 1, c1)
+    c32, c1 = both(cases, "B2 tools/call, trivial upstream", rounds, seconds)
     saturation, saturation_spread = ratio(c32, "gateway", "nginx", "rps")
     latency, latency_spread = ratio(c1, "gateway", "trivial", "p50_ms")
     print(f"  gateway/nginx throughput at c=32: {saturation:.2f}x (spread {saturation_spread:.0%}; target >= 0.2)")
@@ -179,10 +182,7 @@ def hop(processes: Processes, tmp: Path, rounds: int, seconds: float) -> dict[st
         process = processes.start([sys.executable, str(Path(__file__).parent / "hops.py"), client, str(port)], port,
                                   env={"UPSTREAM": direct})
         cases[client] = (f"http://127.0.0.1:{port}/mcp", plain, process.pid)
-    c32 = rounds_of(cases, 32, rounds, seconds)
-    c1 = rounds_of(cases, 1, rounds, seconds)
-    print_runs("HOP a bare pass-through per upstream client, trivial upstream", 32, c32)
-    print_runs("HOP a bare pass-through per upstream client, trivial upstream", 1, c1)
+    c32, c1 = both(cases, "HOP a bare pass-through per upstream client, trivial upstream", rounds, seconds)
     return {"c32": summary(c32), "c1": summary(c1)}
 
 
@@ -257,10 +257,8 @@ def b3(processes: Processes, tmp: Path, rounds: int, seconds: float) -> dict[str
              "gateway": (via, wrk_script(tmp / "b3-gateway.lua", {**headers, "Authorization": f"Bearer {token}"},
                                          body), pid),
              "forge": (forge, wrk_script(tmp / "b3-forge.lua", {**legacy, **forge_headers}, legacy_body), forge_pid)}
-    c32 = rounds_of(cases, 32, rounds, seconds)
-    c1 = rounds_of(cases, 1, rounds, seconds)
-    print_runs("B3 tools/call: direct, gateway, ContextForge 1.1 (direct_proxy, SQLite, one worker)", 32, c32)
-    print_runs("B3 tools/call: direct, gateway, ContextForge 1.1 (direct_proxy, SQLite, one worker)", 1, c1)
+    c32, c1 = both(cases, "B3 tools/call: direct, gateway, ContextForge 1.1 (direct_proxy, SQLite, one worker)",
+                   rounds, seconds)
     over, spread = ratio(c32, "gateway", "forge", "rps")
     print(f"  gateway/ContextForge throughput at c=32: {over:,.0f}x (spread {spread:.0%}; target >= 100)")
     return {"c32": summary(c32), "c1": summary(c1), "gateway_over_contextforge": over}

@@ -41,6 +41,13 @@ class Limits(StrictModel):
     max_inspected_bytes: int = Field(16 * 1024 * 1024, gt=0)
 
 
+def _http_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL")
+    return value
+
+
 class Upstream(StrictModel):
     """One MCP server behind the gateway, served at `{public_url}{path}`."""
 
@@ -55,12 +62,7 @@ class Upstream(StrictModel):
     @field_validator("url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an http:// or https:// URL")
-        return value
+        return None if value is None else _http_url(value)
 
     @field_validator("path")
     @classmethod
@@ -138,10 +140,7 @@ class Introspection(StrictModel):
     @field_validator("url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an http:// or https:// URL")
-        return value
+        return _http_url(value)
 
 
 class Auth(StrictModel):
