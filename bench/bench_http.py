@@ -313,7 +313,7 @@ def peak_rss(pid: int, work: Callable[[], int]) -> tuple[float, float, int]:
     return before, max(peak, rss()), result
 
 
-def b4(processes: Processes, tmp: Path, rounds: int) -> dict[str, Any]:
+def b4(processes: Processes, tmp: Path, rounds: int, _seconds: float) -> dict[str, Any]:
     direct = upstream(processes, "mcp", "--sse")
     via, token, pid = gateway(processes, tmp / "b4", direct)
     headers, body = tools_call("progress", {"count": 1000})
@@ -365,6 +365,9 @@ def b4(processes: Processes, tmp: Path, rounds: int) -> dict[str, Any]:
                          "rss_growth_mb": peak - before}}
 
 
+BENCHES = {"HOP": hop, "B1": b1, "B2": b2, "B3": b3, "B4": b4}  # in the order they run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
@@ -377,20 +380,10 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory() as name:
             tmp = Path(name)
-            if "HOP" in wanted:
-                results["HOP"] = hop(processes, tmp, args.rounds, args.seconds)
-                processes.stop()
-            if "B1" in wanted:
-                results["B1"] = b1(processes, tmp, args.rounds, args.seconds)
-                processes.stop()
-            if "B2" in wanted:
-                results["B2"] = b2(processes, tmp, args.rounds, args.seconds)
-                processes.stop()
-            if "B3" in wanted:
-                results["B3"] = b3(processes, tmp, args.rounds, args.seconds)
-                processes.stop()
-            if "B4" in wanted:
-                results["B4"] = b4(processes, tmp, args.rounds)
+            for name, bench in BENCHES.items():
+                if name in wanted:
+                    results[name] = bench(processes, tmp, args.rounds, args.seconds)
+                    processes.stop()
     finally:
         processes.stop()
     print(f"\nresults: {save('http', results)}")

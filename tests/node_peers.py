@@ -19,6 +19,27 @@ def node_env() -> dict[str, str]:
     return env
 
 
+class NodeAuthServer:
+    """An npm authorization server started from `tests/node/<script>` on a free loopback port. The script prints
+    `ready <issuer>` once it serves (the issuer URL set, not just the port open)."""
+
+    script = ""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.process = subprocess.Popen([str(NODE22), str(NODE_DIR / self.script), str(self.port)], env=node_env(),
+                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert self.process.stdout is not None
+        ready = self.process.stdout.readline()
+        assert ready.startswith("ready "), f"{self.script} did not start: {ready!r}"
+        self.url = ready.split()[1]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+
 @contextmanager
 def server_everything() -> Iterator[str]:
     """Run @modelcontextprotocol/server-everything (streamable HTTP) on a free loopback port; yield its MCP URL."""

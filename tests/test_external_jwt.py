@@ -7,7 +7,6 @@ import hashlib
 import hmac
 import json
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,20 +21,15 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
-from tests.harness import NODE22, NODE_DIR, Deployment, deploy, free_port
-from tests.node_peers import node_env
+from tests.harness import Deployment, deploy
+from tests.node_peers import NodeAuthServer
 from tests.test_bad_input import BASE_HEADERS, modern
 
 
-class Idp:
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.process = subprocess.Popen([str(NODE22), str(NODE_DIR / "idp.mjs"), str(self.port)], env=node_env(),
-                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        assert self.process.stdout is not None
-        ready = self.process.stdout.readline()  # printed once the issuer URL is set, not just the port open
-        assert ready.startswith("ready "), f"the IdP did not start: {ready!r}"
-        self.url = ready.split()[1]
+class Idp(NodeAuthServer):
+    """oauth2-mock-server (tests/node/idp.mjs): JWTs, JWKS, key rotation on SIGUSR2."""
+
+    script = "idp.mjs"
 
     def token(self, audience: Any, scope: str = "mcp:tools", client: str = "agent", **claims: Any) -> str:
         data = {"grant_type": "client_credentials", "scope": scope, "aud": audience if isinstance(audience, str)
@@ -51,10 +45,6 @@ class Idp:
     def rotate(self) -> None:
         self.process.send_signal(signal.SIGUSR2)
         time.sleep(0.3)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(10)
 
 
 @pytest.fixture

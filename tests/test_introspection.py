@@ -7,7 +7,6 @@ each token once, then serves the answer from its cache.
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,21 +18,16 @@ from mcp import Client
 from mcp.client.auth.extensions.client_credentials import ClientCredentialsOAuthProvider
 from mcp.client.streamable_http import streamable_http_client
 
-from tests.harness import NODE22, NODE_DIR, Deployment, deploy, free_port
-from tests.node_peers import node_env
+from tests.harness import Deployment, deploy
+from tests.node_peers import NodeAuthServer
 from tests.test_auth_options import call
 from tests.test_oauth_server import MemoryTokens
 
 
-class OidcProvider:
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.process = subprocess.Popen([str(NODE22), str(NODE_DIR / "oidc.mjs"), str(self.port)], env=node_env(),
-                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        assert self.process.stdout is not None
-        ready = self.process.stdout.readline()
-        assert ready.startswith("ready "), f"oidc-provider did not start: {ready!r}"
-        self.url = ready.split()[1]
+class OidcProvider(NodeAuthServer):
+    """oidc-provider (tests/node/oidc.mjs): opaque tokens, introspection, resource indicators."""
+
+    script = "oidc.mjs"
 
     def token(self, resource: str, scope: str | None = "mcp:tools") -> str:
         form = {"grant_type": "client_credentials", "resource": resource, **({"scope": scope} if scope else {})}
@@ -44,11 +38,6 @@ class OidcProvider:
     def revoke(self, token: str) -> None:
         httpx.post(f"{self.url}/token/revocation", data={"token": token},
                    auth=("mcp-client", "mcp-client-secret")).raise_for_status()
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)
 
 
 @pytest.fixture
