@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import select
 import ssl
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -42,6 +43,7 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
+        self._fd = -1
         self.closed = False
         self.idle_since = 0.0
         self._parser = httptools.HttpResponseParser(self)
@@ -59,6 +61,15 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
+        self._fd = transport.get_extra_info("socket").fileno()
+
+    def quiet(self) -> bool:
+        """True while the idle connection has nothing to read. The upstream closing it (EOF) or sending what
+        nobody asked for both make it readable; the loop may not have seen either yet, and a request written
+        to it then would be lost. One poll() call, made only when a pooled connection is about to be reused."""
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        return not poller.poll(0)
 
     def data_received(self, data: bytes) -> None:
         if self.complete:  # bytes on an idle connection belong to no request: it cannot be trusted again
@@ -241,7 +252,7 @@ class UpstreamPool:
         now = time.monotonic()
         while self._idle:
             connection = self._idle.pop()
-            if not connection.closed and now - connection.idle_since < _IDLE_S:
+            if not connection.closed and now - connection.idle_since < _IDLE_S and connection.quiet():
                 return connection
             connection.close()
         loop = asyncio.get_running_loop()

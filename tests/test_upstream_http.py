@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -180,3 +181,19 @@ async def test_a_connection_that_speaks_while_idle_is_dropped() -> None:
         assert await collect(pool) == (200, b"ok")  # not the forged answer queued on the first connection
         pool.close()
     assert connections == [1, 2]
+
+
+async def test_a_close_the_loop_has_not_seen_yet_still_keeps_the_connection_out_of_use() -> None:
+    from tests.test_upstream_failures import ScriptedUpstream
+
+    # Answers without "connection: close", then closes at once (a server ending an idle keep-alive).
+    upstream = ScriptedUpstream(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+    try:
+        pool = UpstreamPool(f"http://127.0.0.1:{upstream.port}/mcp", connect_timeout=2, read_timeout=2)
+        assert await collect(pool) == (200, b"ok")
+        time.sleep(0.1)  # the close reaches the socket, but the event loop does not run to notice it
+        assert await collect(pool) == (200, b"ok")
+        pool.close()
+    finally:
+        upstream.close()
+    assert len(upstream.received) == 2
