@@ -2,7 +2,9 @@
 
 Owns: bearer token extraction (header only; a token in the query string is
 refused), verification of tokens the gateway signed itself (signature, `iss`,
-`aud` = the protected resource, `exp`/`nbf`/`iat`), a cache of verified
+`aud` = the protected resource, `exp`/`nbf`/`iat`), the rules every source's
+claims are held to (`_check_claims`: first the type of each claim the gateway
+reads, `CLAIM_TYPES`, then their values), a cache of verified
 tokens keyed by the token's hash until its expiry (the signature is checked
 once per token, not once per request), the anonymous role for token-less
 callers when configured, and the `WWW-Authenticate` challenge whose
@@ -27,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import jwt
 from cachetools import TTLCache
 
+from gateway.auth.claims import CLAIM_TYPES, ClaimTypeError, check_claim_types, principal_from_claims
 from gateway.auth.introspection import IntrospectionUnavailable, Introspector
 from gateway.auth.jwks import JwksCache
 from gateway.auth.keys import ALGORITHM, SigningKey, load_or_create_signing_key
@@ -35,16 +38,23 @@ from gateway.errors import UNAUTHORIZED, GatewayRefusal
 from gateway.sessions import TokenSession
 
 if TYPE_CHECKING:
+    from jwt.types import Options
+
     from gateway.config import Config
     from gateway.metrics import Metrics
     from gateway.sessions import SessionStore
 
-__all__ = ["Authenticator", "Principal", "SigningKey", "load_or_create_signing_key"]
+__all__ = ["CLAIM_TYPES", "Authenticator", "ClaimTypeError", "Principal", "SigningKey", "check_claim_types",
+           "load_or_create_signing_key", "principal_from_claims"]
 
 _LEEWAY_S = 30
 IDENTITY_TYPE = "mcp-identity+jwt"  # the `typ` of X-MCP-Identity tokens: never accepted as an access token
 IDENTITY_TTL_S = 60
 _TOUCH_EVERY_S = 10  # a token's last use is written at most this often
+# PyJWT checks a JWT's signature and framing only. Its claims are then held to `_check_claims`, like an
+# introspection answer's: their types first (CLAIM_TYPES), so that nothing reads a claim of the wrong type.
+_SIGNATURE_ONLY: Options = {"verify_exp": False, "verify_nbf": False, "verify_iat": False, "verify_aud": False,
+                            "verify_iss": False, "verify_sub": False, "verify_jti": False}
 
 
 class AuthFailed(GatewayRefusal):
@@ -186,11 +196,12 @@ class Authenticator:
         except AuthFailed as failed:
             failed.challenge = self.challenge(upstream_path, failed.error)
             raise
-        except jwt.PyJWTError as exc:
-            raise self._classified(exc, upstream_path, self._source_of(token)) from None
-        if "sub" not in claims and isinstance(claims.get("client_id"), str):
+        except jwt.PyJWTError as exc:  # the signature, or the token's framing
+            raise self._invalid(upstream_path, "invalid token", f"invalid_token:{type(exc).__name__}",
+                                self._source_of(token)) from None
+        if "sub" not in claims and "client_id" in claims:
             claims = {**claims, "sub": claims["client_id"]}  # a client-credentials token names its client
-        if not isinstance(claims.get("sub"), str):
+        if "sub" not in claims:
             raise self._invalid(upstream_path, "token names no subject", "missing_claim:sub", source)
         principal = principal_from_claims(claims)
         if self._implied:
@@ -223,9 +234,9 @@ class Authenticator:
             if header.get("typ") == IDENTITY_TYPE:
                 raise AuthFailed("an identity token is not an access token", "", reason="identity_token",
                                  error="invalid_token")
-            claims = jwt.decode(token, self._public, algorithms=[ALGORITHM], audience=list(audiences),
-                                issuer=self._issuer, leeway=_LEEWAY_S,
-                                options={"require": ["exp", "iat", "sub", "iss", "aud"]})
+            claims = jwt.decode(token, self._public, algorithms=[ALGORITHM], options=_SIGNATURE_ONLY)
+            _check_claims(claims, "gateway", issuer=self._issuer, audiences=audiences, leeway=_LEEWAY_S,
+                          required=("exp", "iat", "sub", "iss", "aud"))
             return claims, "gateway", float(claims["exp"]) + _LEEWAY_S
         external = self._config.auth.jwt
         if header is not None and external is not None:
@@ -254,9 +265,9 @@ class Authenticator:
         if key.algorithm_name and key.algorithm_name != alg:
             raise AuthFailed("token algorithm does not match its key", "", reason="alg_key_mismatch",
                              error="invalid_token", source="jwt")
-        claims: dict[str, Any] = jwt.decode(token, key.key, algorithms=[alg], audience=list(audiences),
-                                            issuer=external.issuer, leeway=external.leeway_s,
-                                            options={"require": ["exp", "iss", "aud"]})
+        claims: dict[str, Any] = jwt.decode(token, key.key, algorithms=[alg], options=_SIGNATURE_ONLY)
+        _check_claims(claims, "jwt", issuer=external.issuer, audiences=audiences, leeway=external.leeway_s,
+                      required=("exp", "iss", "aud"))
         return claims
 
     async def _introspected(self, token: str, audiences: tuple[str, ...]) -> tuple[dict[str, Any], str, float]:
@@ -273,23 +284,11 @@ class Authenticator:
             raise refused(f"the token cannot be checked now ({exc})", "introspection_unavailable") from None
         if claims is None:
             raise refused("token is not active", "inactive")
-        aud = claims.get("aud")
-        named = [aud] if isinstance(aud, str) else [a for a in aud if isinstance(a, str)] if isinstance(aud, list) \
-            else []
-        if not any(a.rstrip("/") in audiences for a in named):
-            raise refused("token is not for this resource", "wrong_audience")
-        if config.issuer is not None and claims.get("iss") != config.issuer:
-            raise refused("token from an unknown issuer", "wrong_issuer")
-        now = time.time()
-        exp, nbf = claims.get("exp"), claims.get("nbf")
-        if isinstance(exp, int | float) and exp + _LEEWAY_S < now:
-            raise refused("token expired", "expired")
-        if isinstance(nbf, int | float) and nbf - _LEEWAY_S > now:
-            raise refused("token not valid yet", "not_yet_valid")
+        _check_claims(claims, "introspection", issuer=config.issuer, audiences=audiences, leeway=_LEEWAY_S)
         claims.setdefault("iss", config.issuer or config.url)
-        until = now + config.cache_s
-        if isinstance(exp, int | float):
-            until = min(until, float(exp))
+        until = time.time() + config.cache_s
+        if "exp" in claims:
+            until = min(until, float(claims["exp"]))
         return claims, "introspection", until
 
     def _source_of(self, token: str) -> str:
@@ -297,22 +296,6 @@ class Authenticator:
             return "gateway" if jwt.get_unverified_header(token).get("kid") == self._key.kid else "jwt"
         except jwt.PyJWTError:
             return "introspection" if self._introspector is not None else "jwt"
-
-    def _classified(self, exc: jwt.PyJWTError, upstream_path: str, source: str) -> AuthFailed:
-        """Why a token was refused, as a person reads it and as the audit log records it."""
-        if isinstance(exc, jwt.ExpiredSignatureError):
-            detail, reason = "token expired", "expired"
-        elif isinstance(exc, jwt.ImmatureSignatureError):
-            detail, reason = "token not valid yet", "not_yet_valid"
-        elif isinstance(exc, jwt.InvalidAudienceError):
-            detail, reason = "token is not for this resource", "wrong_audience"
-        elif isinstance(exc, jwt.InvalidIssuerError):
-            detail, reason = "token from an unknown issuer", "wrong_issuer"
-        elif isinstance(exc, jwt.MissingRequiredClaimError):
-            detail, reason = f"token has no {exc.claim}", f"missing_claim:{exc.claim}"
-        else:
-            detail, reason = "invalid token", f"invalid_token:{type(exc).__name__}"
-        return self._invalid(upstream_path, detail, reason, source)
 
     def _invalid(self, upstream_path: str, detail: str, reason: str, source: str = "gateway") -> AuthFailed:
         return AuthFailed(detail, self.challenge(upstream_path, "invalid_token"), reason=reason, source=source)
@@ -398,29 +381,34 @@ def token_session(principal: Principal) -> TokenSession:
     )
 
 
-def principal_from_claims(claims: Mapping[str, Any]) -> Principal:
-    """A Principal from verified JWT claims (`scope` as a space-separated string or `scp` as a list)."""
-    raw_scope = claims.get("scope", claims.get("scp", ""))
-    if isinstance(raw_scope, str):
-        scopes = frozenset(raw_scope.split())
-    else:
-        scopes = frozenset(s for s in raw_scope if isinstance(s, str))
-    exp = claims.get("exp")
-    amr = claims.get("amr")
-    auth_time = claims.get("auth_time")
-    return Principal(
-        subject=str(claims["sub"]),
-        issuer=str(claims["iss"]),
-        client_id=str(claims.get("client_id") or claims.get("azp") or "") or None,
-        scopes=scopes,
-        claims=dict(claims),
-        token_id=str(claims["jti"]) if "jti" in claims else None,
-        expires_at=float(exp) if isinstance(exp, int | float) else None,
-        acr=str(claims["acr"]) if "acr" in claims else None,
-        amr=frozenset(m for m in amr if isinstance(m, str)) if isinstance(amr, list) else frozenset(),
-        auth_time=float(auth_time) if isinstance(auth_time, int | float) else None,
-        max_level=str(claims["gateway_level"]) if isinstance(claims.get("gateway_level"), str) else None,
-    )
+def _check_claims(claims: Mapping[str, Any], source: str, *, issuer: str | None, audiences: tuple[str, ...],
+                  leeway: float, required: tuple[str, ...] = ()) -> None:
+    """Hold verified claims to the rules, the same for every source: each claim the gateway reads of its type
+    (`CLAIM_TYPES`), the `required` ones present, `iss` the issuer (when one is expected), `aud` naming one of
+    `audiences` (trailing slashes aside, as everywhere resource URLs are compared), `exp`, `nbf` and `iat` within
+    `leeway` seconds of now. Raises AuthFailed (invalid_token) naming the first rule broken."""
+
+    def refused(detail: str, reason: str) -> AuthFailed:
+        return AuthFailed(detail, "", reason=reason, error="invalid_token", source=source)
+
+    try:
+        check_claim_types(claims)
+    except ClaimTypeError as exc:
+        raise refused(f"invalid token: {exc}", f"claim_type:{exc.claim}") from None
+    for claim in required:
+        if claim not in claims:
+            raise refused(f"token has no {claim}", f"missing_claim:{claim}")
+    if issuer is not None and claims.get("iss") != issuer:
+        raise refused("token from an unknown issuer", "wrong_issuer")
+    aud = claims.get("aud", [])
+    wanted = {audience.rstrip("/") for audience in audiences}
+    if not any(named.rstrip("/") in wanted for named in ([aud] if isinstance(aud, str) else aud)):
+        raise refused("token is not for this resource", "wrong_audience")
+    now = time.time()
+    if "exp" in claims and claims["exp"] <= now - leeway:
+        raise refused("token expired", "expired")
+    if any(claims[claim] > now + leeway for claim in ("nbf", "iat") if claim in claims):
+        raise refused("token not valid yet", "not_yet_valid")
 
 
 def _quoted(value: str) -> str:

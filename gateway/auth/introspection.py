@@ -8,7 +8,9 @@ interval, not once per request. An inactive answer is cached too (a token
 never becomes active again), which keeps a replayed bad token off the IdP.
 
 Deciding what an active answer means for the request (audience, issuer,
-subject) is the authenticator's job; this module only reports the claims.
+subject, the type of each claim) is the authenticator's job; this module only
+reports the claims, and refuses an answer it cannot read: one that is not a
+JSON object, or whose `active` is not a boolean.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ class Introspector:
         answer = await self._ask(token)
         now = time.time()
         until = now + self._config.cache_s
-        active = answer.get("active") is True
+        active = answer["active"]
         exp = answer.get("exp")
         if active and isinstance(exp, int | float):
             until = min(until, float(exp))
@@ -86,6 +88,11 @@ class Introspector:
             self._count("error")
             log.warning("introspection at %s answered %s without a JSON object", config.url, response.status_code)
             raise IntrospectionUnavailable(f"introspection endpoint answered {response.status_code}")
+        if not isinstance(answer.get("active"), bool):
+            # RFC 7662 2.2: `active` is a boolean. Read any other way, "false" or 1 could pass for active.
+            self._count("error")
+            log.warning("introspection at %s answered without a boolean active", config.url)
+            raise IntrospectionUnavailable("introspection endpoint answered without a boolean active")
         return answer
 
     def _count(self, outcome: str) -> None:
