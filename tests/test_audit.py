@@ -1,22 +1,27 @@
 """The audit trail against real sinks: SQLite and JSONL files and the PostgreSQL server on 127.0.0.1:5432.
 
 Exactly one event per request, in every sink; nothing lost under load, when a
-sink fails, or at shutdown; tampering found by `audit verify`.
+sink fails, or at shutdown; tampering found by `audit verify`, with the chain
+key, even when whoever tampered recomputed the chain.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import shutil
 import signal
 import sqlite3
+import stat
 import subprocess
 import sys
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +31,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import create_app
+from gateway.audit import AuditLog, ChainKey, load_or_create_chain_key
+from gateway.audit.event import GENESIS, AuditEvent, record_bytes
 from gateway.audit.sinks import AuditQuery, open_sink
-from gateway.config import AuditSink
+from gateway.config import Audit, AuditSink, load_config
+from gateway.metrics import Metrics
 from tests.harness import ROOT, Deployment, ServerThread, deploy, free_port, wait_for_port, write_config
 from tests.test_bad_input import BASE_HEADERS, modern
 from tests.test_upstream_failures import ScriptedUpstream
@@ -72,10 +80,14 @@ def read_all(deployment: Deployment, sink_index: int) -> list[dict[str, Any]]:
     return asyncio.run(read())
 
 
+def audit_verify(config_path: Path) -> subprocess.CompletedProcess[str]:
+    """`mcp-gateway audit verify --config config_path`, as an operator runs it."""
+    return subprocess.run([sys.executable, "-m", "gateway.cli", "audit", "verify", "--config", str(config_path)],
+                          capture_output=True, text=True, cwd=ROOT)
+
+
 def verify(deployment: Deployment) -> list[str]:
-    done = subprocess.run([sys.executable, "-m", "gateway.cli", "audit", "verify", "--config",
-                           str(deployment.config_path)], capture_output=True, text=True, cwd=ROOT)
-    return done.stdout.splitlines()
+    return audit_verify(deployment.config_path).stdout.splitlines()
 
 
 def call(url: str, token: str | None, tool: str = "echo", **headers: str) -> httpx.Response:
@@ -220,7 +232,8 @@ def test_a_postgres_outage_fails_closed_and_loses_nothing(tmp_path: Path, pg_tab
         deployment.stop()
 
 
-def test_an_unwritable_file_buffers_then_recovers_with_nothing_lost(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fault", ["unwritable", "disk full"])
+def test_an_unwritable_file_or_a_full_disk_buffers_then_recovers_with_nothing_lost(tmp_path: Path, fault: str) -> None:
     path = tmp_path / "audit.jsonl"
     deployment = deploy("proxy", tmp_path, audit={"sinks": [{"type": "jsonl", "path": str(path)}],
                                                   "on_sink_failure": "buffer"})
@@ -228,16 +241,21 @@ def test_an_unwritable_file_buffers_then_recovers_with_nothing_lost(tmp_path: Pa
     try:
         assert call(deployment.url, token).status_code == 200
         deployment.gateway.call(deployment.runtime.audit.flush())
-        # Root ignores file modes, so "unwritable" is a directory standing where the file was.
         path.rename(tmp_path / "kept.jsonl")
-        path.mkdir()
+        if fault == "unwritable":
+            path.mkdir()  # root ignores file modes, so "unwritable" is a directory standing where the file was
+        else:
+            path.symlink_to("/dev/full")  # every write fails with ENOSPC
         statuses = [call(deployment.url, token).status_code for _ in range(10)]
         assert statuses == [200] * 10  # buffer mode keeps serving
         time.sleep(1)
         assert deployment.runtime.audit.depth == 10
         metrics = httpx.get(f"{deployment.gateway.url}/metrics").text
         assert "mcp_gateway_audit_buffered_events 10.0" in metrics
-        path.rmdir()
+        if fault == "unwritable":
+            path.rmdir()
+        else:
+            path.unlink()
         (tmp_path / "kept.jsonl").rename(path)
         deployment.gateway.call(deployment.runtime.audit.flush(), timeout=15)
         lines = path.read_text().splitlines()
@@ -313,8 +331,7 @@ def test_audit_verify_finds_an_edited_deleted_or_reordered_event(tmp_path: Path,
     _tamper_sqlite(tmp_path / "audit.db", how)
     _tamper_jsonl(tmp_path / "audit.jsonl", how)
     asyncio.run(_tamper_postgres(pg_table, how))
-    done = subprocess.run([sys.executable, "-m", "gateway.cli", "audit", "verify", "--config",
-                           str(deployment.config_path)], capture_output=True, text=True, cwd=ROOT)
+    done = audit_verify(deployment.config_path)
     assert done.returncode == 1
     lines = done.stdout.splitlines()
     assert len(lines) == 3 and all(": BROKEN at event 2 " in line for line in lines), lines
@@ -442,19 +459,18 @@ def test_audit_query_prints_a_table(tmp_path: Path) -> None:
 
 def test_the_jsonl_sink_rotates_and_verifies_across_files(tmp_path: Path) -> None:
     spec = AuditSink(type="jsonl", path=tmp_path / "a.jsonl", rotate_mb=0.001)  # about 1 KB a file
+    key = ChainKey(os.urandom(32))
 
     async def write() -> None:
-        from gateway.audit.event import AuditEvent
-
         sink = open_sink(spec)
         await sink.open()
         for i in range(20):
-            await sink.write([AuditEvent(result="allowed", reason=f"r{i}")])
+            await sink.write([AuditEvent(result="allowed", reason=f"r{i}")], key)
         await sink.close()
         reopened = open_sink(spec)
         await reopened.open()
-        await reopened.write([AuditEvent(result="denied", reason="after restart")])
-        report = await reopened.verify()
+        await reopened.write([AuditEvent(result="denied", reason="after restart")], key)
+        report = await reopened.verify(key)
         assert report.ok and report.count == 21
         assert len(await reopened.query(AuditQuery(result="denied"))) == 1
 
@@ -467,7 +483,8 @@ def test_the_jsonl_sink_rotates_and_verifies_across_files(tmp_path: Path) -> Non
 def test_two_workers_share_the_sinks_and_the_metrics(tmp_path: Path, pg_table: str) -> None:
     port = free_port()
     config = write_config(tmp_path, f"http://127.0.0.1:{free_port()}/mcp", public_url=f"http://127.0.0.1:{port}",
-                          listen={"host": "127.0.0.1", "port": port}, audit={"sinks": sinks(tmp_path, pg_table)[::2]})
+                          listen={"host": "127.0.0.1", "port": port}, audit={"sinks": sinks(tmp_path, pg_table)[::2]},
+                          sessions={"backend": "redis", "url": "redis://127.0.0.1:6379/0"})  # what --workers needs
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     process = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", str(config),
                                 "--workers", "2"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
@@ -489,29 +506,27 @@ def test_two_workers_share_the_sinks_and_the_metrics(tmp_path: Path, pg_table: s
     db.close()
     # One chain per worker that took connections (the kernel decides how many did; usually both).
     assert sum(chains.values()) == 300 and 1 <= len(chains) <= 2, chains
-    done = subprocess.run([sys.executable, "-m", "gateway.cli", "audit", "verify", "--config", str(config)],
-                          capture_output=True, text=True, cwd=ROOT)
+    done = audit_verify(config)
     assert done.returncode == 0, done.stdout
     assert all(line.endswith("300 events, chain intact") for line in done.stdout.splitlines())
 
 
 def test_deleting_an_earlier_writers_events_is_found_through_the_next_chains_anchor(tmp_path: Path) -> None:
-    from gateway.audit.event import AuditEvent
-
     spec = AuditSink(type="sqlite", path=tmp_path / "a.db")
+    key = ChainKey(os.urandom(32))
 
     async def two_lifetimes() -> None:
         for chain in ("first-run", "second-run"):
             sink = open_sink(spec)
             await sink.open()
             events = [AuditEvent(result="allowed", reason=str(i), chain=chain) for i in range(3)]
-            await sink.write(events)
+            await sink.write(events, key)
             await sink.close()
 
     asyncio.run(two_lifetimes())
 
     async def verify_now() -> Any:
-        return await open_sink(spec).verify()
+        return await open_sink(spec).verify(key)
 
     assert asyncio.run(verify_now()).ok
     db = sqlite3.connect(tmp_path / "a.db")
@@ -521,3 +536,247 @@ def test_deleting_an_earlier_writers_events_is_found_through_the_next_chains_anc
     report = asyncio.run(verify_now())
     assert (report.ok, report.broken_at) == (False, 1)
     assert "earlier events were deleted" in (report.why or "")
+
+
+def _sha256(prev_hash: str, record: bytes) -> str:
+    """The chain as it was sealed before it had a key: anyone can compute this."""
+    return hashlib.sha256(prev_hash.encode() + b"\n" + record).hexdigest()
+
+
+_GUESSED = ChainKey(b"a key the forger made up, not ours")
+
+# How the forger seals the rewritten events -> (seal, key_id written into them, why `audit verify` refuses them).
+FORGERIES: dict[str, tuple[Callable[[str, bytes], str], str | None, str]] = {
+    "plain-sha256": (_sha256, None, "hash does not match the record under this key (the event was edited, or its "
+                                    "hash recomputed without the key)"),
+    "hmac-under-a-guessed-key": (_GUESSED.seal, None, "hash does not match the record under this key (the event "
+                                                      "was edited, or its hash recomputed without the key)"),
+    "hmac-under-a-guessed-key-named-in-the-record": (_GUESSED.seal, _GUESSED.id,
+                                                     "sealed with key {guessed}, this key is {real}"),
+}
+
+
+def _rewrite_and_rechain(db_path: Path, event_id: str, seal: Callable[[str, bytes], str], key_id: str | None) -> None:
+    """What someone who can write the database, but not read the chain key, does to turn a denial into an
+    allowed call and hide it: rewrite the event (record and column alike), then seal it and every later event
+    again with `seal`, each prev_hash naming the new hash before it. The events before it are left as they are."""
+    db = sqlite3.connect(db_path)
+    start = db.execute("SELECT seq FROM audit_events WHERE id = ?", (event_id,)).fetchone()[0]
+    rows = db.execute("SELECT seq, record, prev_hash FROM audit_events WHERE seq >= ? ORDER BY seq",
+                      (start,)).fetchall()
+    prev_hash = rows[0][2]
+    for seq, record, _ in rows:
+        event = json.loads(record)
+        if seq == start:
+            event["result"] = "allowed"
+        if key_id is not None:
+            event["key_id"] = key_id
+        forged = record_bytes(event)
+        digest = seal(prev_hash, forged)
+        db.execute("UPDATE audit_events SET result = ?, key_id = ?, record = ?, prev_hash = ?, hash = ? "
+                   "WHERE seq = ?", (event["result"], event["key_id"], forged.decode(), prev_hash, digest, seq))
+        prev_hash = digest
+    db.commit()
+    db.close()
+
+
+@pytest.mark.parametrize("forgery", FORGERIES)
+def test_a_denial_rewritten_as_allowed_with_the_chain_recomputed_without_the_key_is_broken_at_that_event(
+        tmp_path: Path, forgery: str) -> None:
+    deployment = deploy("proxy", tmp_path)
+    try:
+        token = deployment.token()
+        for tool in ("echo", "delete_file", "echo", "search"):
+            call(deployment.url, token, tool)
+        events = deployment.audit_events()
+        real = deployment.runtime.audit.key.id
+    finally:
+        deployment.stop()
+    assert [e["result"] for e in events] == ["allowed", "denied", "allowed", "allowed"]
+    assert audit_verify(deployment.config_path).returncode == 0
+    seal, named, why = FORGERIES[forgery]
+    denied = events[1]["id"]
+    _rewrite_and_rechain(tmp_path / "audit.db", denied, seal, named)
+    db = sqlite3.connect(tmp_path / "audit.db")
+    assert [r for (r,) in db.execute("SELECT result FROM audit_events ORDER BY seq")] == ["allowed"] * 4
+    db.close()
+
+    done = audit_verify(deployment.config_path)
+    assert done.returncode == 1
+    assert done.stdout.splitlines() == [f"sqlite:{tmp_path / 'audit.db'}: BROKEN at event 2 (id {denied}): "
+                                        + why.format(guessed=_GUESSED.id, real=real)]
+
+
+def test_the_same_rewrite_sealed_with_the_real_key_passes_which_is_why_the_key_is_kept_from_sink_writers(
+        tmp_path: Path) -> None:
+    deployment = deploy("proxy", tmp_path)
+    try:
+        call(deployment.url, deployment.token(), "delete_file")
+        call(deployment.url, deployment.token(), "echo")
+        denied = deployment.audit_events()[0]["id"]
+        stolen = deployment.runtime.audit.key
+    finally:
+        deployment.stop()
+    _rewrite_and_rechain(tmp_path / "audit.db", denied, stolen.seal, None)
+    done = audit_verify(deployment.config_path)
+    assert (done.returncode, done.stdout) == (0, f"sqlite:{tmp_path / 'audit.db'}: OK, 2 events, chain intact\n")
+
+
+async def _lifetime(audit: Audit, results: Sequence[str]) -> ChainKey:
+    """One gateway process's audit log: built (the key read, or created), one event per result, closed."""
+    log = AuditLog(audit, Metrics())
+    log.start()
+    for result in results:
+        log.record(AuditEvent(result=result, reason="test"))
+    await log.close()
+    return log.key
+
+
+def test_the_chain_key_is_created_owner_only_and_reused_so_a_restart_extends_a_trail_that_verifies(
+        tmp_path: Path, pg_table: str) -> None:
+    config_path = write_config(tmp_path, "http://127.0.0.1:9/mcp", audit={"sinks": sinks(tmp_path, pg_table)})
+    audit = load_config(config_path).audit
+    key_file = tmp_path / "audit-chain.key"
+    assert audit.chain_key_file == key_file and not key_file.exists()  # the default: beside the config file
+
+    first = asyncio.run(_lifetime(audit, ["allowed", "denied", "allowed"]))
+    secret = key_file.read_bytes()
+    assert len(secret) == 32 and stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    second = asyncio.run(_lifetime(audit, ["denied", "allowed"]))
+    assert second.id == first.id and key_file.read_bytes() == secret
+
+    db = sqlite3.connect(tmp_path / "audit.db")
+    sealed_by = db.execute("SELECT DISTINCT key_id FROM audit_events").fetchall()
+    chains = db.execute("SELECT count(DISTINCT chain) FROM audit_events").fetchone()[0]
+    db.close()
+    assert sealed_by == [(first.id,)] and chains == 2  # the second process's chain is anchored to the first's
+    done = audit_verify(config_path)
+    assert done.returncode == 0, done.stdout
+    assert done.stdout.splitlines() == [f"sqlite:{tmp_path / 'audit.db'}: OK, 5 events, chain intact",
+                                        f"jsonl:{tmp_path / 'audit.jsonl'}: OK, 5 events, chain intact",
+                                        f"postgres:{pg_table}: OK, 5 events, chain intact"]
+
+
+def test_workers_starting_at_once_create_one_key_and_all_use_it(tmp_path: Path) -> None:
+    path = tmp_path / "secrets" / "audit-chain.key"
+    together = threading.Barrier(16)
+
+    def start_worker() -> str:
+        together.wait()
+        return load_or_create_chain_key(path).id
+
+    with ThreadPoolExecutor(16) as pool:
+        ids = {started.result() for started in [pool.submit(start_worker) for _ in range(16)]}
+    assert len(ids) == 1
+    assert [p.name for p in path.parent.iterdir()] == ["audit-chain.key"]  # no draft left behind
+    assert len(path.read_bytes()) == 32
+
+
+def test_verify_without_the_key_file_exits_2_with_a_clear_message_and_creates_nothing(tmp_path: Path) -> None:
+    config_path = write_config(tmp_path, "http://127.0.0.1:9/mcp")
+    asyncio.run(_lifetime(load_config(config_path).audit, ["denied"]))
+    key_file = tmp_path / "audit-chain.key"
+    key_file.rename(tmp_path / "kept-elsewhere.key")
+    before = sorted(tmp_path.iterdir())
+
+    done = audit_verify(config_path)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == (f"{key_file}: audit.chain_key_file: no such file; the chain can only be checked with the "
+                           "key that sealed it (the gateway creates the key when it first starts)\n")
+    assert sorted(tmp_path.iterdir()) == before
+
+
+def test_verify_with_another_key_names_the_key_that_sealed_the_event_and_this_one(tmp_path: Path) -> None:
+    config_path = write_config(tmp_path, "http://127.0.0.1:9/mcp")
+    sealing = asyncio.run(_lifetime(load_config(config_path).audit, ["denied", "allowed"]))
+    key_file = tmp_path / "audit-chain.key"
+    key_file.write_bytes(os.urandom(32))
+    other = ChainKey(key_file.read_bytes())
+    db = sqlite3.connect(tmp_path / "audit.db")
+    first_id = db.execute("SELECT id FROM audit_events ORDER BY seq LIMIT 1").fetchone()[0]
+    db.close()
+
+    done = audit_verify(config_path)
+    assert done.returncode == 1
+    assert done.stdout.splitlines() == [f"sqlite:{tmp_path / 'audit.db'}: BROKEN at event 1 (id {first_id}): "
+                                        f"sealed with key {sealing.id}, this key is {other.id}"]
+
+
+_LEGACY_COLUMNS = ("id", "result", "reason", "chain", "timestamp", "record", "prev_hash", "hash")
+
+
+def _legacy_row() -> tuple[Any, ...]:
+    """An event as sealed before chain keys: no key_id in its record, plain SHA-256 from the genesis value."""
+    event = AuditEvent(result="denied", reason="before the upgrade", chain="old-run").to_dict()
+    del event["key_id"]
+    record = record_bytes(event)
+    return (event["id"], event["result"], event["reason"], event["chain"], event["timestamp"], record.decode(),
+            GENESIS, _sha256(GENESIS, record))
+
+
+async def _write_legacy_trail(spec: AuditSink, row: tuple[Any, ...]) -> None:
+    """A sink as it stood before key_id: the table the sinks created then, holding one event sealed then."""
+    if spec.type == "jsonl":
+        assert spec.path is not None
+        event = dict(zip(_LEGACY_COLUMNS, row, strict=True))
+        line = {**json.loads(event["record"]), "prev_hash": event["prev_hash"], "hash": event["hash"]}
+        spec.path.write_text(json.dumps(line) + "\n")
+        return
+    sink = open_sink(spec)
+    await sink.open()
+    await sink.close()
+    columns = ", ".join(_LEGACY_COLUMNS)
+    if spec.type == "sqlite":
+        db = sqlite3.connect(str(spec.path))
+        db.execute("ALTER TABLE audit_events DROP COLUMN key_id")
+        db.execute(f"INSERT INTO audit_events ({columns}) VALUES ({', '.join('?' * len(row))})", row)
+        db.commit()
+        db.close()
+        return
+    conn = await asyncpg.connect(DSN)
+    try:
+        await conn.execute(f"ALTER TABLE {spec.table} DROP COLUMN key_id")
+        await conn.execute(f"INSERT INTO {spec.table} ({columns}) VALUES "
+                           f"({', '.join(f'${i + 1}' for i in range(len(row)))})", *row)
+    finally:
+        await conn.close()
+
+
+async def _key_id_column(spec: AuditSink) -> list[str | None]:
+    if spec.type == "sqlite":
+        db = sqlite3.connect(str(spec.path))
+        try:
+            return [value for (value,) in db.execute("SELECT key_id FROM audit_events ORDER BY seq")]
+        finally:
+            db.close()
+    conn = await asyncpg.connect(DSN)
+    try:
+        return [row["key_id"] for row in await conn.fetch(f"SELECT key_id FROM {spec.table} ORDER BY seq")]
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres", "jsonl"])
+def test_a_trail_from_before_key_id_gains_the_column_and_its_unkeyed_events_are_reported_unverifiable(
+        tmp_path: Path, pg_table: str, kind: str) -> None:
+    spec = AuditSink.model_validate(next(s for s in sinks(tmp_path, pg_table) if s["type"] == kind))
+    legacy = _legacy_row()
+    key = ChainKey(os.urandom(32))
+    asyncio.run(_write_legacy_trail(spec, legacy))
+
+    async def upgrade() -> Any:
+        sink = open_sink(spec)
+        try:
+            await sink.open()
+            await sink.write([AuditEvent(result="allowed", reason="after the upgrade") for _ in range(2)], key)
+            events = await sink.query(AuditQuery())
+            return events, await sink.verify(key)
+        finally:
+            await sink.close()
+
+    events, report = asyncio.run(upgrade())
+    assert [e.get("key_id") for e in events] == [None, key.id, key.id]
+    if kind != "jsonl":
+        assert asyncio.run(_key_id_column(spec)) == [None, key.id, key.id]
+    assert (report.ok, report.count, report.broken_at, report.event_id) == (False, 1, 1, legacy[0])
+    assert report.why == "sealed without a chain key (written before keyed chains, or forged): it cannot be verified"

@@ -2,7 +2,8 @@
 
 Owns the bounded in-memory queue between the request path and the sinks, the
 writer task that drains it in batches to every sink, the behaviour when a
-sink fails, and the flush on shutdown.
+sink fails, the flush on shutdown, and the chain key file (`audit.chain_key_file`)
+whose secret seals every event: read once when the log is built, created if absent.
 
 - `record()` never awaits disk or network. When the queue holds `max_buffer`
   events it raises `AuditUnavailable`: the caller refuses the request rather
@@ -23,14 +24,16 @@ import os
 import socket
 import uuid
 from collections import deque
+from pathlib import Path
 
-from gateway.audit.event import AuditEvent, ChainReport, redact_arguments
+from gateway.audit.event import KEY_BYTES, AuditEvent, ChainKey, ChainReport, redact_arguments
 from gateway.audit.sinks import AuditQuery, Sink, open_sink
 from gateway.config import Audit
 from gateway.metrics import Metrics
+from gateway.yamlfile import ProblemsError
 
-__all__ = ["AuditEvent", "AuditLog", "AuditQuery", "AuditUnavailable", "ChainReport", "open_sink",
-           "redact_arguments"]
+__all__ = ["AuditEvent", "AuditLog", "AuditQuery", "AuditUnavailable", "ChainKey", "ChainKeyError", "ChainReport",
+           "load_or_create_chain_key", "open_sink", "read_chain_key", "redact_arguments"]
 
 log = logging.getLogger("gateway.audit")
 
@@ -42,17 +45,68 @@ class AuditUnavailable(Exception):
     """The event cannot be accepted without being lost (the buffer is full)."""
 
 
+class ChainKeyError(ProblemsError):
+    """The chain key file is missing or unusable; the one problem names the file and what to do."""
+
+    def __init__(self, path: Path, why: str) -> None:
+        super().__init__([f"{path}: audit.chain_key_file: {why}"])
+
+
+def read_chain_key(path: Path) -> ChainKey:
+    """The chain key in the file at `path` (its raw bytes, at least KEY_BYTES of them). Never creates one."""
+    try:
+        secret = path.read_bytes()
+    except FileNotFoundError:
+        raise ChainKeyError(path, "no such file; the chain can only be checked with the key that sealed it "
+                            "(the gateway creates the key when it first starts)") from None
+    except OSError as exc:
+        raise ChainKeyError(path, f"cannot be read ({exc.strerror})") from None
+    if len(secret) < KEY_BYTES:
+        raise ChainKeyError(path, f"holds {len(secret)} bytes; a chain key is at least {KEY_BYTES} random bytes")
+    return ChainKey(secret)
+
+
+def load_or_create_chain_key(path: Path) -> ChainKey:
+    """The chain key at `path`, created there first (KEY_BYTES random bytes, owner-only) if there is none.
+
+    The new key is written whole to a private file beside `path` and then linked into place, which fails if
+    `path` exists: of workers starting at once, exactly one key is kept and every worker reads that one,
+    never a file still being written.
+    """
+    if not path.exists():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            draft = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+            fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(os.urandom(KEY_BYTES))
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.link(draft, path)
+            except FileExistsError:
+                pass  # another worker's key is in place: it is the one every worker uses
+            finally:
+                draft.unlink(missing_ok=True)
+        except OSError as exc:
+            raise ChainKeyError(path, f"cannot be created ({exc.strerror})") from None
+    return read_chain_key(path)
+
+
 class AuditLog:
     """The queue and writer for one gateway process.
 
     Args:
-        config: the `audit:` section (sinks, on_sink_failure, max_buffer, batch_size).
+        config: the `audit:` section (sinks, on_sink_failure, max_buffer, batch_size, chain_key_file).
         metrics: where written / buffered / refused / sink-error counts go.
+
+    The chain key is read here, once for the life of the process (and created if absent).
     """
 
     def __init__(self, config: Audit, metrics: Metrics) -> None:
         self._config = config
         self._metrics = metrics
+        self.key = load_or_create_chain_key(config.chain_key_file)
         self._queue: deque[AuditEvent] = deque()
         self._sinks: list[Sink] = []
         self._offsets: list[int] = []  # per sink: how many events at the head of the queue it already holds
@@ -132,7 +186,7 @@ class AuditLog:
                         start = self._offsets[index]
                         batch = [self._queue[i] for i in range(start, size)]
                         try:
-                            await sink.write(batch)
+                            await sink.write(batch, self.key)
                         except Exception as exc:
                             self._failed(sink, exc)
                             await asyncio.sleep(_RETRY_S)

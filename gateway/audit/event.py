@@ -1,20 +1,25 @@
-"""`AuditEvent`: the record of one decision; its canonical form and hash chain; argument redaction.
+"""`AuditEvent`: the record of one decision; its canonical form and keyed hash chain; argument redaction.
 
 Tamper evidence: every writer (one gateway process) keeps its own chain in
 each sink, named by the event's `chain`. An event's `record` is its canonical
-JSON (sorted keys, no `hash`/`prev_hash`); its `hash` is SHA-256 over
-`prev_hash` and that record. A chain's first event is anchored to the last
-event the sink held when the writer started (or to the genesis value), so
-several workers or replicas can share a sink, and a deleted earlier chain is
-found because the anchor that named it is gone. An edited, deleted or
-reordered event breaks its chain at that point, which `verify_chain` reports.
-(Cutting the newest events off the end of a sink cannot be told from an
-idle gateway by any hash chain; ship the sink elsewhere to protect the tail.)
+JSON (sorted keys, no `hash`/`prev_hash`); its `hash` is HMAC-SHA256, under the
+chain key, over `prev_hash` and that record. The key is a secret kept apart
+from the sinks: whoever can write a sink but not read the key cannot seal an
+edited event, so recomputing the chain after an edit does not hide it. Each
+record names the key that sealed it by `key_id`, a digest that does not reveal
+the key. A chain's first event is anchored to the last event the sink held
+when the writer started (or to the genesis value), so several workers or
+replicas can share a sink, and a deleted earlier chain is found because the
+anchor that named it is gone. An edited, deleted, inserted or reordered event
+breaks its chain at that point, which `verify_chain` reports. (Cutting the
+newest events off the end of a sink cannot be told from an idle gateway by any
+hash chain; ship the sink elsewhere to protect the tail.)
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import itertools
 import os
 import time
@@ -74,6 +79,7 @@ class AuditEvent:
     http_method: str | None = None
     arguments: str | None = None
     chain: str = ""  # the writer whose hash chain this event is in
+    key_id: str = ""  # the chain key that sealed this event (`ChainKey.id`), set when it is sealed
 
     def to_dict(self) -> dict[str, Any]:
         # Field by field: dataclasses.asdict deep-copies, which costs more than the rest of a denial.
@@ -91,8 +97,34 @@ def record_bytes(event: Mapping[str, Any]) -> bytes:
                         option=orjson.OPT_SORT_KEYS)
 
 
-def chain_hash(prev_hash: str, record: bytes) -> str:
-    return hashlib.sha256(prev_hash.encode() + b"\n" + record).hexdigest()
+KEY_BYTES = 32  # a chain key is at least this many random bytes
+_KEY_ID_LABEL = b"mcp-gateway audit chain key id\n"  # keeps key_id apart from any other digest of the key
+
+
+class ChainKey:
+    """The secret that seals a chain: HMAC-SHA256 over `prev_hash` and the record.
+
+    Build it once per process: the key is prepared here, and each `seal` copies that prepared state instead
+    of starting from the key again. `id` names the key in every record it seals without revealing it (the
+    first 16 hex digits of SHA-256 over a fixed label and the key).
+    """
+
+    __slots__ = ("_mac", "id")
+
+    def __init__(self, secret: bytes) -> None:
+        if len(secret) < KEY_BYTES:
+            raise ValueError(f"a chain key needs at least {KEY_BYTES} bytes, not {len(secret)}")
+        self.id = hashlib.sha256(_KEY_ID_LABEL + secret).hexdigest()[:16]
+        self._mac = hmac.new(secret, digestmod=hashlib.sha256)
+
+    def __repr__(self) -> str:
+        return f"ChainKey(id={self.id!r})"
+
+    def seal(self, prev_hash: str, record: bytes) -> str:
+        """The `hash` of an event whose canonical record is `record` and whose predecessor is `prev_hash`."""
+        mac = self._mac.copy()
+        mac.update(prev_hash.encode() + b"\n" + record)
+        return mac.hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,11 +137,13 @@ class Sealed:
     hash: str
 
 
-def seal(events: Iterable[AuditEvent], prev_hash: str) -> list[Sealed]:
+def seal(events: Iterable[AuditEvent], prev_hash: str, key: ChainKey) -> list[Sealed]:
+    """Chain `events` after `prev_hash` under `key`; each event is marked with the key that sealed it."""
     out = []
     for event in events:
+        event.key_id = key.id
         record = record_bytes(event.to_dict())
-        digest = chain_hash(prev_hash, record)
+        digest = key.seal(prev_hash, record)
         out.append(Sealed(event, record, prev_hash, digest))
         prev_hash = digest
     return out
@@ -129,8 +163,10 @@ class ChainReport:
         return self.broken_at is None
 
 
-def verify_chain(rows: Iterator[tuple[bytes, str, str, Mapping[str, Any] | None]]) -> ChainReport:
-    """Check (record, prev_hash, hash, columns) rows in stored order; `columns` are the queryable copies, if any."""
+def verify_chain(rows: Iterator[tuple[bytes, str, str, Mapping[str, Any] | None]], key: ChainKey) -> ChainReport:
+    """Check (record, prev_hash, hash, columns) rows in stored order against `key`; `columns` are the queryable
+    copies, if any. Every event must have been sealed with `key`: one that names no key or another key cannot be
+    vouched for, whatever its hash says."""
     tails: dict[str, str] = {}  # chain -> hash of its latest event
     seen: set[str] = {GENESIS}
     count = 0
@@ -150,8 +186,15 @@ def verify_chain(rows: Iterator[tuple[bytes, str, str, Mapping[str, Any] | None]
         if expected is not None and prev_hash != expected:
             return ChainReport(count, count, event_id, "prev_hash does not name the event before it "
                                "(an event was deleted, inserted or moved)")
-        if chain_hash(prev_hash, record) != digest:
-            return ChainReport(count, count, event_id, "hash does not match the record (the event was edited)")
+        key_id = event.get("key_id")
+        if not key_id:
+            return ChainReport(count, count, event_id, "sealed without a chain key (written before keyed "
+                               "chains, or forged): it cannot be verified")
+        if key_id != key.id:
+            return ChainReport(count, count, event_id, f"sealed with key {key_id}, this key is {key.id}")
+        if not hmac.compare_digest(key.seal(prev_hash, record).encode(), str(digest).encode()):
+            return ChainReport(count, count, event_id, "hash does not match the record under this key "
+                               "(the event was edited, or its hash recomputed without the key)")
         if record_bytes(event) != record:
             return ChainReport(count, count, event_id, "record is not in canonical form")
         if columns is not None:

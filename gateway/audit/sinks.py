@@ -1,9 +1,12 @@
 """Audit sinks: where sealed batches are written, and how they are read back (queries, chain verification).
 
-Each writer keeps its own hash chain in each sink, anchored to the last event
-the sink held when the writer started (several workers or replicas may share
-a sink; see `event.verify_chain`). A batch is written whole or not at all (a transaction; for
+Each writer keeps its own hash chain in each sink, sealed under the chain key
+the writer passes in and anchored to the last event the sink held when the
+writer started (several workers or replicas may share a sink; see
+`event.verify_chain`). A batch is written whole or not at all (a transaction; for
 JSONL, a failed append is cut back), so a retried batch is never stored twice.
+A table created before a column of `AuditEvent` existed gets that column when
+the sink opens (rows written before it hold NULL there).
 
     sqlite    WAL mode, one transaction per batch, in a worker thread (the event loop never waits on disk)
     jsonl     one line per event, flushed per batch; rotated past rotate_mb (audit.jsonl.1, .2, ...)
@@ -23,7 +26,7 @@ from typing import Any, ClassVar, Protocol
 
 import orjson
 
-from gateway.audit.event import COLUMNS, GENESIS, AuditEvent, ChainReport, Sealed, seal, verify_chain
+from gateway.audit.event import COLUMNS, GENESIS, AuditEvent, ChainKey, ChainReport, Sealed, seal, verify_chain
 from gateway.config import AuditSink
 
 _SQL_COLUMNS = (*COLUMNS, "record", "prev_hash", "hash")
@@ -75,13 +78,13 @@ class Sink(Protocol):
 
     async def open(self) -> None: ...
 
-    async def write(self, events: list[AuditEvent]) -> None: ...
+    async def write(self, events: list[AuditEvent], key: ChainKey) -> None: ...
 
     async def close(self) -> None: ...
 
     async def query(self, query: AuditQuery) -> list[dict[str, Any]]: ...
 
-    async def verify(self) -> ChainReport: ...
+    async def verify(self, key: ChainKey) -> ChainReport: ...
 
 
 _FIELDS = operator.attrgetter(*COLUMNS)
@@ -123,14 +126,20 @@ class SqliteSink:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         columns = ", ".join(f"{c} TEXT UNIQUE NOT NULL" if c == "id" else c for c in _SQL_COLUMNS)
-        db.execute(f"CREATE TABLE IF NOT EXISTS audit_events (seq INTEGER PRIMARY KEY AUTOINCREMENT, {columns})")
-        db.execute("CREATE INDEX IF NOT EXISTS audit_events_time ON audit_events (timestamp)")
-        last = db.execute("SELECT hash FROM audit_events ORDER BY seq DESC LIMIT 1").fetchone()
+        with db:
+            db.execute("BEGIN IMMEDIATE")  # workers opening the file at once: one creates or upgrades the table
+            db.execute(f"CREATE TABLE IF NOT EXISTS audit_events (seq INTEGER PRIMARY KEY AUTOINCREMENT, {columns})")
+            db.execute("CREATE INDEX IF NOT EXISTS audit_events_time ON audit_events (timestamp)")
+            have = {row[1] for row in db.execute("PRAGMA table_info(audit_events)")}
+            for column in _SQL_COLUMNS:
+                if column not in have:
+                    db.execute(f"ALTER TABLE audit_events ADD COLUMN {column}")
+            last = db.execute("SELECT hash FROM audit_events ORDER BY seq DESC LIMIT 1").fetchone()
         self._last = last[0] if last else GENESIS
         self._db = db
 
-    async def write(self, events: list[AuditEvent]) -> None:
-        sealed = seal(events, self._last)
+    async def write(self, events: list[AuditEvent], key: ChainKey) -> None:
+        sealed = seal(events, self._last, key)
         await asyncio.to_thread(self._insert, [_row(s) for s in sealed])
         self._last = sealed[-1].hash
 
@@ -138,8 +147,8 @@ class SqliteSink:
     # gives the GIL back once. With executemany it gave it back and waited for it again around every row, and
     # while the event loop is busy each wait can take a switch interval (under load: ~800 events/s written
     # against a ceiling of ~18,000). Plain parameters, not a JSON array unpacked in SQL: SQLite 3.40 parses
-    # the array again for every json_extract, 28 times a row.
-    # Statements of 512, 256, ... 1 rows (28 parameters a row, under SQLite's 32,766): a batch of any size is a
+    # the array again for every json_extract, once per column of every row.
+    # Statements of 512, 256, ... 1 rows (29 parameters a row, under SQLite's 32,766): a batch of any size is a
     # few of them, and the ten texts stay in the connection's statement cache, compiled once.
     _SIZES = tuple(2**i for i in range(9, -1, -1))
     _STATEMENTS: ClassVar[dict[int, str]] = {size: f"INSERT INTO audit_events ({', '.join(_SQL_COLUMNS)}) VALUES "
@@ -175,9 +184,9 @@ class SqliteSink:
                                        "ORDER BY timestamp, seq LIMIT ? OFFSET ?", params)
         return [_event_dict(r) for r in rows]
 
-    async def verify(self) -> ChainReport:
+    async def verify(self, key: ChainKey) -> ChainReport:
         rows = await asyncio.to_thread(self._read, "SELECT * FROM audit_events ORDER BY seq", [])
-        return verify_chain(_chain_rows(rows))
+        return verify_chain(_chain_rows(rows), key)
 
 
 def _chain_rows(rows: list[dict[str, Any]]) -> Iterator[tuple[bytes, str, str, dict[str, Any] | None]]:
@@ -204,8 +213,8 @@ class JsonlSink:
         files = self._files()
         self._last = await asyncio.to_thread(_last_hash_of, files[-1]) if files else GENESIS
 
-    async def write(self, events: list[AuditEvent]) -> None:
-        sealed = seal(events, self._last)
+    async def write(self, events: list[AuditEvent], key: ChainKey) -> None:
+        sealed = seal(events, self._last, key)
         lines = b"".join(s.record[:-1] + b',"prev_hash":"' + s.prev_hash.encode() + b'","hash":"'
                          + s.hash.encode() + b'"}\n' for s in sealed)
         await asyncio.to_thread(self._append, lines)
@@ -249,14 +258,14 @@ class JsonlSink:
 
         return await asyncio.to_thread(scan)
 
-    async def verify(self) -> ChainReport:
+    async def verify(self, key: ChainKey) -> ChainReport:
         def rows() -> Iterator[tuple[bytes, str, str, dict[str, Any] | None]]:
             for line in self._events():
                 event = orjson.loads(line)
                 prev, digest = event.pop("prev_hash", ""), event.pop("hash", "")
                 yield orjson.dumps(event, option=orjson.OPT_SORT_KEYS), prev, digest, None
 
-        return await asyncio.to_thread(lambda: verify_chain(rows()))
+        return await asyncio.to_thread(lambda: verify_chain(rows(), key))
 
 
 def _last_hash_of(path: Path) -> str:
@@ -268,6 +277,10 @@ def _last_hash_of(path: Path) -> str:
     if not lines:
         return GENESIS
     return str(orjson.loads(lines[-1])["hash"])
+
+
+_PG_TYPES = {"timestamp": "double precision", "status": "integer", "duration_ms": "double precision",
+             "approval_required": "integer", "approval_granted": "integer"}  # the rest are text
 
 
 class PostgresSink:
@@ -287,17 +300,24 @@ class PostgresSink:
 
     async def open(self) -> None:
         conn = await self._connection()
-        types = {"timestamp": "double precision", "status": "integer", "duration_ms": "double precision",
-                 "approval_required": "integer", "approval_granted": "integer"}
-        columns = ", ".join(f"{c} {types.get(c, 'text')}" + (" UNIQUE NOT NULL" if c == "id" else "")
+        columns = ", ".join(f"{c} {_PG_TYPES.get(c, 'text')}" + (" UNIQUE NOT NULL" if c == "id" else "")
                             for c in _SQL_COLUMNS)
         await conn.execute(f"CREATE TABLE IF NOT EXISTS {self._table} (seq bigserial PRIMARY KEY, {columns})")
         await conn.execute(f"CREATE INDEX IF NOT EXISTS {self._table}_time ON {self._table} (timestamp)")
+        # Only for a missing column: ALTER TABLE locks the table against readers even when it changes nothing.
+        # regclass resolves the name as the statements above do (search_path, unquoted case folding).
+        have = {row["attname"] for row in await conn.fetch(
+            "SELECT attname FROM pg_attribute WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped",
+            self._table)}
+        for column in _SQL_COLUMNS:
+            if column not in have:
+                await conn.execute(f"ALTER TABLE {self._table} ADD COLUMN IF NOT EXISTS {column} "
+                                   f"{_PG_TYPES.get(column, 'text')}")
         last = await conn.fetchval(f"SELECT hash FROM {self._table} ORDER BY seq DESC LIMIT 1")
         self._last = last or GENESIS
 
-    async def write(self, events: list[AuditEvent]) -> None:
-        sealed = seal(events, self._last)
+    async def write(self, events: list[AuditEvent], key: ChainKey) -> None:
+        sealed = seal(events, self._last, key)
         try:
             conn = await self._connection()
             async with conn.transaction():
@@ -325,10 +345,10 @@ class PostgresSink:
                                 query.limit, query.offset)
         return [_event_dict(dict(r)) for r in rows]
 
-    async def verify(self) -> ChainReport:
+    async def verify(self, key: ChainKey) -> ChainReport:
         conn = await self._connection()
         rows = [dict(r) for r in await conn.fetch(f"SELECT * FROM {self._table} ORDER BY seq")]
-        return verify_chain(_chain_rows(rows))
+        return verify_chain(_chain_rows(rows), key)
 
 
 def open_sink(spec: AuditSink) -> Sink:
