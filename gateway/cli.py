@@ -23,14 +23,21 @@ def _serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from gateway import logs
+    from gateway import http_server, logs
     from gateway.app import CONFIG_ENV, create_app, settle_garbage_collector
     from gateway.auth import load_or_create_signing_key
 
     config = load_config(args.config)
+    if args.workers > 1 and config.sessions.backend == "memory":
+        # Each worker would hold its own bindings: a session bound by one is a 404 on the others.
+        raise ProblemsError([f"{config.source}: sessions.backend: memory keeps session bindings, task owners "
+                             f"and token revocations in one process; serve --workers {args.workers} needs "
+                             "sessions.backend: redis"])
     app = create_app(config)  # every check a worker would make, made once here with a clear message
     logs.configure(config.log_level, config.log_format)
+    http_server.HeadDeadlineProtocol.head_timeout_s = config.limits.client_header_timeout_s
     common = {
+        "http": http_server.HeadDeadlineProtocol,
         "host": args.host or config.listen.host,
         "port": args.port if args.port is not None else config.listen.port,
         "lifespan": "on",
@@ -60,9 +67,15 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _issue_token(args: argparse.Namespace) -> int:
-    from gateway.auth import Authenticator, load_or_create_signing_key
+    from gateway.auth import Authenticator
+    from gateway.auth.keys import SigningKeyError, load_signing_key
 
     config = load_config(args.config)
+    try:  # the running gateway's key: a key made here would sign tokens the gateway refuses
+        signing_key = load_signing_key(config.auth.clients.signing_key_file)
+    except SigningKeyError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     upstreams = {u.name: u for u in config.upstreams}
     upstream = upstreams.get(args.upstream) if args.upstream else config.upstreams[0]
     if upstream is None:
@@ -78,7 +91,7 @@ def _issue_token(args: argparse.Namespace) -> int:
             claims[key] = json.loads(value)
         except json.JSONDecodeError:
             claims[key] = value
-    authenticator = Authenticator(config, load_or_create_signing_key(config.auth.clients.signing_key_file))
+    authenticator = Authenticator(config, signing_key)
     print(authenticator.issue_token(
         subject=args.subject,
         audience=config.resource_url(upstream),
@@ -113,7 +126,12 @@ def _policy_explain(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"--method {args.method}: {exc}", file=sys.stderr)
         return 2
-    for line in explain(policy, principal_from(claims), operation).lines():
+    try:
+        principal = principal_from(claims)
+    except ValueError as exc:
+        print(f"--claims {args.claims}: {exc}", file=sys.stderr)
+        return 2
+    for line in explain(policy, principal, operation).lines():
         print(line)
     return 0
 
@@ -179,9 +197,10 @@ def _when(timestamp: object) -> str:
 
 
 def _audit_verify(args: argparse.Namespace) -> int:
+    """Check every event of each sink against the chain key; exit 1 on the first broken link of any sink."""
     import asyncio
 
-    from gateway.audit import ChainReport, open_sink
+    from gateway.audit import ChainReport, open_sink, read_chain_key
     from gateway.audit.sinks import Sink
 
     config = load_config(args.config)
@@ -191,9 +210,11 @@ def _audit_verify(args: argparse.Namespace) -> int:
         if not specs:
             print(f"no audit sink {args.sink!r}", file=sys.stderr)
             return 2
+    key = read_chain_key(config.audit.chain_key_file)  # never created here: a new key would vouch for nothing
+
     async def check(sink: Sink) -> ChainReport:
         try:
-            return await sink.verify()
+            return await sink.verify(key)
         finally:
             await sink.close()
 
@@ -220,10 +241,16 @@ def _sessions(args: argparse.Namespace) -> int:
     import urllib.error
     import urllib.request
 
-    from gateway.auth import Authenticator, load_or_create_signing_key
+    from gateway.auth import Authenticator
+    from gateway.auth.keys import SigningKeyError, load_signing_key
 
     config = load_config(args.config)
-    authenticator = Authenticator(config, load_or_create_signing_key(config.auth.clients.signing_key_file))
+    try:  # the running gateway's key: a key made here would sign a token the gateway refuses
+        signing_key = load_signing_key(config.auth.clients.signing_key_file)
+    except SigningKeyError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    authenticator = Authenticator(config, signing_key)
     token = authenticator.issue_token(subject="mcp-gateway-cli", audience=f"{config.public_url}/admin",
                                       scopes=[config.sessions.admin_scope], ttl_s=60)
     base = (args.url or f"http://{config.listen.host}:{config.listen.port}").rstrip("/")
@@ -328,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--offset", type=int, default=0)
     query.add_argument("--format", choices=["table", "json"], default="table")
     query.set_defaults(func=_audit_query)
-    verify = audit.add_parser("verify", help="check every sink's hash chain; report the first broken link")
+    verify = audit.add_parser("verify", help="check every sink's hash chain with the chain key "
+                              "(audit.chain_key_file); report the first broken link")
     verify.add_argument("--config", required=True)
     verify.add_argument("--sink", help="index or type of one sink (default: all)")
     verify.set_defaults(func=_audit_verify)

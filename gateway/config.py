@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from gateway.auth.claims import check_claim_types
 from gateway.policy import Policy, PolicyError, load_policy
 from gateway.yamlfile import ProblemsError, StrictModel, YamlFileError, format_validation, read_yaml
 
@@ -33,9 +34,18 @@ class Listen(StrictModel):
 
 class Limits(StrictModel):
     max_body_bytes: int = Field(4 * 1024 * 1024, gt=0)
+    # A client must deliver a request's whole body within this long, or gets a 408 (a slow body holds no worker,
+    # but it would hold its memory and a task for ever).
+    client_body_timeout_s: float = Field(30.0, gt=0)
+    # ... and its request head (request line and headers) within this long of its first byte, or is disconnected
+    # (`serve` only: in middleware mode the host application's server reads heads).
+    client_header_timeout_s: float = Field(10.0, gt=0)
     max_json_depth: int = Field(64, gt=0, le=1000)
     upstream_timeout_s: float = Field(300.0, gt=0)
     upstream_connect_timeout_s: float = Field(10.0, gt=0)
+    # Open connections per upstream, streams included (a legacy GET stream holds one while it lasts). A request
+    # finding all of them busy waits up to upstream_connect_timeout_s, then gets a 502.
+    upstream_max_connections: int = Field(256, gt=0)
     # Answers the gateway must read whole to filter (lists; 2026-07-28 results that may ask for input),
     # and each SSE event: anything larger is refused rather than passed on unfiltered.
     max_inspected_bytes: int = Field(16 * 1024 * 1024, gt=0)
@@ -45,6 +55,10 @@ def _http_url(value: str) -> str:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("must be an http:// or https:// URL")
+    # The upstream client would send user:password@ in its Host header, and URLs are logged as written.
+    if "@" in parts.netloc:
+        raise ValueError("must not carry credentials (user:password@); put them in upstreams[].headers "
+                         "(e.g. Authorization: Basic ...), or auth.introspection.client_id and client_secret")
     return value
 
 
@@ -93,6 +107,12 @@ class RegisteredClient(StrictModel):
     claims: dict[str, Any] = Field(default_factory=dict)
     security_level: Literal["low", "standard", "high", "critical"] = "standard"  # the most this client reaches
 
+    @field_validator("claims")
+    @classmethod
+    def _claims_of_their_types(cls, value: dict[str, Any]) -> dict[str, Any]:
+        check_claim_types(value)  # a token the gateway signs with them would be refused by the gateway itself
+        return value
+
 
 class GatewayClients(StrictModel):
     """Tokens the gateway signs itself: for registered clients (POST /oauth/token) and `mcp-gateway issue-token`."""
@@ -114,7 +134,10 @@ class ExternalJwt(StrictModel):
     algorithms: tuple[str, ...] = ("RS256", "ES256", "EdDSA")
     leeway_s: int = Field(30, ge=0, le=300)
     jwks_cache_s: float = Field(3600, gt=0)  # how long fetched keys are trusted before a routine refresh
-    min_refresh_interval_s: float = Field(30, ge=0)  # unknown kids trigger at most one fetch per interval
+    # JWKS fetches on demand (unknown kid, stale or no keys): a burst of `refresh_burst`, then one per interval;
+    # a kid a fetch did not contain is refused without another fetch for one interval. 0: no limit.
+    min_refresh_interval_s: float = Field(30, ge=0)
+    refresh_burst: int = Field(3, ge=1, le=100)
 
     @field_validator("algorithms")
     @classmethod
@@ -195,6 +218,9 @@ class Audit(StrictModel):
     redact_keys: tuple[str, ...] = ("password", "secret", "token", "key", "authorization")
     max_arguments_bytes: int = Field(4096, gt=0)
     read_scope: str = "audit:read"  # the scope GET /admin/audit requires
+    # The secret that seals the hash chain (HMAC-SHA256), created (0600) when absent. Tamper evidence holds
+    # only against those who cannot read it: keep it away from whoever can write the sinks.
+    chain_key_file: Path = Path("audit-chain.key")
 
 
 class Sessions(StrictModel):
@@ -352,10 +378,15 @@ def _resolve_relative_paths(data: dict[str, Any], base: Path) -> None:
         key_file = clients.get("signing_key_file", str(GatewayClients.model_fields["signing_key_file"].default))
         if isinstance(key_file, str):
             clients["signing_key_file"] = str(base / key_file)
-    audit = data.get("audit")
-    if isinstance(audit, dict) and isinstance(audit.get("sinks"), list):
-        for sink in audit["sinks"]:
-            if isinstance(sink, dict) and isinstance(sink.get("path"), str):
-                sink["path"] = str(base / sink["path"])
-    elif audit is None:
-        data["audit"] = {"sinks": [{"type": "sqlite", "path": str(base / "audit.db")}]}
+    if data.get("audit") is None:
+        data["audit"] = {}
+    audit = data["audit"]
+    if isinstance(audit, dict):
+        audit.setdefault("sinks", [{"type": "sqlite", "path": "audit.db"}])
+        if isinstance(audit["sinks"], list):
+            for sink in audit["sinks"]:
+                if isinstance(sink, dict) and isinstance(sink.get("path"), str):
+                    sink["path"] = str(base / sink["path"])
+        key_file = audit.get("chain_key_file", str(Audit.model_fields["chain_key_file"].default))
+        if isinstance(key_file, str):
+            audit["chain_key_file"] = str(base / key_file)

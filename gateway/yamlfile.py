@@ -1,7 +1,8 @@
 """Reading the gateway's YAML files and wording what is wrong with them.
 
 Owns the `FILE: key.path: why` form of every problem in the config file and
-the policy file, so both read the same way to the person fixing them.
+the policy file, so both read the same way to the person fixing them; and the
+loader they are all read with (YAML's safe subset, a key given twice refused).
 """
 
 from __future__ import annotations
@@ -25,6 +26,35 @@ class YamlFileError(ProblemsError):
     """A YAML file cannot be read or parsed."""
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """The safe loader, refusing a key given twice in one mapping: PyYAML would keep the last one silently,
+    so a second `bindings:` would replace the first without a word. Merge keys (`<<`) still work, and a key
+    written beside a merge still overrides the merged one: only the keys a mapping writes itself must differ."""
+
+    def __init__(self, stream: bytes) -> None:
+        super().__init__(stream)
+        self._checked: set[yaml.MappingNode] = set()
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        # Every mapping comes here before its keys are constructed, and a merged mapping before its keys are
+        # folded into another's: the first visit is the only one that sees the keys as written.
+        if node not in self._checked:
+            self._checked.add(node)
+            self._refuse_repeated_keys(node)
+        super().flatten_mapping(node)
+
+    def _refuse_repeated_keys(self, node: yaml.MappingNode) -> None:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # a collection as a key is refused as unhashable when the mapping is built
+            key = self.construct_object(key_node)
+            if key in first_line:  # read_yaml names the file and this key's line
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {first_line[key]})", key_node.start_mark)
+            first_line[key] = key_node.start_mark.line + 1
+
+
 class StrictModel(BaseModel):
     """Base of every model read from YAML: unknown keys are errors (a typo must not be ignored), values frozen."""
 
@@ -38,7 +68,11 @@ def read_yaml(path: Path) -> tuple[Any, bytes]:
     except OSError as exc:
         raise YamlFileError([f"{path}: (file): cannot read: {exc.strerror or exc}"]) from None
     try:
-        return yaml.safe_load(data), data
+        loader = _UniqueKeyLoader(data)
+        try:
+            return loader.get_single_data(), data
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f"line {mark.line + 1}" if mark is not None else "(file)"

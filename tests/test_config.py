@@ -28,6 +28,9 @@ BAD = [
     ({"upstreams": [UPSTREAM], "public_url": "/relative"}, "public_url: must be an absolute"),
     ({"upstreams": [UPSTREAM], "limits": {"max_body_bytes": 0}}, "limits.max_body_bytes: Input should be greater"),
     ({"upstreams": [UPSTREAM], "listn": {}}, "listn: unknown key"),
+    ({"upstreams": [UPSTREAM], "auth": {"clients": {"registered": [{
+        "client_id": "bot", "secret_hash": "scrypt$16384$8$1$c2FsdA==$aGFzaA==", "claims": {"amr": "pwd"}}]}}},
+     "auth.clients.registered.0.claims: claim amr must be a list of strings"),
     ({"upstreams": [UPSTREAM, {**UPSTREAM, "name": "other"}]}, "share path"),
     ({"upstreams": [{**UPSTREAM, "headers": {"Host": "x"}}]}, "upstreams.0.headers: the gateway sets Host"),
     ({"upstreams": [UPSTREAM], "auth": {"anonymous_role": "nobody"}}, "anonymous_role 'nobody' is not a role"),
@@ -80,6 +83,91 @@ def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
     path.write_text("upstreams:\n  - name: [unclosed\n")
     with pytest.raises(ConfigError, match=r"gateway.yaml: line \d+: invalid YAML"):
         load_config(path)
+
+
+URLS_WITH_CREDENTIALS = [
+    ({"upstreams": [{**UPSTREAM, "url": "http://user:s3cret@127.0.0.1:9000/mcp"}]}, "upstreams.0.url"),
+    ({"upstreams": [{**UPSTREAM, "url": "https://s3cret@mcp.example/mcp"}]}, "upstreams.0.url"),
+    ({"upstreams": [UPSTREAM], "auth": {"introspection": {
+        "url": "https://gw:s3cret@idp.example/introspect", "client_id": "gw", "client_secret": "x"}}},
+     "auth.introspection.url"),
+]
+
+
+@pytest.mark.parametrize(("config", "key"), URLS_WITH_CREDENTIALS,
+                         ids=["upstream user and password", "upstream user only", "introspection"])
+def test_credentials_in_a_url_are_refused_pointing_to_the_headers(tmp_path: Path, config: dict[str, object],
+                                                                  key: str) -> None:
+    path = write(tmp_path, config)
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    assert any(line.startswith(f"{path}: {key}: must not carry credentials (user:password@)")
+               and "upstreams[].headers (e.g. Authorization: Basic ...)" in line
+               for line in raised.value.problems), raised.value
+    assert "s3cret" not in str(raised.value)
+
+
+TWO_UPSTREAMS = """\
+policy: policy.yaml
+upstreams:
+  - {name: demo, path: /mcp, url: "http://127.0.0.1:9000/mcp"}
+upstreams:
+  - {name: other, path: /other, url: "http://127.0.0.1:9001/mcp"}
+"""
+NESTED_TWICE = """\
+policy: policy.yaml
+upstreams:
+  - name: demo
+    path: /mcp
+    url: "http://127.0.0.1:9000/mcp"
+    headers: {X-Api-Key: first}
+    path: /other
+"""
+TWO_BINDINGS = """\
+roles:
+  reader: {permissions: {can_execute_tools: [search]}}
+bindings:
+  - {when: {scope: "mcp:tools"}, roles: [reader]}
+bindings:
+  - {when: {scope: "mcp:admin"}, roles: [reader]}
+"""
+GOOD_POLICY = yaml.safe_dump(DEFAULT_POLICY)
+GOOD_CONFIG = yaml.safe_dump({"policy": "policy.yaml", "upstreams": [UPSTREAM]})
+DUPLICATES = [  # (config text, policy text, the file named, the problem after its name)
+    (TWO_UPSTREAMS, GOOD_POLICY, "gateway.yaml", "line 4: invalid YAML: duplicate key 'upstreams' (first at line 2)"),
+    (NESTED_TWICE, GOOD_POLICY, "gateway.yaml", "line 7: invalid YAML: duplicate key 'path' (first at line 4)"),
+    (GOOD_CONFIG, TWO_BINDINGS, "policy.yaml", "line 5: invalid YAML: duplicate key 'bindings' (first at line 3)"),
+]
+
+
+@pytest.mark.parametrize(("config", "policy", "file", "problem"), DUPLICATES,
+                         ids=["two upstreams", "path twice in one upstream", "two bindings in the policy"])
+def test_a_key_given_twice_is_refused_with_its_line_not_silently_replaced(
+        tmp_path: Path, config: str, policy: str, file: str, problem: str) -> None:
+    (tmp_path / "policy.yaml").write_text(policy)
+    path = tmp_path / "gateway.yaml"
+    path.write_text(config)
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    assert raised.value.problems == [f"{tmp_path / file}: {problem}"]
+    checked = cli("check-config", "--config", str(path))
+    assert checked.returncode == 2
+    assert checked.stderr.splitlines() == [f"{tmp_path / file}: {problem}"]
+
+
+def test_merge_keys_still_work_and_a_key_beside_a_merge_overrides_it(tmp_path: Path) -> None:
+    (tmp_path / "policy.yaml").write_text(GOOD_POLICY)
+    path = tmp_path / "gateway.yaml"
+    path.write_text("""\
+policy: policy.yaml
+upstreams:
+  - &demo {name: demo, path: /mcp, url: "http://127.0.0.1:9000/mcp", headers: {X-Api-Key: shared}}
+  - <<: *demo
+    name: other
+    path: /other
+""")
+    demo, other = load_config(path).upstreams
+    assert (other.name, other.path, other.url, other.headers) == ("other", "/other", demo.url, demo.headers)
 
 
 def test_environment_variables_and_defaults_expand(tmp_path: Path) -> None:

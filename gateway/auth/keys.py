@@ -1,7 +1,10 @@
 """The gateway's own signing key: loaded once at start, generated (0600) if absent.
 
 Owns the key file and the public JWK derived from it. Key material is read
-and derived once per process, never per request.
+and derived once per process, never per request. Only the gateway itself
+creates the key: commands that sign for the running gateway (issue-token,
+sessions) read its key or fail, since a key of their own would sign tokens
+the gateway refuses.
 """
 
 from __future__ import annotations
@@ -13,10 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import jwt
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 ALGORITHM = "ES256"
+
+
+class SigningKeyError(ValueError):
+    """The key file is missing, unreadable or holds no usable EC private key; the message names the file."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,19 +52,34 @@ def _thumbprint(public: ec.EllipticCurvePublicKey) -> str:
     return jwt.utils.base64url_encode(digest.finalize()).decode()
 
 
+def load_signing_key(path: Path) -> SigningKey:
+    """Read the PEM key at `path`, never creating one; SigningKeyError naming the file if that fails."""
+    try:
+        pem = path.read_bytes()
+    except FileNotFoundError:
+        raise SigningKeyError(f"no signing key at {path}: start the gateway once (mcp-gateway serve) "
+                              "or point auth.clients.signing_key_file at its key") from None
+    except OSError as exc:
+        raise SigningKeyError(f"{path}: cannot read the signing key: {exc.strerror or exc}") from None
+    try:
+        private = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:  # not PEM, encrypted, or an unknown algorithm
+        raise SigningKeyError(f"{path}: not a usable signing key: {exc}") from None
+    if not isinstance(private, ec.EllipticCurvePrivateKey) or not isinstance(private.curve, ec.SECP256R1):
+        raise SigningKeyError(f"{path}: not an EC P-256 private key (tokens are signed with {ALGORITHM})")
+    return SigningKey(private, _thumbprint(private.public_key()))
+
+
 def load_or_create_signing_key(path: Path) -> SigningKey:
     """Read the PEM key at `path`, or create one there readable by the owner only."""
     if path.exists():
-        private = serialization.load_pem_private_key(path.read_bytes(), password=None)
-        if not isinstance(private, ec.EllipticCurvePrivateKey):
-            raise ValueError(f"{path}: not an EC private key")
-    else:
-        private = ec.generate_private_key(ec.SECP256R1())
-        pem = private.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(pem)
+        return load_signing_key(path)
+    private = ec.generate_private_key(ec.SECP256R1())
+    pem = private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(pem)
     return SigningKey(private, _thumbprint(private.public_key()))
