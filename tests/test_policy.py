@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -318,3 +319,44 @@ def test_policy_explain_says_what_decided_and_what_would_change_it(tmp_path: Pat
     assert "auth level: high" in lines
     assert "requires:   level critical, capabilities filesystem:write" in lines
     assert "  - authentication reaching level critical (acr urn:example:phishing-resistant)" in lines
+
+
+def test_explain_proposes_only_roles_that_would_change_the_outcome_for_this_very_principal(tmp_path: Path) -> None:
+    from gateway.policy.explain import explain, operation_for, principal_from
+
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({
+        "roles": {"runner": {"security_level": "high", "permissions": {"can_execute_tools": ["run"]}}},
+        "tools": {"run": {"security_level": "high"}},
+        "authentication_levels": {"default": "standard", "rules": [{"when": {"amr": "hwk"}, "level": "critical"}]},
+    }))
+    policy = load_policy(tmp_path / "p.yaml")
+    # A hardware key, but a client whose ceiling is "standard": no role can make `run` allowed for it.
+    capped = principal_from({"sub": "bot", "amr": ["hwk"], "gateway_level": "standard"})
+    assert explain(policy, capped, operation_for("tools/call", "run")).would_change == [
+        "no role in this policy grants it"]
+    uncapped = principal_from({"sub": "bot", "amr": ["hwk"]})
+    assert explain(policy, uncapped, operation_for("tools/call", "run")).would_change == [
+        "role runner (no binding gives it)"]
+
+
+def test_every_operation_field_decide_reads_is_in_the_decision_cache_key(policy: Policy) -> None:
+    from dataclasses import fields
+
+    from gateway.policy.engine import _NOT_READ_BY_DECIDE
+
+    cache = DecisionCache()
+    base = Operation("tool_call", "tools/call", 1, name="search")
+    assert cache(READER, base, policy).allowed
+    # The same call answering a sampling request the reader may not answer: a field beyond name and uri.
+    assert not cache(READER, replace(base, input_responses=("sampling",)), policy).allowed
+    assert _NOT_READ_BY_DECIDE == {"request_id", "arguments"} <= {f.name for f in fields(Operation)}
+
+
+def test_a_policy_test_case_with_a_claim_of_the_wrong_type_fails_as_malformed(tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(POLICY))
+    (tmp_path / "p.tests.yaml").write_text(yaml.safe_dump({"cases": [
+        {"name": "scope as a list", "claims": {"sub": "a", "scope": ["mcp:tools"]}, "method": "tools/call",
+         "tool": "search", "expect": "allowed"}]}))
+    done = subprocess.run([sys.executable, "-m", "gateway.cli", "policy", "test", str(tmp_path / "p.yaml")],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 1 and "malformed case: claim scope must be a space-separated string" in done.stdout

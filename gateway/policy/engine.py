@@ -23,7 +23,8 @@ that grants it all: `insufficient_scope`, naming the first such scope.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
+from operator import attrgetter
 from typing import Any, Literal
 
 from gateway.auth.principal import Principal
@@ -173,6 +174,12 @@ def decide(principal: Principal, operation: Operation, policy: Policy) -> Decisi
     return result(False, f"unhandled:{kind}")
 
 
+# Every field of an operation is part of the cache key but those `decide` does not read: a field added to
+# `Operation` later is in the key unless it is named here (a rule that reads `arguments` must take it out).
+_NOT_READ_BY_DECIDE = frozenset({"request_id", "arguments"})
+_decided_fields = attrgetter(*(f.name for f in fields(Operation) if f.name not in _NOT_READ_BY_DECIDE))
+
+
 class DecisionCache:
     """`decide()` remembered: the request path asks the same question (this principal, this operation, this
     policy) on every call a client makes, and a list filter asks it once per item.
@@ -187,8 +194,7 @@ class DecisionCache:
         self._answers: dict[tuple[Any, ...], tuple[Principal, Policy, Decision]] = {}
 
     def __call__(self, principal: Principal, operation: Operation, policy: Policy) -> Decision:
-        key = (id(principal), id(policy), operation.kind, operation.method, operation.name, operation.uri,
-               operation.input_responses)
+        key = (id(principal), id(policy), _decided_fields(operation))
         found = self._answers.get(key)
         if found is not None and found[0] is principal and found[1] is policy:
             return found[2]
@@ -200,8 +206,7 @@ class DecisionCache:
 
 
 def _with_uri(decision: Decision, uri: str) -> Decision:
-    return Decision(decision.allowed, decision.reason, decision.roles, decision.policy_version, decision.outcome,
-                    decision.hidden, decision.required_level, decision.acr_values, decision.scopes, uri)
+    return replace(decision, uri=uri)
 
 
 def _decide_target(

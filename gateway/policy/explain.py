@@ -17,7 +17,7 @@ test-case file format run by `mcp-gateway policy test`:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -125,8 +125,7 @@ def _requirement(policy: Policy, operation: Operation) -> str | None:
 def _roles_that_would_grant(policy: Policy, principal: Principal, operation: Operation) -> list[str]:
     out = []
     for name in policy.roles:
-        with_role = Principal(principal.subject, principal.issuer, principal.client_id, principal.scopes,
-                              principal.claims, frozenset({name}), acr=principal.acr, amr=principal.amr)
+        with_role = replace(principal, roles=frozenset({name}))  # everything else kept: a ceiling too
         if decide(with_role, operation, policy).allowed:
             bound = [f"bindings[{i}]" for i, b in enumerate(policy.bindings) if name in b.roles]
             out.append(f"role {name}" + (f" (given by {', '.join(bound)})" if bound else " (no binding gives it)"))
@@ -192,7 +191,12 @@ def run_cases(path: Path) -> tuple[Policy, list[CaseResult]]:
         except MalformedParams as exc:
             results.append(CaseResult(case.name, False, f"malformed case: {exc}"))
             continue
-        decision = decide(principal_from(case.claims), operation, policy)
+        try:
+            principal = principal_from(case.claims)
+        except ValueError as exc:  # a claim of the wrong type: the gateway would refuse such a token
+            results.append(CaseResult(case.name, False, f"malformed case: {exc}"))
+            continue
+        decision = decide(principal, operation, policy)
         passed = decision.outcome == case.expect and (case.reason is None or case.reason == decision.reason)
         results.append(CaseResult(case.name, passed, f"{decision.outcome} ({decision.reason})"))
     return policy, results

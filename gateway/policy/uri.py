@@ -5,14 +5,20 @@ scheme and host lower-cased, percent-encoded unreserved characters decoded,
 remaining escapes upper-cased, dot segments removed. Whatever could make the
 gateway and the upstream read two different resources is refused instead of
 normalised: a `..` that climbs above the root, an encoded slash (`%2F`), a NUL
-byte, a control character, a backslash (or `%5C`) in a `file:` URI. A refused
-URI raises `InvalidUri` with the reason.
+byte, a control character, a backslash (or `%5C`) in a `file:` URI, percent
+escapes that are not UTF-8 (an overlong `%C0%AE` is a `.` to a lax decoder),
+and any character that Unicode compatibility normalisation (NFKC, which many
+file systems and frameworks apply) turns into ASCII: a fullwidth full stop or
+solidus (U+FF0E, U+FF0F), a one-dot leader (U+2024), a fullwidth letter. The gateway would match a pattern
+against one string and the upstream could open another. A refused URI raises
+`InvalidUri` with the reason.
 """
 
 from __future__ import annotations
 
 import re
-from urllib.parse import urlsplit, urlunsplit
+import unicodedata
+from urllib.parse import unquote, unquote_to_bytes, urlsplit
 
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
@@ -29,12 +35,19 @@ def normalize_uri(uri: str) -> str:
         raise InvalidUri("control character in URI")
     if re.search(r"%(?![0-9A-Fa-f]{2})", uri):
         raise InvalidUri("malformed percent escape")
-    parts = urlsplit(uri)
+    _refuse_ambiguous_characters(uri)
+    try:
+        parts = urlsplit(uri)
+    except ValueError as exc:  # e.g. an authority Python's own parser finds ambiguous
+        raise InvalidUri(str(exc)) from None
     scheme = parts.scheme.lower()
     if not scheme:
         raise InvalidUri("URI has no scheme")
     if scheme == "file" and ("\\" in uri or re.search(r"%5[cC]", uri)):
         raise InvalidUri("backslash in file URI")
+    authority = unquote(parts.netloc)
+    if authority in (".", "..") or "/" in authority or "\\" in authority:
+        raise InvalidUri("a dot segment or a slash in the authority: a reader dropping the scheme sees a path")
     netloc = parts.netloc
     if "@" in netloc:
         userinfo, _, hostport = netloc.rpartition("@")
@@ -44,7 +57,24 @@ def normalize_uri(uri: str) -> str:
     path = _decode_unreserved(parts.path, in_path=True)
     path = _remove_dot_segments(path)
     query = _decode_unreserved(parts.query, in_path=False)
-    return urlunsplit((scheme, netloc, path, query, parts.fragment))
+    # Joined by hand: urlunsplit drops an empty authority ("file:////x" would come back as "file://x").
+    authority = f"//{netloc}" if uri[len(parts.scheme) + 1:].startswith("//") else ""
+    return f"{scheme}:{authority}{path}" + (f"?{query}" if query else "") + \
+        (f"#{parts.fragment}" if parts.fragment else "")
+
+
+def _refuse_ambiguous_characters(uri: str) -> None:
+    """Refuse what another reader could decode or normalise into different ASCII than this one sees."""
+    try:
+        decoded = unquote_to_bytes(uri).decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidUri("percent escapes that are not UTF-8") from None
+    if decoded.isascii():
+        return
+    for char in decoded:
+        folded = unicodedata.normalize("NFKC", char)
+        if not char.isascii() and any(c.isascii() for c in folded):
+            raise InvalidUri(f"U+{ord(char):04X} is a compatibility form of ASCII {folded!r}")
 
 
 def _decode_unreserved(text: str, *, in_path: bool) -> str:
