@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway.config import Config, ConfigError, load_config
+from gateway.http_server import HeadDeadlineProtocol
 from gateway.middleware import MCPSecurityMiddleware
 from gateway.proxy import UpstreamProxy
 from gateway.runtime import Runtime
@@ -30,6 +31,7 @@ CONFIG_ENV = "MCP_GATEWAY_CONFIG"
 def app_from_environment() -> MCPSecurityMiddleware:
     """The app for each uvicorn worker (`serve --workers N`): the config path comes from MCP_GATEWAY_CONFIG."""
     app = create_app(os.environ[CONFIG_ENV])
+    HeadDeadlineProtocol.head_timeout_s = app.config.limits.client_header_timeout_s  # this worker's own class
     settle_garbage_collector()
     return app
 
@@ -60,12 +62,14 @@ def create_app(config: Config | str | Path) -> MCPSecurityMiddleware:
         return JSONResponse({"status": "ok"})
 
     async def readyz(_: Request) -> Response:
-        """Ready: config loaded (it is, or we would not run), started, the audit trail taking events, and the
-        external issuer's keys at hand (without them no token of its could be verified)."""
+        """Ready: config loaded (it is, or we would not run), started, the audit trail taking events, the session
+        store answering (without it no session, task or revocation can be checked), and the external issuer's
+        keys at hand (without them no token of its could be verified)."""
         checks = {
             "started": runtime.started,
             "audit_sinks_writable": not runtime.audit.failing,
             "audit_accepting": runtime.audit.accepting(),
+            "session_store": await runtime.sessions.ping(),
         }
         jwks = await runtime.authenticator.jwks_ready()
         if jwks is not None:

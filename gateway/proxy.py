@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 from gateway.config import Limits, Upstream
 from gateway.errors import UPSTREAM_TIMEOUT, UPSTREAM_UNAVAILABLE, Refusal, error_body
-from gateway.types import ASGIReceive, ASGIScope, ASGISend, RequestState, send_json
+from gateway.types import ASGIReceive, ASGIScope, ASGISend, RequestState, connection_options, send_json
 from gateway.upstream_http import UpstreamError, UpstreamPool
 
 log = logging.getLogger("gateway.proxy")
@@ -31,9 +31,12 @@ _HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate", b"proxy-authorization", b"te",
     b"trailer", b"transfer-encoding", b"upgrade",
 })
+# `expect` too: the gateway's own server answers a client's 100-continue; the upstream gets the whole body at once.
 _NOT_FORWARDED = _HOP_BY_HOP | {b"host", b"authorization", b"cookie", b"content-length", b"accept-encoding",
-                                b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded"}
+                                b"expect", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
+                                b"forwarded"}
 _NOT_RETURNED = _HOP_BY_HOP | {b"set-cookie", b"server", b"date"}
+_WHOLE_BYTES = 64 * 1024  # answers declaring at most this length are read whole before the client sees them
 
 
 class UpstreamProxy:
@@ -54,7 +57,8 @@ class UpstreamProxy:
         self._path = target.path or "/"
         self._query = target.query
         self._pool = UpstreamPool(upstream.url, connect_timeout=limits.upstream_connect_timeout_s,
-                                  read_timeout=limits.upstream_timeout_s)
+                                  read_timeout=limits.upstream_timeout_s,
+                                  max_connections=limits.upstream_max_connections)
         public = urlsplit(public_url)
         self._inject = [(k.lower().encode(), v.encode()) for k, v in upstream.headers.items()]
         self._injected_names = {name for name, _ in self._inject}
@@ -120,14 +124,20 @@ class UpstreamProxy:
             response = await self._pool.request(scope["method"], self._target(scope), self._request_headers(scope),
                                                 body)
             try:
-                await send({
-                    "type": "http.response.start",
-                    "status": response.status,
-                    "headers": list(_response_headers(response.headers)),
-                })
-                started = True
-                async for chunk, more in response.body():
-                    await send({"type": "http.response.body", "body": chunk, "more_body": more})
+                start = {"type": "http.response.start", "status": response.status,
+                         "headers": list(_response_headers(response.headers))}
+                if _small(response.headers):
+                    # Read whole before anything is sent: a small answer reaches the client complete and checked
+                    # (a byte past its length fails it), or as a clean error, never cut half-way.
+                    whole = b"".join([chunk async for chunk, _ in response.body()])
+                    await send(start)
+                    started = True
+                    await send({"type": "http.response.body", "body": whole, "more_body": False})
+                else:
+                    await send(start)
+                    started = True
+                    async for chunk, more in response.body():
+                        await send({"type": "http.response.body", "body": chunk, "more_body": more})
             finally:
                 response.release()
         except TimeoutError:
@@ -153,11 +163,20 @@ class UpstreamProxy:
         await send_json(send, refusal.http_status, payload)
 
 
-def _response_headers(raw: Iterable[tuple[bytes, bytes]]) -> Iterable[tuple[bytes, bytes]]:
+def _small(headers: list[tuple[bytes, bytes]]) -> bool:
+    """An answer whose declared length is at most _WHOLE_BYTES."""
+    length = next((v for n, v in headers if n.lower() == b"content-length"), None)
+    return length is not None and length.strip().isdigit() and int(length) <= _WHOLE_BYTES
+
+
+def _response_headers(raw: list[tuple[bytes, bytes]]) -> Iterable[tuple[bytes, bytes]]:
+    """The upstream's headers the client gets: not hop-by-hop, and not named in its Connection header."""
+    nominated = connection_options(raw)
     for name, value in raw:
         lowered = name.lower()
-        if lowered not in _NOT_RETURNED:
+        if lowered not in _NOT_RETURNED and lowered not in nominated:
             yield lowered, value
+
 
 
 async def _until_disconnect(receive: ASGIReceive) -> None:

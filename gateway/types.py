@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,3 +38,12 @@ def header_values(scope: Mapping[str, Any]) -> dict[str, list[str]]:
     for name, value in scope["headers"]:
         out.setdefault(name.decode("latin-1").lower(), []).append(value.decode("latin-1"))
     return out
+
+
+def connection_options(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """The header names a message's Connection header lists (RFC 9110 7.6.1): they are for this hop only."""
+    found: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            found.update(token.strip().lower() for token in value.split(b","))
+    return frozenset(found - {b""})

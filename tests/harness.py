@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 from demo_server import build_server  # noqa: E402
 
 from gateway import MCPSecurityMiddleware, create_app, load_config  # noqa: E402
+from gateway.http_server import HeadDeadlineProtocol  # noqa: E402
 from gateway.runtime import Runtime  # noqa: E402
 
 NODE_DIR = ROOT / "tests" / "node"
@@ -57,13 +58,14 @@ def wait_for_port(port: int, timeout: float = 30.0) -> None:
 
 
 class ServerThread:
-    """uvicorn serving `app` on 127.0.0.1:`port` in a background thread, on uvloop with httptools: the stack
-    `mcp-gateway serve` runs on, so the tests exercise what production runs."""
+    """uvicorn serving `app` on 127.0.0.1:`port` in a background thread, on uvloop with httptools and the
+    gateway's head deadline: the stack `mcp-gateway serve` runs on, so the tests exercise what production runs."""
 
-    def __init__(self, app: Any, port: int | None = None) -> None:
+    def __init__(self, app: Any, port: int | None = None, http: type[asyncio.Protocol] = HeadDeadlineProtocol
+                 ) -> None:
         self.port = port or free_port()
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on",
-                                timeout_graceful_shutdown=2, http="httptools")
+                                timeout_graceful_shutdown=2, http=http)
         self.server = uvicorn.Server(config)
         self.loop: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -241,13 +243,7 @@ class Deployment:
 
     def audit_events(self) -> list[dict[str, Any]]:
         """Every audit event written so far (the queue is flushed first)."""
-        self.gateway.call(self.runtime.audit.flush())
-        db = sqlite3.connect(self.runtime.config.audit.sinks[0].path)
-        db.row_factory = sqlite3.Row
-        try:
-            return [dict(row) for row in db.execute("SELECT * FROM audit_events ORDER BY timestamp")]
-        finally:
-            db.close()
+        return audit_events(self.gateway, self.runtime)
 
     def stop(self) -> None:
         self.gateway.stop()
@@ -255,6 +251,17 @@ class Deployment:
             self.upstream.stop()
         for cleanup in self.extra:
             cleanup()
+
+
+def audit_events(server: ServerThread, runtime: Runtime) -> list[dict[str, Any]]:
+    """Every audit event the gateway served by `server` has written to its first (SQLite) sink, in order."""
+    server.call(runtime.audit.flush())
+    db = sqlite3.connect(runtime.config.audit.sinks[0].path)
+    db.row_factory = sqlite3.Row
+    try:
+        return [dict(row) for row in db.execute("SELECT * FROM audit_events ORDER BY seq")]
+    finally:
+        db.close()
 
 
 def _with_public_url(config_path: Path, port: int) -> None:

@@ -197,3 +197,121 @@ async def test_a_close_the_loop_has_not_seen_yet_still_keeps_the_connection_out_
     finally:
         upstream.close()
     assert len(upstream.received) == 2
+
+
+async def test_a_request_lost_to_an_idle_close_goes_out_again_on_a_fresh_connection() -> None:
+    # The first connection answers once, then closes as the next request arrives without answering it: what a
+    # server ending an idle keep-alive connection does to a request in flight. That request was never read.
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfirst")
+        await writer.drain()
+        if len(connections) == 1:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.transport.abort()
+
+    async with server(handler) as (url, connections):
+        pool = UpstreamPool(url, connect_timeout=2, read_timeout=2)
+        assert await collect(pool) == (200, b"first")
+        assert await collect(pool) == (200, b"first")  # written once more, on connection 2
+        pool.close()
+    assert connections == [1, 2]
+
+
+async def test_a_request_that_failed_on_a_fresh_connection_is_not_sent_again() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.transport.abort()
+
+    async with server(handler) as (url, connections):
+        pool = UpstreamPool(url, connect_timeout=2, read_timeout=2)
+        with pytest.raises(UpstreamError) as failed:
+            await collect(pool)
+        pool.close()
+    assert failed.value.kind == "disconnected" and connections == [1]
+
+
+async def test_interim_answers_are_skipped_and_the_connection_serves_the_next_request_right() -> None:
+    # What uvicorn does for a request carrying Expect: 100-continue: 100 first, then the answer.
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for n in range(2):
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.02)
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\nanswer%d" % n)
+            await writer.drain()
+
+    async with server(handler) as (url, connections):
+        pool = UpstreamPool(url, connect_timeout=2, read_timeout=2)
+        assert [await collect(pool) for _ in range(2)] == [(200, b"answer0"), (200, b"answer1")]
+        pool.close()
+    assert connections == [1]
+
+
+async def test_an_upstream_url_with_credentials_is_refused() -> None:
+    with pytest.raises(ValueError, match="credentials"):
+        UpstreamPool("http://user:pass@127.0.0.1:1/mcp", connect_timeout=1, read_timeout=1)
+
+
+async def test_the_client_speaks_http_1_1_as_h11_the_strict_peer_reads_and_writes_it() -> None:
+    """An h11 server: every request the client writes must parse under h11's rules, and every answer h11 frames
+    (a length, chunked, after a 100 Continue, with no body) must come back as h11 sent it, on one connection."""
+    import h11
+
+    answers = [  # (interim, status, headers, body chunks)
+        (False, 200, [("Content-Length", "5")], [b"hello"]),
+        (False, 200, [("Transfer-Encoding", "chunked")], [b"ab", b"cde", b"f"]),
+        (True, 200, [("Content-Length", "2")], [b"ok"]),
+        (False, 204, [], []),
+        (False, 404, [("Content-Length", "9"), ("X-Many", "a"), ("X-Many", "b")], [b"not found"]),
+    ]
+    seen: list[tuple[str, bytes, list[tuple[bytes, bytes]], bytes]] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = h11.Connection(h11.SERVER)
+        for interim, status, headers, chunks in answers:
+            body = b""
+            request = None
+            while True:
+                event = peer.next_event()
+                if event is h11.NEED_DATA:
+                    peer.receive_data(await reader.read(65536))
+                elif isinstance(event, h11.Request):
+                    request = event
+                elif isinstance(event, h11.Data):
+                    body += event.data
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+                else:
+                    raise AssertionError(f"unexpected {event!r}")
+            assert request is not None
+            seen.append((request.method.decode(), request.target, list(request.headers), body))
+            if interim:
+                writer.write(peer.send(h11.InformationalResponse(status_code=100, headers=[])) or b"")
+            writer.write(peer.send(h11.Response(status_code=status, headers=headers)) or b"")
+            for chunk in chunks:
+                writer.write(peer.send(h11.Data(data=chunk)) or b"")
+            writer.write(peer.send(h11.EndOfMessage()) or b"")
+            await writer.drain()
+            peer.start_next_cycle()
+
+    async with server(handler) as (url, connections):
+        pool = UpstreamPool(url, connect_timeout=2, read_timeout=2)
+        got = []
+        for index in range(len(answers)):
+            method = "GET" if index == 3 else "POST"
+            response = await pool.request(method, "/mcp?x=1", [(b"content-type", b"application/json"),
+                                                               (b"x-index", str(index).encode())],
+                                          b'{"n":%d}' % index if method == "POST" else b"")
+            body = b"".join([chunk async for chunk, _ in response.body()])
+            got.append((response.status, body, [(n.lower(), v) for n, v in response.headers
+                                                if n.lower() == b"x-many"]))
+            response.release()
+        pool.close()
+    assert connections == [1]  # every answer framed so that the connection stayed usable
+    assert [(status, body) for status, body, _ in got] == [(a[1], b"".join(a[3])) for a in answers]
+    assert got[4][2] == [(b"x-many", b"a"), (b"x-many", b"b")]
+    assert [(method, target) for method, target, _, _ in seen] == [("POST", b"/mcp?x=1")] * 3 + \
+        [("GET", b"/mcp?x=1"), ("POST", b"/mcp?x=1")]
+    assert seen[0][3] == b'{"n":0}' and dict(seen[0][2])[b"host"].startswith(b"127.0.0.1:")
