@@ -14,6 +14,7 @@ reader sees the whole catalogue in one screen:
                       FORBIDDEN_ORIGIN      403  -32600  Origin not public_url's nor allowed
                       INVALID_PARAMS        400  -32602  known method, unreadable target (tools/call w/o name)
                       NOT_FOUND             404  -32602  admin API: no such token session
+                      REQUEST_TIMEOUT       408  -32600  body not received within limits.client_body_timeout_s
     auth_failed       UNAUTHORIZED          401  -32001  no / bad / expired / revoked token
     denied            FORBIDDEN             403  -32011  policy refused (AuthorizationDenied); with an
                                                            insufficient_scope challenge when a scope would grant it
@@ -23,7 +24,14 @@ reader sees the whole catalogue in one screen:
                       UNKNOWN_TARGET        400  -32602  refused target hidden from the caller (deny_detail:
                                                            minimal); 200 in the legacy era, as upstreams answer there
                       METHOD_NOT_FOUND      404  -32601  unknown method refused by policy
+                      UNKNOWN_TASK          400  -32602  a task of another principal, or none: answered as an
+                                                           upstream answers an unknown task; 200 in the legacy era
+                      UNSOLICITED_RESPONSE  400  -32600  a client's JSON-RPC response that answers no server
+                                                           request the gateway passed to this principal, or
+                                                           answers it with another kind of result
     error             AUDIT_UNAVAILABLE     503  -32053  audit queue full: refused rather than unaudited
+                      STATE_UNAVAILABLE     503  -32054  session store (Redis) unreachable: sessions, tasks and
+                                                           revocations cannot be checked, so nothing is served
     upstream_error    UPSTREAM_UNAVAILABLE  502  -32050  connect refused / reset / bad answer
                       UNINSPECTABLE         502  -32052  answer too large to filter (limits.max_inspected_bytes)
                       UPSTREAM_TIMEOUT      504  -32051  no answer within limits.upstream_timeout_s
@@ -64,6 +72,7 @@ METHOD_NOT_ALLOWED = Refusal("method_not_allowed", 405, -32600, "invalid_request
 FORBIDDEN_ORIGIN = Refusal("forbidden_origin", 403, -32600, "invalid_request", "Forbidden origin")
 INVALID_PARAMS = Refusal("invalid_params", 400, -32602, "invalid_request", "Invalid params")
 NOT_FOUND = Refusal("not_found", 404, -32602, "invalid_request", "Not found")
+REQUEST_TIMEOUT = Refusal("request_timeout", 408, -32600, "invalid_request", "Request body not received in time")
 UNAUTHORIZED = Refusal("unauthorized", 401, -32001, "auth_failed", "Unauthorized")
 FORBIDDEN = Refusal("forbidden", 403, -32011, "denied", "Forbidden")
 SECURITY_LEVEL = Refusal("security_level", 401, -32012, "denied", "Stronger authentication required")
@@ -72,10 +81,15 @@ UNKNOWN_SESSION = Refusal("unknown_session", 404, -32013, "denied", "Session not
 # The message is the upstream's own wording for a missing item ("Unknown tool: X"), filled in per call.
 UNKNOWN_TARGET = Refusal("unknown_target", 400, -32602, "denied", "Unknown")
 METHOD_NOT_FOUND = Refusal("method_not_found", 404, -32601, "denied", "Method not found")
+# The wording upstreams (the TypeScript and Python SDKs) use for a task id they do not know.
+UNKNOWN_TASK = Refusal("unknown_task", 400, -32602, "denied", "Failed to retrieve task: Task not found")
+UNSOLICITED_RESPONSE = Refusal("unsolicited_response", 400, -32600, "denied",
+                               "Response to no request the gateway passed on")
 UPSTREAM_UNAVAILABLE = Refusal("upstream_unavailable", 502, -32050, "upstream_error", "Upstream unavailable")
 UPSTREAM_TIMEOUT = Refusal("upstream_timeout", 504, -32051, "upstream_error", "Upstream timed out")
 UNINSPECTABLE = Refusal("uninspectable", 502, -32052, "upstream_error", "Upstream answer too large to inspect")
 AUDIT_UNAVAILABLE = Refusal("audit_unavailable", 503, -32053, "error", "Service unavailable")
+STATE_UNAVAILABLE = Refusal("state_unavailable", 503, -32054, "error", "Service unavailable: shared state unreachable")
 INTERNAL = Refusal("internal", 500, -32603, "error", "Internal error")
 
 CATALOGUE: tuple[Refusal, ...] = (
@@ -88,6 +102,7 @@ CATALOGUE: tuple[Refusal, ...] = (
     FORBIDDEN_ORIGIN,
     INVALID_PARAMS,
     NOT_FOUND,
+    REQUEST_TIMEOUT,
     UNAUTHORIZED,
     FORBIDDEN,
     SECURITY_LEVEL,
@@ -95,7 +110,10 @@ CATALOGUE: tuple[Refusal, ...] = (
     UNKNOWN_SESSION,
     UNKNOWN_TARGET,
     METHOD_NOT_FOUND,
+    UNKNOWN_TASK,
+    UNSOLICITED_RESPONSE,
     AUDIT_UNAVAILABLE,
+    STATE_UNAVAILABLE,
     UPSTREAM_UNAVAILABLE,
     UPSTREAM_TIMEOUT,
     UNINSPECTABLE,

@@ -74,7 +74,7 @@ def _message(value: Any) -> Message:
         raise NotJsonRpc('"jsonrpc" must be "2.0"')
     has_id = "id" in value
     msg_id = value.get("id")
-    if has_id and not _valid_id(msg_id):
+    if has_id and not valid_id(msg_id):
         raise NotJsonRpc('"id" must be a string, an integer or null')
     if "method" in value:
         method = value["method"]
@@ -98,7 +98,8 @@ def _message(value: Any) -> Message:
     raise NotJsonRpc('a response needs exactly one of "result" and "error"')
 
 
-def _valid_id(value: Any) -> bool:
+def valid_id(value: Any) -> bool:
+    """A JSON-RPC id as the gateway accepts one: a string, an integer (not a boolean), or null."""
     return value is None or isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
 
 

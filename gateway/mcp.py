@@ -75,10 +75,18 @@ _CLIENT_METHODS: Final[Mapping[str, OperationKind]] = {
     "completion/complete": "completion",
     "logging/setLevel": "logging_set_level",
     "tasks/get": "task",
-    "tasks/result": "task",
-    "tasks/list": "task",
+    "tasks/result": "task",  # 2025-11-25
+    "tasks/list": "task",  # 2025-11-25
     "tasks/cancel": "task",
+    "tasks/update": "task",  # the 2026-07-28 tasks extension
 }
+
+# Client -> server notifications (every revision). A message without an id whose method is not one of these is
+# not a harmless notification: a request method is refused (it needs an id), anything else is an unknown method.
+CLIENT_NOTIFICATIONS: Final = frozenset({
+    "notifications/initialized", "notifications/cancelled", "notifications/progress",
+    "notifications/roots/list_changed", "notifications/tasks/status",
+})
 
 # Server -> client requests, as they appear on an SSE stream (legacy) or in inputRequests (modern).
 SERVER_REQUEST_METHODS: Final[Mapping[str, OperationKind]] = {
@@ -95,9 +103,33 @@ _TARGET_PARAM: Final[Mapping[str, str]] = {
     "resources/read": "uri",
     "resources/subscribe": "uri",
     "resources/unsubscribe": "uri",
+    "tasks/get": "taskId",
+    "tasks/result": "taskId",
+    "tasks/cancel": "taskId",
+    "tasks/update": "taskId",
 }
 # The methods whose target the 2026-07-28 client mirrors in `Mcp-Name`.
-_NAME_HEADER_METHODS: Final = frozenset({"tools/call", "prompts/get", "resources/read"})
+_NAME_HEADER_METHODS: Final = frozenset({"tools/call", "prompts/get", "resources/read", "tasks/get", "tasks/update",
+                                         "tasks/cancel"})
+
+# What tells one kind of answer to a server->client request from another: the members each kind requires, and
+# those it may have. An answer is of a kind when it has all of that kind's required members and none that only
+# another kind has, so an answer shaped as two kinds at once (an elicitation result carrying a sampling result)
+# is of neither.
+_REQUIRED_MEMBERS: Final[Mapping[OperationKind, frozenset[str]]] = {
+    "sampling": frozenset({"role", "content", "model"}),
+    "elicitation": frozenset({"action"}),
+    "roots_list": frozenset({"roots"}),
+}
+_OWN_MEMBERS: Final[Mapping[OperationKind, frozenset[str]]] = {
+    "sampling": frozenset({"role", "content", "model", "stopReason"}),
+    "elicitation": frozenset({"action", "content"}),
+    "roots_list": frozenset({"roots"}),
+}
+_ALL_MEMBERS: Final = frozenset().union(*_REQUIRED_MEMBERS.values())
+_MARKERS: Final[Mapping[OperationKind, frozenset[str]]] = {
+    kind: _ALL_MEMBERS - own for kind, own in _OWN_MEMBERS.items()
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +143,7 @@ class Operation:
     uri: str | None = None  # resource URI, exactly as sent
     arguments: Mapping[str, Any] | None = None  # tools/call arguments
     input_responses: tuple[OperationKind, ...] = ()  # 2026-07-28 retry: what the client's inputResponses answer
+    task_ids: tuple[str, ...] = ()  # the tasks a tasks/* request or a subscriptions/listen names
 
     @property
     def target(self) -> str | None:
@@ -122,29 +155,60 @@ class MalformedParams(ValueError):
 
 
 def classify(message: Message) -> Operation:
-    """Say what a client->server message asks for. Raises `MalformedParams` when a target is unreadable."""
+    """Say what a client->server message asks for. Raises `MalformedParams` when a target is unreadable, and
+    when a message without an id names a request method (the upstream would read it as a request to run)."""
     if message.kind in ("response", "error"):
         return Operation("client_response", "response", message.id)
     method = message.method or ""
     if message.kind == "notification":
-        return Operation("notification", method)
+        if method in CLIENT_NOTIFICATIONS:
+            return Operation("notification", method)
+        if method in _CLIENT_METHODS:
+            raise MalformedParams(f"{method} is a request: it needs an id")
+        return Operation("unknown", method)
     kind = _CLIENT_METHODS.get(method, "unknown")
     params = message.params if isinstance(message.params, dict) else {}
     answered = _input_response_kinds(params.get("inputResponses"))
     if method == "completion/complete":
         return _completion(message, params, answered)
+    if method == "subscriptions/listen":
+        return Operation(kind, method, message.id, input_responses=answered, task_ids=_listened_tasks(params))
     target_key = _TARGET_PARAM.get(method)
     if target_key is None:
         return Operation(kind, method, message.id, input_responses=answered)
     target = params.get(target_key)
     if not isinstance(target, str):
         raise MalformedParams(f"{method} needs a string params.{target_key}")
+    if target_key == "taskId":
+        return Operation(kind, method, message.id, input_responses=answered, task_ids=(target,))
+    if _has_control_character(target):
+        raise MalformedParams(f"{method} params.{target_key} contains a control character")
     if target_key == "uri":
         return Operation(kind, method, message.id, uri=target, input_responses=answered)
     arguments = params.get("arguments")
     if arguments is not None and not isinstance(arguments, dict):
         raise MalformedParams(f"{method} params.arguments must be an object")
     return Operation(kind, method, message.id, name=target, arguments=arguments, input_responses=answered)
+
+
+def _has_control_character(text: str) -> bool:
+    """C0, DEL and C1 controls: a NUL or a line break in a name may end it early for the upstream's reader."""
+    return any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in text)
+
+
+def _listened_tasks(params: Mapping[str, Any]) -> tuple[str, ...]:
+    """The task ids a 2026-07-28 `subscriptions/listen` asks to hear about (`params.notifications.taskIds`)."""
+    notifications = params.get("notifications")
+    if notifications is None:
+        return ()
+    if not isinstance(notifications, dict):
+        raise MalformedParams("subscriptions/listen params.notifications must be an object")
+    task_ids = notifications.get("taskIds")
+    if task_ids is None:
+        return ()
+    if not isinstance(task_ids, list) or not all(isinstance(t, str) for t in task_ids):
+        raise MalformedParams("subscriptions/listen params.notifications.taskIds must be a list of strings")
+    return tuple(task_ids)
 
 
 def _completion(message: Message, params: Mapping[str, Any], answered: tuple[OperationKind, ...]) -> Operation:
@@ -161,19 +225,46 @@ def _completion(message: Message, params: Mapping[str, Any], answered: tuple[Ope
 
 def _input_response_kinds(responses: Any) -> tuple[OperationKind, ...]:
     """What each answer in a 2026-07-28 retry's `inputResponses` responds to, told by its shape."""
-    if not isinstance(responses, dict):
+    if responses is None:
         return ()
-    kinds: list[OperationKind] = []
-    for response in responses.values():
-        if isinstance(response, dict) and "action" in response:
-            kinds.append("elicitation")
-        elif isinstance(response, dict) and "roots" in response:
-            kinds.append("roots_list")
-        elif isinstance(response, dict) and ("model" in response or "role" in response):
-            kinds.append("sampling")
-        else:
-            kinds.append("unknown")
-    return tuple(dict.fromkeys(kinds))
+    if not isinstance(responses, dict):
+        return ("unknown",)
+    return tuple(dict.fromkeys(result_kind(response) for response in responses.values()))
+
+
+def result_kind(result: Any) -> OperationKind:
+    """Which server->client request `result` answers, by its shape: sampling, elicitation, roots_list, or
+    unknown when it has the shape of none or of more than one."""
+    if not isinstance(result, dict):
+        return "unknown"
+    members = result.keys()
+    found = [kind for kind, required in _REQUIRED_MEMBERS.items()
+             if required <= members and not (_MARKERS[kind] & members)]
+    return found[0] if len(found) == 1 else "unknown"
+
+
+def answers(result: Any, kind: str) -> bool:
+    """Whether `result` is a fitting answer to a server->client request of `kind` (a ping's answer is an object
+    with the members of no other kind's answer)."""
+    if kind == "ping":
+        return isinstance(result, dict) and not (result.keys() & _ALL_MEMBERS)
+    return result_kind(result) == kind
+
+
+def created_task(result: Any) -> tuple[str, float | None] | None:
+    """(task id, time to live in seconds or None) when `result` says a task was created: 2025-11-25's
+    `{"task": {"taskId", "ttl" ms}}`, or the 2026-07-28 extension's flat `{"resultType": "task", "taskId",
+    "ttlMs"}`."""
+    if not isinstance(result, dict):
+        return None
+    task = result.get("task") if isinstance(result.get("task"), dict) else None
+    if task is None and result.get("resultType") == "task":
+        task = result
+    if task is None or not isinstance(task.get("taskId"), str):
+        return None
+    ttl = task.get("ttlMs", task.get("ttl"))
+    seconds = ttl / 1000 if isinstance(ttl, int | float) and not isinstance(ttl, bool) and ttl > 0 else None
+    return task["taskId"], seconds
 
 
 def classify_server_request(message: Message) -> Operation:

@@ -20,7 +20,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from gateway.metrics import method_label
 from gateway.policy import Decision, DecisionCache, Policy, roles_for
 from gateway.responses import ResponseInspector, Rules
 from gateway.runtime import Runtime
+from gateway.sessions import StateUnavailable
 from gateway.types import (
     ASGIApp,
     ASGIMessage,
@@ -43,6 +44,7 @@ from gateway.types import (
     ASGIScope,
     ASGISend,
     RequestState,
+    connection_options,
     header_values,
     send_json,
 )
@@ -52,17 +54,23 @@ log = logging.getLogger("gateway")
 _JSON = (b"content-type", b"application/json")
 # Bounded copy of a list result kept to learn tool schemas from; larger results are passed on unread.
 _MAX_INSPECTED_BYTES = 8 * 1024 * 1024
+_TASK_TTL_S = 86400.0  # how long a task is remembered when its result names no time to live
+# Headers the gateway reads to decide: a second copy is refused, since a reader taking the first and one taking
+# the last would act on different values.
+_SINGLE_HEADERS = ("content-type", "mcp-session-id", "mcp-protocol-version", "mcp-method", "mcp-name", "origin",
+                   "last-event-id")
 _UNKNOWN_WORD = {"tool_call": "tool", "prompt_get": "prompt", "resource_read": "resource",
                  "resource_subscribe": "resource", "resource_unsubscribe": "resource"}
 
 
 @dataclass(frozen=True, slots=True)
 class _Denial:
-    """How one refused message is answered: HTTP status (when it is the only message), body, challenge."""
+    """How one refused message is answered: HTTP status and body (when it is the only message), challenge."""
 
     status: int
-    body: bytes | None  # None for a notification: nothing is answered
+    body: bytes
     challenge: str | None = None
+    answerable: bool = True  # a request: in a batch its error is part of the answer (a notification's is not)
 
 
 @dataclass(slots=True)
@@ -140,6 +148,7 @@ class MCPSecurityMiddleware:
 
     async def _handle(self, upstream: Upstream, scope: ASGIScope, receive: ASGIReceive, send: ASGISend) -> None:
         self.runtime.start()
+        scope = _as_forwarded(scope)
         client = scope.get("client")
         ex = _Exchange(upstream, scope["method"], client[0] if client else None)
         if not self.runtime.audit.accepting():
@@ -164,6 +173,7 @@ class MCPSecurityMiddleware:
                                                ex.http_method),)
             await self._check_session(ex)
             self._decide(ex)
+            await self._check_handles(ex)
         except AuthFailed as refusal:
             await self._refuse(ex, send, refusal, extra_headers=[(b"www-authenticate", refusal.challenge.encode())])
             return
@@ -183,6 +193,10 @@ class MCPSecurityMiddleware:
     def _guard_edge(self, ex: _Exchange, headers: Mapping[str, list[str]]) -> None:
         if ex.http_method not in ("POST", "GET", "DELETE"):
             raise errors.GatewayRefusal(errors.METHOD_NOT_ALLOWED, ex.http_method)
+        for name in _SINGLE_HEADERS:
+            if len(headers.get(name, ())) > 1:  # a first-copy reader and a last-copy reader would disagree
+                raise errors.GatewayRefusal(errors.INVALID_REQUEST, f"{name} header appears more than once",
+                                            reason=f"repeated_header:{name}")
         origins = headers.get("origin")
         if origins:
             origin = origins[0].rstrip("/")
@@ -201,8 +215,13 @@ class MCPSecurityMiddleware:
             raise errors.GatewayRefusal(errors.PAYLOAD_TOO_LARGE, f"limit is {limit} bytes")
         chunks: list[bytes] = []
         size = 0
+        deadline = asyncio.get_running_loop().time() + self.config.limits.client_body_timeout_s
         while True:
-            message = await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise errors.GatewayRefusal(errors.REQUEST_TIMEOUT, reason="body_timeout") from None
             if message["type"] == "http.disconnect":
                 raise errors.GatewayRefusal(errors.INVALID_REQUEST, "client disconnected", reason="disconnected")
             chunk = message.get("body", b"")
@@ -276,6 +295,43 @@ class MCPSecurityMiddleware:
             return
         self.runtime.metrics.active_sessions.set(await sessions.active())
 
+    async def _check_handles(self, ex: _Exchange) -> None:
+        """State handles in the messages are the principal's own: the tasks a request names, and the server
+        request a client's response answers. A message failing this is refused as its own decision."""
+        assert ex.principal is not None
+        sessions, identity = self.runtime.sessions, ex.principal.identity
+        decisions = list(ex.decisions)
+        for index, op in enumerate(ex.operations):
+            decision = decisions[index]
+            if op is None or decision is None or not decision.allowed:
+                continue
+            if op.task_ids:
+                owned = await sessions.owned_tasks(ex.upstream.name, identity, op.task_ids)
+                if len(owned) < len(set(op.task_ids)):
+                    decisions[index] = replace(decision, allowed=False, outcome="denied", reason="task:not_owned",
+                                               hidden=True)
+            elif op.kind == "client_response":
+                key = self._awaited_key(ex, op.request_id)
+                awaited = await sessions.take_answer(key)  # taken at once: two answers cannot both pass
+                reason = None
+                if awaited is None or awaited[0] != identity:
+                    reason = "response:unsolicited"
+                elif ex.messages[index].kind == "response" and \
+                        not mcp.answers(ex.messages[index].raw.get("result"), awaited[1]):
+                    reason = f"response:not_a_{awaited[1]}_result"
+                if reason is not None:
+                    if awaited is not None:  # still awaited: its principal may answer it properly
+                        await sessions.expect_answer(key, *awaited, self.config.limits.upstream_timeout_s)
+                    decisions[index] = replace(decision, allowed=False, outcome="denied", reason=reason)
+        ex.decisions = tuple(decisions)
+
+    def _awaited_key(self, ex: _Exchange, request_id: jsonrpc.JsonRpcId) -> str:
+        """Where a server->client request passed to this principal waits for its answer: per upstream, per
+        legacy session (or per principal without one), per JSON-RPC id (its type included: 1 is not "1")."""
+        assert ex.principal is not None
+        holder = ex.session_id or "\0".join(ex.principal.identity)
+        return f"{ex.upstream.name}\0{holder}\0{orjson.dumps(request_id).decode()}"
+
     def _decide(self, ex: _Exchange) -> None:
         assert ex.principal is not None
         policy = ex.policy = self.runtime.policy
@@ -298,7 +354,11 @@ class MCPSecurityMiddleware:
         explain = ex.policy.deny_detail == "explain"
         detail = f"{op.method} {op.target or ''}".strip() + f" refused by {decision.reason}" if explain else ""
         challenge = None
-        if op.kind == "unknown":
+        if op.kind == "client_response":
+            refusal, error = errors.UNSOLICITED_RESPONSE, errors.error_object(errors.UNSOLICITED_RESPONSE)
+        elif decision.reason == "task:not_owned":  # the same answer as for a task that does not exist
+            refusal, error = errors.UNKNOWN_TASK, errors.error_object(errors.UNKNOWN_TASK)
+        elif op.kind == "unknown":
             refusal, error = errors.METHOD_NOT_FOUND, errors.error_object(errors.METHOD_NOT_FOUND, op.method)
         elif decision.outcome == "step_up":
             refusal = errors.SECURITY_LEVEL
@@ -317,22 +377,24 @@ class MCPSecurityMiddleware:
         else:
             refusal, error = errors.FORBIDDEN, errors.error_object(errors.FORBIDDEN, detail)
         status = refusal.http_status
-        if refusal is errors.UNKNOWN_TARGET and ex.era != "modern":
-            status = 200  # how a legacy-era upstream answers an unknown tool: a JSON-RPC error, HTTP 200
-        body = orjson.dumps({"jsonrpc": "2.0", "id": op.request_id, "error": error}) if op.request_id is not None \
-            else None
-        return _Denial(status, body, challenge)
+        if refusal in (errors.UNKNOWN_TARGET, errors.UNKNOWN_TASK) and ex.era != "modern":
+            status = 200  # how a legacy-era upstream answers an unknown tool or task: a JSON-RPC error, HTTP 200
+        # A notification or a client's response gets no JSON-RPC answer: alone in its POST, an HTTP error status
+        # and an error without an id say it was refused; in a batch, nothing does.
+        answered = None if op.kind == "client_response" else op.request_id
+        body = orjson.dumps({"jsonrpc": "2.0", "id": answered, "error": error})
+        return _Denial(status, body, challenge, answerable=answered is not None)
 
     async def _answer_denials(self, ex: _Exchange, send: ASGISend, denied: dict[int, _Denial]) -> None:
-        bodies = [d.body for d in denied.values() if d.body is not None]
+        bodies = [d.body for d in denied.values() if d.answerable]
         headers: list[tuple[bytes, bytes]] = []
-        if not bodies:
+        if len(ex.messages) > 1 and not bodies:
             status, payload = 202, b""
         elif len(ex.messages) > 1:
             status, payload = 200, b"[" + b",".join(bodies) + b"]"
         else:
             denial = next(iter(denied.values()))
-            status, payload = denial.status, bodies[0]
+            status, payload = denial.status, denial.body
             if denial.challenge is not None:
                 headers.append((b"www-authenticate", denial.challenge.encode()))
         await send_json(send, status, payload, headers)
@@ -422,10 +484,12 @@ class MCPSecurityMiddleware:
 
     def _rewritten(self, ex: _Exchange, forwarded: list[int], body: bytes, headers: list[tuple[bytes, bytes]]
                    ) -> tuple[bytes, list[tuple[bytes, bytes]]]:
-        """The body and headers to forward: only the allowed members of a batch, and resource URIs in the
-        normalised form they were decided in (so the upstream reads exactly what was allowed)."""
+        """The body and headers to forward: exactly what was decided, serialised anew from the decoded messages
+        (never the client's bytes, which another parser could read differently: a repeated key, an escape), only
+        the allowed members of a batch, and resource URIs in the normalised form they were decided in."""
+        if ex.http_method != "POST":
+            return body, headers
         messages = [ex.messages[i].raw for i in forwarded]
-        changed = len(forwarded) != len(ex.messages)
         for position, index in enumerate(forwarded):
             op, decision = ex.operations[index], ex.decisions[index]
             if op is None or decision is None or decision.uri is None or op.uri == decision.uri \
@@ -433,23 +497,25 @@ class MCPSecurityMiddleware:
                 continue
             raw = messages[position]
             messages[position] = {**raw, "params": {**raw["params"], "uri": decision.uri}}
-            changed = True
             if ex.era == "modern":
                 headers = [(n, v) for n, v in headers if n != b"mcp-name"]
                 headers.append((b"mcp-name", decision.uri.encode()))
-        if not changed:
-            return body, headers
-        return jsonrpc.dumps(messages if ex.messages and len(ex.messages) > 1 else messages[0]), headers
+        return jsonrpc.dumps(messages if len(ex.messages) > 1 else messages[0]), headers
 
     def _rules(self, ex: _Exchange, scope: ASGIScope, forwarded: list[int], denied: dict[int, _Denial],
                state: RequestState) -> Rules:
         """What the response to this request is checked against, as decisions for this principal."""
         principal, policy = ex.principal, ex.policy
         assert principal is not None and policy is not None
-        ops = [ex.operations[i] for i in forwarded]
-        lists = {op.request_id: op.method for op in ops if op is not None and op.kind == "list"}
-        may_need_input = {op.request_id for op in ops if op is not None and ex.era == "modern"
-                          and op.kind in ("tool_call", "prompt_get", "resource_read")}
+        sessions, upstream = self.runtime.sessions, ex.upstream.name
+        ops = [(ex.messages[i], op) for i in forwarded if (op := ex.operations[i]) is not None]
+        lists = {op.request_id: op.method for _, op in ops if op.kind == "list" or op.method == "tasks/list"}
+        may_need_input = {op.request_id for _, op in ops if ex.era == "modern"
+                          and op.kind in ("tool_call", "prompt_get", "resource_read", "task")}
+        # A call may create a task: in 2025-11-25 when it asks for one (params.task); in the 2026-07-28 tasks
+        # extension whenever the server chooses to.
+        may_create_task = {op.request_id for message, op in ops if op.kind == "tool_call"
+                           and (ex.era == "modern" or "task" in (message.params or {}))}
 
         def item_visible(method: str, item: dict[str, Any]) -> bool:
             op = _item_operation(method, item)
@@ -464,11 +530,17 @@ class MCPSecurityMiddleware:
             self._audit_server_request(ex, op, decision)
             return op, decision
 
-        def server_request(message: dict[str, Any]) -> bool:
+        async def server_request(message: dict[str, Any]) -> bool:
             op, decision = police(message, message.get("id"))
-            if not decision.allowed:
-                self._tell_upstream(ex, scope, op, decision)
-            return decision.allowed
+            if decision.allowed:
+                try:  # the client's answer will be taken only if it answers this, for this principal
+                    await sessions.expect_answer(self._awaited_key(ex, op.request_id), principal.identity, op.kind,
+                                                 self.config.limits.upstream_timeout_s)
+                    return True
+                except StateUnavailable:
+                    log.error("cannot record server request %s for its answer: dropped", op.method)
+            self._tell_upstream(ex, scope, op, decision)
+            return False
 
         def input_request(request: dict[str, Any]) -> bool:
             return police(request, None)[1].allowed
@@ -477,16 +549,34 @@ class MCPSecurityMiddleware:
             if method == "tools/list":
                 self.runtime.learn_tools(ex.upstream.name, result)
 
+        async def answered(result: dict[str, Any]) -> None:
+            task = mcp.created_task(result)
+            if task is not None:
+                task_id, ttl_s = task
+                try:
+                    await sessions.own_task(upstream, task_id, principal.identity, ttl_s or _TASK_TTL_S)
+                except StateUnavailable:
+                    log.error("task %s created for %s could not be recorded: it cannot be reached through the "
+                              "gateway", task_id, principal.subject)
+
+        async def own_tasks(task_ids: list[str]) -> set[str]:
+            try:
+                return await sessions.owned_tasks(upstream, principal.identity, task_ids)
+            except StateUnavailable:
+                return set()  # what cannot be checked is not shown
+
         return Rules(
             lists=lists,
             may_need_input=may_need_input,
-            police_server_requests=ex.era != "modern",
+            may_create_task=may_create_task,
             item_visible=item_visible,
             server_request=server_request,
             input_request=input_request,
             learn=learn,
+            answered=answered,
+            own_tasks=own_tasks,
             request_ids=state.request_ids,
-            extra=[d.body for d in denied.values() if d.body is not None] if forwarded else [],
+            extra=[d.body for d in denied.values() if d.answerable] if forwarded else [],
         )
 
     def _tell_upstream(self, ex: _Exchange, scope: ASGIScope, op: mcp.Operation, decision: Decision) -> None:
@@ -639,6 +729,16 @@ class MCPSecurityMiddleware:
 
 
 _NOT_FORWARDED = frozenset({b"authorization", b"content-length", b"x-mcp-identity"})
+
+
+def _as_forwarded(scope: ASGIScope) -> ASGIScope:
+    """The request with only the headers an upstream may receive, so that what the gateway reads is what the
+    upstream reads: not those the Connection header names (RFC 9110 7.6.1: they end at this hop), and not
+    names with an underscore (which some servers read as a hyphen: `mcp_session_id` as `Mcp-Session-Id`)."""
+    headers = scope["headers"]
+    nominated = connection_options(headers)
+    kept = [(n, v) for n, v in headers if b"_" not in n and n not in nominated]
+    return scope if len(kept) == len(headers) else {**scope, "headers": kept}
 
 
 def _replay(body: bytes, receive: ASGIReceive) -> ASGIReceive:

@@ -1,6 +1,15 @@
-"""Legacy-era session binding (which principal a `Mcp-Session-Id` belongs to), token sessions, revoked tokens.
+"""State handles bound to the principal they belong to: legacy sessions, tasks, server requests awaiting an
+answer; and token sessions and revoked tokens.
 
-Owns the store of all three, in memory or in Redis, so replicas share them.
+Owns the store of all of them, in memory or in Redis, so replicas share them.
+A handle is never authentication: each names the principal (issuer, subject,
+client) it belongs to, and the gateway refuses it to anyone else.
+
+- A task (a `taskId` an upstream returned on a call) belongs to the principal
+  whose call created it, for the task's time to live.
+- A server->client request the gateway passed on (sampling, elicitation,
+  roots, ping on a legacy stream) awaits an answer from the principal it was
+  passed to; the answer is taken once.
 
 A token session is one token the gateway issued (or first saw), by its `jti`:
 who holds it, when it was issued, last used and expires, and whether it was
@@ -13,25 +22,42 @@ bound (or whose binding expired or was ended) is answered 404, as the
 specification answers an unknown session, so the client starts a new one.
 DELETE and expiry end a binding.
 
-    memory   cachetools TTLCache: one process (the default)
+    memory   cachetools caches: one process (the default; `serve --workers` needs redis)
     redis    shared by every replica: `mcpgw:session:<id>` with a TTL, and a sorted
              set of expiries for counting the active ones; `mcpgw:token:<jti>` hashes
-             and the `mcpgw:tokens` sorted set; `mcpgw:revoked:<jti>` until the token expires
+             and the `mcpgw:tokens` sorted set; `mcpgw:revoked:<jti>` until the token expires;
+             `mcpgw:task:<upstream>:<task id>` and `mcpgw:pending:<key>` with their TTLs
+
+A store that cannot be reached raises `StateUnavailable` (a 503 for the
+request): a session, task or revocation that cannot be checked is refused,
+never assumed. The Redis client reconnects by itself once the server is back.
 """
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 import orjson
 from cachetools import TLRUCache, TTLCache
+
+from gateway.errors import STATE_UNAVAILABLE, GatewayRefusal
 
 if TYPE_CHECKING:
     from gateway.config import Sessions
 
 Identity = tuple[str, str, str]
+_MAX_HANDLE_TTL_S = 7 * 86400  # the longest a task or an awaited answer is remembered
+
+
+class StateUnavailable(GatewayRefusal):
+    """The shared store cannot be reached: what depends on it is refused (503), not assumed."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(STATE_UNAVAILABLE, reason=f"state_unavailable:{why}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +100,21 @@ class SessionStore(Protocol):
     async def tokens(self) -> list[TokenSession]:
         """Every token session that has not expired, revoked ones included."""
 
+    async def own_task(self, upstream: str, task_id: str, identity: Identity, ttl_s: float) -> None:
+        """Record that `identity`'s call created task `task_id` at `upstream`."""
+
+    async def owned_tasks(self, upstream: str, identity: Identity, task_ids: Iterable[str]) -> set[str]:
+        """Those of `task_ids` that belong to `identity`."""
+
+    async def expect_answer(self, key: str, identity: Identity, kind: str, ttl_s: float) -> None:
+        """Record a server->client request (by `key`) passed on to `identity`, of `kind`."""
+
+    async def take_answer(self, key: str) -> tuple[Identity, str] | None:
+        """The principal and kind of the awaited request `key`, forgotten as it is taken; None if none."""
+
+    async def ping(self) -> bool:
+        """Whether the store answers."""
+
     async def close(self) -> None: ...
 
 
@@ -83,6 +124,11 @@ class MemorySessions:
         self._revoked: dict[str, float] = {}  # token id -> its expiry (kept no longer than the token lives)
         self._tokens: TLRUCache[str, TokenSession] = TLRUCache(
             maxsize=config.max_sessions, ttu=lambda _k, v, _now: v.expires_at, timer=time.time)
+        # Handles with their own expiry: (value, until)
+        self._tasks: TLRUCache[tuple[str, str], tuple[Identity, float]] = TLRUCache(
+            maxsize=config.max_sessions, ttu=lambda _k, v, _now: v[1], timer=time.time)
+        self._awaited: TLRUCache[str, tuple[tuple[Identity, str], float]] = TLRUCache(
+            maxsize=config.max_sessions, ttu=lambda _k, v, _now: v[1], timer=time.time)
 
     async def bind(self, session_id: str, identity: Identity) -> None:
         self._bindings[session_id] = identity
@@ -125,8 +171,43 @@ class MemorySessions:
         revoked = {k for k, until in self._revoked.items() if until > now}
         return [replace(s, revoked=s.token_id in revoked) for s in self._tokens.values()]
 
+    async def own_task(self, upstream: str, task_id: str, identity: Identity, ttl_s: float) -> None:
+        self._tasks[(upstream, task_id)] = (identity, time.time() + min(ttl_s, _MAX_HANDLE_TTL_S))
+
+    async def owned_tasks(self, upstream: str, identity: Identity, task_ids: Iterable[str]) -> set[str]:
+        return {t for t in task_ids if (self._tasks.get((upstream, t)) or (None,))[0] == identity}
+
+    async def expect_answer(self, key: str, identity: Identity, kind: str, ttl_s: float) -> None:
+        self._awaited[key] = ((identity, kind), time.time() + min(ttl_s, _MAX_HANDLE_TTL_S))
+
+    async def take_answer(self, key: str) -> tuple[Identity, str] | None:
+        found = self._awaited.pop(key, None)
+        return None if found is None else found[0]
+
+    async def ping(self) -> bool:
+        return True
+
     async def close(self) -> None:
         return None
+
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def _reached(method: Callable[Concatenate[RedisSessions, _P], Coroutine[Any, Any, _T]]
+             ) -> Callable[Concatenate[RedisSessions, _P], Coroutine[Any, Any, _T]]:
+    """A Redis call whose connection or timeout error is `StateUnavailable`."""
+    from redis.exceptions import RedisError
+
+    @functools.wraps(method)
+    async def call(self: RedisSessions, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        try:
+            return await method(self, *args, **kwargs)
+        except (RedisError, OSError) as exc:
+            raise StateUnavailable(type(exc).__name__) from None
+
+    return call
 
 
 class RedisSessions:
@@ -142,12 +223,14 @@ class RedisSessions:
         self._redis = redis.asyncio.from_url(config.url, socket_timeout=2, socket_connect_timeout=2)
         self._ttl = int(config.ttl_s)
 
+    @_reached
     async def bind(self, session_id: str, identity: Identity) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.set(self._PREFIX + session_id, orjson.dumps(identity), ex=self._ttl)
             pipe.zadd(self._EXPIRIES, {session_id: time.time() + self._ttl})
             await pipe.execute()
 
+    @_reached
     async def owner(self, session_id: str) -> Identity | None:
         key = self._PREFIX + session_id
         async with self._redis.pipeline(transaction=True) as pipe:
@@ -160,29 +243,35 @@ class RedisSessions:
         issuer, subject, client = orjson.loads(raw)
         return (str(issuer), str(subject), str(client))
 
+    @_reached
     async def end(self, session_id: str) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.delete(self._PREFIX + session_id)
             pipe.zrem(self._EXPIRIES, session_id)
             await pipe.execute()
 
+    @_reached
     async def active(self) -> int:
         now = time.time()
         await self._redis.zremrangebyscore(self._EXPIRIES, "-inf", now)
         return int(await self._redis.zcard(self._EXPIRIES))
 
+    @_reached
     async def revoke(self, token_id: str, until: float) -> None:
         ttl = max(1, int(until - time.time()) + 1)
         await self._redis.set(f"mcpgw:revoked:{token_id}", b"1", ex=ttl)
 
+    @_reached
     async def revoked(self, token_id: str) -> bool:
         return bool(await self._redis.exists(f"mcpgw:revoked:{token_id}"))
 
+    @_reached
     async def open_token(self, session: TokenSession) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
             self._store_token(pipe, session)
             await pipe.execute()
 
+    @_reached
     async def token_used(self, session: TokenSession) -> bool:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.exists(f"mcpgw:revoked:{session.token_id}")
@@ -200,6 +289,7 @@ class RedisSessions:
         pipe.expireat(key, int(session.expires_at) + 1)
         pipe.zadd(self._TOKENS, {session.token_id: session.expires_at})
 
+    @_reached
     async def tokens(self) -> list[TokenSession]:
         await self._redis.zremrangebyscore(self._TOKENS, "-inf", time.time())
         ids = [i.decode() if isinstance(i, bytes) else str(i) for i in await self._redis.zrange(self._TOKENS, 0, -1)]
@@ -215,6 +305,39 @@ class RedisSessions:
                 fields["scopes"] = tuple(fields.get("scopes") or ())
                 found.append(TokenSession(**fields, revoked=bool(revoked)))
         return found
+
+    @_reached
+    async def own_task(self, upstream: str, task_id: str, identity: Identity, ttl_s: float) -> None:
+        await self._redis.set(f"mcpgw:task:{upstream}:{task_id}", orjson.dumps(identity),
+                              ex=max(1, int(min(ttl_s, _MAX_HANDLE_TTL_S))))
+
+    @_reached
+    async def owned_tasks(self, upstream: str, identity: Identity, task_ids: Iterable[str]) -> set[str]:
+        wanted = list(dict.fromkeys(task_ids))
+        if not wanted:
+            return set()
+        owners = await self._redis.mget([f"mcpgw:task:{upstream}:{t}" for t in wanted])
+        mine = orjson.dumps(identity)
+        return {t for t, owner in zip(wanted, owners, strict=True) if owner == mine}
+
+    @_reached
+    async def expect_answer(self, key: str, identity: Identity, kind: str, ttl_s: float) -> None:
+        await self._redis.set(f"mcpgw:pending:{key}", orjson.dumps([identity, kind]),
+                              ex=max(1, int(min(ttl_s, _MAX_HANDLE_TTL_S))))
+
+    @_reached
+    async def take_answer(self, key: str) -> tuple[Identity, str] | None:
+        raw = await self._redis.getdel(f"mcpgw:pending:{key}")
+        if raw is None:
+            return None
+        (issuer, subject, client), kind = orjson.loads(raw)
+        return (str(issuer), str(subject), str(client)), str(kind)
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self._redis.ping())
+        except Exception:
+            return False
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -107,12 +107,23 @@ def _parse(raw: bytes) -> Event:
     return event
 
 
-def encode(data: str, *, event: str | None = None, id: str | None = None) -> bytes:
-    """One SSE event carrying `data` (split on newlines into several `data:` lines)."""
-    lines = []
+def encode(data: str | None, *, event: str | None = None, id: str | None = None, retry: int | None = None,
+           comments: list[str] | tuple[str, ...] = ()) -> bytes:
+    """One SSE event carrying `data` (split on newlines into several `data:` lines; None: no data line)."""
+    lines = [f":{comment}" for comment in comments]
     if event is not None:
         lines.append(f"event: {event}")
     if id is not None:
         lines.append(f"id: {id}")
-    lines.extend(f"data: {line}" for line in data.split("\n"))
+    if retry is not None:
+        lines.append(f"retry: {retry}")
+    if data is not None:
+        lines.extend(f"data: {line}" if line else "data:" for line in data.split("\n"))
     return ("\n".join(lines) + "\n\n").encode()
+
+
+def encode_event(event: Event, data: str | None = None) -> bytes:
+    """`event` written anew from what was decoded of it (its data replaced by `data` when given): the bytes a
+    client reads are the ones the gateway read, whatever line ends or field repeats the upstream used."""
+    return encode(event.data if data is None else data, event=event.event, id=event.id, retry=event.retry,
+                  comments=event.comments)

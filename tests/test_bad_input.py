@@ -22,8 +22,9 @@ def modern(method: str, params: dict[str, Any] | None = None, id: int = 7) -> tu
     body_params["_meta"] = {"io.modelcontextprotocol/protocolVersion": MODERN,
                             "io.modelcontextprotocol/clientCapabilities": {}}
     headers = {"MCP-Protocol-Version": MODERN, "Mcp-Method": method}
-    target = body_params.get("name", body_params.get("uri"))
-    if method in ("tools/call", "prompts/get", "resources/read") and isinstance(target, str):
+    target = body_params.get("name", body_params.get("uri", body_params.get("taskId")))
+    if method in ("tools/call", "prompts/get", "resources/read", "tasks/get", "tasks/update", "tasks/cancel") \
+            and isinstance(target, str):
         headers["Mcp-Name"] = target
     return headers, {"jsonrpc": "2.0", "id": id, "method": method, "params": body_params}
 
@@ -43,6 +44,7 @@ class Row:
     token: Callable[[Deployment], str | None] | None = None  # default: a valid reader token
     url_suffix: str = ""
     challenge: str | None = None  # expected fragment of WWW-Authenticate
+    headers_extra: list[tuple[str, str]] = field(default_factory=list)  # repeated headers, sent as they are
 
 
 def _modern_body(method: str, params: dict[str, Any] | None = None, **header_changes: str | None) -> tuple[
@@ -79,6 +81,11 @@ def _expired_token(deployment: Deployment) -> str:
     claims = {"iss": deployment.runtime.config.public_url, "sub": "alice", "aud": deployment.url,
               "iat": now - 7200, "exp": now - 3600, "scope": "mcp:tools"}
     return jwt.encode(claims, key.private, algorithm="ES256", headers={"kid": key.kid})
+
+
+def _b64(text: str) -> str:
+    """A routing header value in the base64 sentinel form (how a client sends a non-ASCII name)."""
+    return "=?base64?" + base64.b64encode(text.encode()).decode() + "?="
 
 
 CALL = {"name": "echo", "arguments": {"text": "hi"}}
@@ -121,6 +128,30 @@ ROWS = [
         body=b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":5}}'),
     _row("tools/call with a numeric name (2026-07-28: no Mcp-Name can match)", 400, -32020, "invalid_request",
          _modern_body("tools/call", {"name": 5}, Mcp_Name=None)),
+    # Messages the upstream would read as something other than what the gateway could decide on.
+    Row("a request method without an id (a notification the upstream would run)", 400, -32602, "invalid_request",
+        body=b'{"jsonrpc":"2.0","method":"tools/call","params":{"name":"delete_file","arguments":{"path":"/x"}}}'),
+    Row("a notification of an unknown method", 404, -32601, "denied",
+        body=b'{"jsonrpc":"2.0","method":"admin/shutdown"}'),
+    Row("a response to no request the gateway passed on", 400, -32600, "denied",
+        body=b'{"jsonrpc":"2.0","id":40,"result":{"role":"assistant","model":"m","content":{"type":"text",'
+             b'"text":"x"}}}'),
+    Row("an error response to no request the gateway passed on", 400, -32600, "denied",
+        body=b'{"jsonrpc":"2.0","id":40,"error":{"code":-1,"message":"no"}}'),
+    # One segment to a glob like file:///srv/docs/*, and "../secrets" to an upstream that folds or decodes it.
+    _row("a URI with fullwidth dots and solidus (NFKC: ../)", 400, -32602, "denied",
+         _modern_body("resources/read", {"uri": "file:///srv/docs/\uff0e\uff0e\uff0fsecrets"},
+                      Mcp_Name=_b64("file:///srv/docs/\uff0e\uff0e\uff0fsecrets"))),
+    _row("a URI with them percent-encoded", 400, -32602, "denied",
+         _modern_body("resources/read", {"uri": "file:///srv/docs/%EF%BC%8E%EF%BC%8E%EF%BC%8Fsecrets"})),
+    _row("a URI with overlong UTF-8 dots and slash", 400, -32602, "denied",
+         _modern_body("resources/read", {"uri": "file:///srv/docs/%C0%AE%C0%AE%C0%AFsecrets"})),
+    Row("a tool name with a NUL", 400, -32602, "invalid_request",
+        body=b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo\\u0000x"}}'),
+    _row("Mcp-Session-Id twice", 400, -32600, "invalid_request", _modern_body("tools/list"),
+         headers_extra=[("Mcp-Session-Id", "a"), ("Mcp-Session-Id", "b")]),
+    _row("Content-Type twice", 400, -32600, "invalid_request", _modern_body("tools/list"),
+         headers_extra=[("Content-Type", "application/json"), ("Content-Type", "text/plain")]),
     _row("no token", 401, -32001, "auth_failed", _modern_body("tools/list"), token=lambda d: None,
          challenge='resource_metadata="http://127.0.0.1:'),
     _row("token in the query string", 401, -32001, "auth_failed", _modern_body("tools/list"),
@@ -142,7 +173,9 @@ def test_bad_input_is_refused_audited_and_never_forwarded(gateway: Deployment, r
     token = row.token(gateway) if row.token is not None else gateway.token()
     if token is not None:
         headers["Authorization"] = token if token.startswith("Basic ") else f"Bearer {token}"
-    response = httpx.request(row.method, gateway.url + row.url_suffix, headers=headers, content=row.body)
+    repeated = {name.lower() for name, _ in row.headers_extra}
+    sent = [*((k, v) for k, v in headers.items() if k.lower() not in repeated), *row.headers_extra]
+    response = httpx.request(row.method, gateway.url + row.url_suffix, headers=sent, content=row.body)
 
     assert response.status_code == row.status, response.text
     error = response.json()["error"]

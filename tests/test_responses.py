@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import orjson
+import pytest
 
 from gateway import sse
 from gateway.responses import ResponseInspector, Rules
@@ -14,34 +15,55 @@ SAMPLE = {"method": "sampling/createMessage", "params": {"messages": [], "maxTok
 ELICIT = {"method": "elicitation/create", "params": {"message": "name?", "requestedSchema": {}}}
 
 
-def rules(**overrides: Any) -> Rules:
-    seen: list[Any] = []
+OWNED_TASKS = {"mine"}
+
+
+def rules(seen: list[Any] | None = None, **overrides: Any) -> Rules:
+    """Rules for request id 1 whose decisions are fixed: "secret" items hidden, sampling refused, task "mine"
+    owned; what the callbacks were told is appended to `seen`."""
+    seen = [] if seen is None else seen
+
+    async def server_request(message: dict[str, Any]) -> bool:
+        seen.append(message)
+        return bool(message["method"] != "sampling/createMessage")
+
+    async def answered(result: dict[str, Any]) -> None:
+        seen.append(("answered", result))
+
+    async def own_tasks(task_ids: list[str]) -> set[str]:
+        return OWNED_TASKS & set(task_ids)
+
     base: dict[str, Any] = {
         "lists": {},
         "may_need_input": set(),
-        "police_server_requests": False,
         "item_visible": lambda method, item: item.get("name") != "secret",
-        "server_request": lambda message: (seen.append(message), message["method"] != "sampling/createMessage")[1],
+        "server_request": server_request,
         "input_request": lambda request: request["method"] != "sampling/createMessage",
         "learn": lambda method, result: seen.append((method, result)),
+        "answered": answered,
+        "own_tasks": own_tasks,
         "request_ids": (1,),
     }
     base.update(overrides)
     return Rules(**base)
 
 
-async def run(rules_: Rules, content_type: bytes, chunks: list[bytes], status: int = 200,
-              max_bytes: int = 1 << 20) -> tuple[int, dict[bytes, bytes], bytes, list[int]]:
+async def run(rules_: Rules, content_type: bytes | None, chunks: list[bytes], status: int = 200,
+              max_bytes: int = 1 << 20, upstream_error: str | None = None
+              ) -> tuple[int, dict[bytes, bytes], bytes, list[int]]:
     sent: list[dict[str, Any]] = []
     completed: list[int] = []
 
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    inspector = ResponseInspector(send, rules_, max_bytes=max_bytes, upstream_error=lambda: None,
+    failure: list[str] = []  # `upstream_error` is reported once the answer has started, as the hop reports a break
+    inspector = ResponseInspector(send, rules_, max_bytes=max_bytes, upstream_error=lambda: (failure or [None])[0],
                                   on_complete=completed.append)
-    await inspector.send({"type": "http.response.start", "status": status,
-                          "headers": [(b"content-type", content_type)]})
+    labels = [(b"content-type", content_type)] if content_type is not None else []
+    await inspector.send({"type": "http.response.start", "status": status, "headers": labels})
+    if upstream_error is not None:
+        failure.append(upstream_error)
     for index, chunk in enumerate(chunks):
         await inspector.send({"type": "http.response.body", "body": chunk, "more_body": index < len(chunks) - 1})
     start = sent[0]
@@ -71,7 +93,7 @@ async def test_a_list_in_sse_is_filtered_event_by_event_with_its_id_kept() -> No
                            id="7"))
     _, _, body, _ = await run(rules(lists={1: "prompts/list"}), b"text/event-stream", [events[:17], events[17:]])
     decoded = sse.Decoder().feed(body)
-    assert decoded[0].raw == b"id: 0\ndata:\n\n"
+    assert (decoded[0].id, decoded[0].data) == ("0", "")
     assert decoded[1].id == "7"
     assert [p["name"] for p in json.loads(decoded[1].data or "")["result"]["prompts"]] == ["summarize"]
 
@@ -86,7 +108,7 @@ async def test_refused_server_requests_are_dropped_from_a_stream() -> None:
     stream = (sse.encode(json.dumps({"jsonrpc": "2.0", "id": 40, **SAMPLE}), event="message", id="1")
               + sse.encode(json.dumps({"jsonrpc": "2.0", "id": 41, **ELICIT}), event="message", id="2")
               + b": keep-alive\n\n")
-    _, _, body, _ = await run(rules(police_server_requests=True, request_ids=()), b"text/event-stream", [stream])
+    _, _, body, _ = await run(rules(request_ids=()), b"text/event-stream", [stream])
     kept = [json.loads(e.data) for e in sse.Decoder().feed(body) if e.data]
     assert [m["id"] for m in kept] == [41]
     assert body.endswith(b": keep-alive\n\n")
@@ -119,3 +141,99 @@ async def test_an_sse_event_too_large_to_inspect_ends_the_stream_with_an_error()
     events = sse.Decoder().feed(body)
     assert json.loads(events[0].data or "")["method"] == "notifications/progress"
     assert json.loads(events[-1].data or "")["error"]["code"] == -32052
+
+
+LISTED = answer({"tools": [{"name": "echo"}, {"name": "secret"}]})
+
+
+@pytest.mark.parametrize("label", [b"text/plain", None, b"application/octet-stream", b"application/json"])
+async def test_a_list_is_filtered_whatever_its_label(label: bytes | None) -> None:
+    status, headers, body, _ = await run(rules(lists={1: "tools/list"}), label, [LISTED])
+    assert status == 200 and headers[b"content-type"] == b"application/json"
+    assert [t["name"] for t in json.loads(body)["result"]["tools"]] == ["echo"]
+
+
+@pytest.mark.parametrize(("held", "label"), [
+    ({"lists": {1: "tools/list"}}, b"application/json"),  # an answer that must be filtered
+    ({}, b"text/plain"),  # an answer labelled as something the gateway cannot read
+    ({}, None),
+])
+async def test_a_held_answer_that_is_not_json_is_refused_not_released(held: dict[str, Any],
+                                                                      label: bytes | None) -> None:
+    status, _, body, completed = await run(rules(**held), label, [b'{"tools": [{"name": "secret"}'])
+    assert status == 502 and json.loads(body)["error"]["code"] == -32052 and b"secret" not in body
+    assert completed == [502]
+
+
+async def test_a_repeated_key_reaches_the_client_only_as_the_gateway_read_it() -> None:
+    # A first-key-wins client would read the unfiltered list if these bytes passed as they came.
+    tricky = (b'{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"secret"}]},'
+              b'"result":{"tools":[{"name":"echo"},{"name":"secret"}]}}')
+    _, _, body, _ = await run(rules(lists={1: "tools/list"}), b"application/json", [tricky])
+    assert body.count(b'"result"') == 1 and b"secret" not in body
+
+
+async def test_an_sse_event_that_is_not_json_ends_the_stream_with_an_error() -> None:
+    stream = sse.encode('{"jsonrpc":"2.0","method":"notifications/progress"}') + b"data: {not json\n\n" \
+        + sse.encode(answer({"content": []}).decode())
+    _, _, body, _ = await run(rules(), b"text/event-stream", [stream])
+    events = sse.Decoder().feed(body)
+    assert json.loads(events[0].data or "")["method"] == "notifications/progress"
+    assert json.loads(events[-1].data or "") == {"jsonrpc": "2.0", "id": 1, "error": {
+        "code": -32052, "message": "Upstream answer too large to inspect: an event that is not JSON"}}
+    assert len(events) == 2  # nothing after the unreadable event passes
+
+
+async def test_events_that_are_not_messages_are_dropped_and_comments_kept() -> None:
+    stream = (b"event: sampling\ndata: " + json.dumps({"jsonrpc": "2.0", "id": 9, **SAMPLE}).encode() + b"\n\n"
+              + b": keep-alive\n\n" + sse.encode(answer({"content": []}).decode(), id="3"))
+    _, _, body, _ = await run(rules(), b"text/event-stream", [stream])
+    events = sse.Decoder().feed(body)
+    assert [(e.event, e.comments, e.id) for e in events] == [(None, [" keep-alive"], None), (None, [], "3")]
+
+
+async def test_a_result_that_answers_no_request_of_this_exchange_is_dropped() -> None:
+    stream = sse.encode(answer({"content": ["not yours"]}, id=2).decode()) \
+        + sse.encode(answer({"content": []}).decode())
+    _, _, body, _ = await run(rules(), b"text/event-stream", [stream])
+    assert [json.loads(e.data or "")["id"] for e in sse.Decoder().feed(body)] == [1]
+    status, _, body, _ = await run(rules(lists={1: "tools/list"}), b"application/json", [answer({"tools": []}, id="1")])
+    assert status == 502 and json.loads(body)["error"]["code"] == -32050  # "1" is not 1
+
+
+async def test_server_requests_are_policed_in_every_era() -> None:
+    stream = sse.encode(json.dumps({"jsonrpc": "2.0", "id": 40, **SAMPLE}))
+    seen: list[Any] = []
+    _, _, body, _ = await run(rules(seen), b"text/event-stream", [stream])
+    assert seen and seen[0]["id"] == 40 and b"sampling" not in body
+
+
+async def test_tasks_list_and_task_notifications_show_only_the_principals_own_tasks() -> None:
+    listed = answer({"tasks": [{"taskId": "mine", "status": "working"}, {"taskId": "theirs", "status": "working"}]})
+    _, _, body, _ = await run(rules(lists={1: "tasks/list"}), b"application/json", [listed])
+    assert [t["taskId"] for t in json.loads(body)["result"]["tasks"]] == ["mine"]
+    notes = b"".join(sse.encode(json.dumps({"jsonrpc": "2.0", "method": method, "params": {"taskId": task}}))
+                     for method in ("notifications/tasks/status", "notifications/tasks") for task in ("mine", "x"))
+    _, _, body, _ = await run(rules(request_ids=()), b"text/event-stream", [notes])
+    assert [json.loads(e.data or "")["params"]["taskId"] for e in sse.Decoder().feed(body)] == ["mine", "mine"]
+
+
+async def test_a_result_that_may_create_a_task_is_reported() -> None:
+    seen: list[Any] = []
+    created = answer({"task": {"taskId": "t1", "status": "working", "ttl": 60000}})
+    _, _, body, _ = await run(rules(seen, may_create_task={1}), b"application/json", [created])
+    assert ("answered", json.loads(body)["result"]) in seen
+
+
+async def test_a_held_answer_cut_short_by_the_upstream_is_an_error_not_half_an_answer() -> None:
+    status, _, body, completed = await run(rules(lists={1: "tools/list"}), b"application/json", [LISTED],
+                                           upstream_error="protocol")
+    assert status == 502 and json.loads(body)["error"] == {"code": -32050, "message": "Upstream unavailable: protocol"}
+    assert completed == [502]
+
+
+async def test_a_task_waiting_for_input_loses_the_requests_the_principal_may_not_answer() -> None:
+    waiting = answer({"resultType": "complete", "taskId": "mine", "status": "input_required",
+                      "inputRequests": {"a": SAMPLE, "b": ELICIT}})
+    _, _, body, _ = await run(rules(may_need_input={1}), b"application/json", [waiting])
+    assert list(json.loads(body)["result"]["inputRequests"]) == ["b"]
