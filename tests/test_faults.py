@@ -6,6 +6,8 @@
   (fail_closed refuses while it is down, buffer keeps serving) and no event is lost.
 - A slowloris client: a head or a body trickled in is cut at its deadline, and others are served meanwhile.
 - An upstream closing keep-alive connections at random: no request is lost.
+- The IdP's JWKS or introspection endpoint slow, failing (500) or answering nonsense: a token that needs it is a
+  401 within the fetch timeout (fail closed), the last good keys keep serving, and all is well once it recovers.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
@@ -29,6 +32,7 @@ import pytest
 from gateway import create_app
 from tests.harness import ServerThread, audit_events, deploy, free_port, wait_for_port, write_config
 from tests.test_audit import DSN, call, read_all, verify
+from tests.test_bad_input import BASE_HEADERS, modern
 from tests.test_hostile_upstream import SequencedUpstream, _tools_list, ok
 from tests.test_upstream_failures import _proxy_to
 
@@ -260,3 +264,108 @@ def test_an_upstream_closing_keep_alive_connections_at_random_loses_no_request(t
     finally:
         server.stop()
         upstream.close()
+
+
+class FlakyAuthServer:
+    """An authorization server on 127.0.0.1 that can turn slow, failing or nonsensical: RFC 8414 metadata, a JWKS
+    with one ES256 key, and RFC 7662 introspection answering every token `t-…` as active for `resource`."""
+
+    def __init__(self, resource: str = "") -> None:
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from starlette.applications import Starlette
+        from starlette.responses import JSONResponse, Response
+        from starlette.routing import Route
+
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.resource = resource
+        self.mode = "sound"  # sound | slow | 500 | nonsense
+        self.fetches = 0
+
+        async def serve(request: Any) -> Response:
+            self.fetches += 1
+            if self.mode == "slow":
+                await asyncio.sleep(8)  # past the gateway's 5 s JWKS timeout and the introspection timeout_s
+            if self.mode == "500":
+                return Response("upstream trouble", status_code=500)
+            if self.mode == "nonsense":
+                return Response(b"<html>maintenance</html>", media_type="application/json")
+            path = request.url.path
+            if path == "/.well-known/oauth-authorization-server":
+                return JSONResponse({"issuer": self.url, "jwks_uri": f"{self.url}/jwks"})
+            if path == "/jwks":
+                import jwt as pyjwt
+
+                jwk = json.loads(pyjwt.algorithms.ECAlgorithm.to_jwk(self.key.public_key()))
+                return JSONResponse({"keys": [{**jwk, "kid": "k1", "alg": "ES256", "use": "sig"}]})
+            now = int(time.time())
+            return JSONResponse({"active": True, "sub": "alice", "aud": self.resource, "scope": "mcp:tools",
+                                 "iss": self.url, "exp": now + 600, "iat": now})
+
+        self.server = ServerThread(Starlette(routes=[Route("/{path:path}", serve, methods=["GET", "POST"])])).start()
+        self.url = self.server.url
+
+    def jwt(self, audience: str, kid: str = "k1") -> str:
+        import jwt as pyjwt
+
+        now = int(time.time())
+        return pyjwt.encode({"iss": self.url, "sub": "agent", "aud": audience, "exp": now + 600, "iat": now,
+                             "scope": "mcp:tools"}, self.key, algorithm="ES256", headers={"kid": kid})
+
+
+def _patient_call(url: str, token: str) -> httpx.Response:
+    """A call whose client waits longer than the gateway's own timeouts, so the gateway's answer is what is seen."""
+    headers, body = modern("tools/call", {"name": "echo", "arguments": {"text": "x"}})
+    return httpx.post(url, json=body, timeout=15,
+                      headers={**BASE_HEADERS, **headers, "Authorization": f"Bearer {token}"})
+
+
+@pytest.fixture
+def flaky_idp() -> Iterator[FlakyAuthServer]:
+    idp = FlakyAuthServer()
+    yield idp
+    idp.server.stop()
+
+
+@pytest.mark.parametrize("fault", ["slow", "500", "nonsense"])
+def test_a_jwks_endpoint_gone_slow_failing_or_nonsensical_keeps_the_last_keys_and_refuses_new_kids(
+        tmp_path: Path, flaky_idp: FlakyAuthServer, fault: str) -> None:
+    deployment = deploy("proxy", tmp_path, auth={"jwt": {"issuer": flaky_idp.url, "algorithms": ["ES256"],
+                                                         "min_refresh_interval_s": 0},
+                                                 "clients": {"signing_key_file": str(tmp_path / "key.pem")}})
+    try:
+        token = flaky_idp.jwt(deployment.url)
+        assert call(deployment.url, token).status_code == 200  # the keys are fetched and cached
+        flaky_idp.mode = fault
+        started = time.monotonic()
+        refused = _patient_call(deployment.url, flaky_idp.jwt(deployment.url, kid="rotated"))
+        assert refused.status_code == 401 and 'error="invalid_token"' in refused.headers["www-authenticate"]
+        assert time.monotonic() - started < 7, "a slow IdP held the request past the 5 s fetch timeout"
+        assert call(deployment.url, token).status_code == 200  # the last good keys stay in use
+        assert deployment.audit_events()[-2]["result"] == "auth_failed"
+        flaky_idp.mode = "sound"
+        assert call(deployment.url, token).status_code == 200
+    finally:
+        deployment.stop()
+
+
+@pytest.mark.parametrize("fault", ["slow", "500", "nonsense"])
+def test_an_introspection_endpoint_gone_slow_failing_or_nonsensical_fails_closed_and_recovers(
+        tmp_path: Path, flaky_idp: FlakyAuthServer, fault: str) -> None:
+    deployment = deploy("proxy", tmp_path, auth={
+        "clients": {"signing_key_file": str(tmp_path / "key.pem")},
+        "introspection": {"url": f"{flaky_idp.url}/introspect", "client_id": "gateway", "client_secret": "s",
+                          "cache_s": 0, "timeout_s": 1}})
+    flaky_idp.resource = deployment.url
+    try:
+        assert call(deployment.url, "t-1").status_code == 200
+        flaky_idp.mode = fault
+        started = time.monotonic()
+        refused = _patient_call(deployment.url, "t-2")
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == -32001
+        assert time.monotonic() - started < 4, "a slow introspection endpoint held the request past timeout_s"
+        event = deployment.audit_events()[-1]
+        assert (event["result"], event["reason"]) == ("auth_failed", "introspection_unavailable")
+        flaky_idp.mode = "sound"
+        assert call(deployment.url, "t-3").status_code == 200
+    finally:
+        deployment.stop()
