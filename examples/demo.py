@@ -44,8 +44,12 @@ def main() -> None:
         if not port_free(port):
             sys.exit(f"127.0.0.1:{port} is in use; stop what runs there and try again")
     upstream = subprocess.Popen([sys.executable, str(ROOT / "examples" / "demo_server.py"), "--port", "9000"])
+    gateway: subprocess.Popen[bytes] | None = None
     try:
         wait_for_port(9000, upstream)
+        # The gateway first: it creates its signing key on its first start, and issue-token signs with that key.
+        gateway = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", str(CONFIG)])
+        wait_for_port(8080, gateway)
         reader = token("--subject", "alice", "--scope", "mcp:tools")
         operator = token("--subject", "olga", "--claim", 'groups=["ops"]', "--claim", 'amr=["hwk"]')
         print(f"""
@@ -68,15 +72,14 @@ Call a tool through the gateway (2026-07-28, stateless):
 
 Or with the SDK client: see README.md. Audit events go to ./audit.db. Ctrl-C stops both.
 """, flush=True)
-        gateway = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", str(CONFIG)])
-        try:
-            gateway.wait()
-        except KeyboardInterrupt:
-            gateway.terminate()
-            gateway.wait(10)
+        gateway.wait()
+    except KeyboardInterrupt:
+        pass
     finally:
-        upstream.terminate()
-        upstream.wait(10)
+        for process in (gateway, upstream):
+            if process is not None and process.poll() is None:
+                process.terminate()
+                process.wait(10)
 
 
 if __name__ == "__main__":

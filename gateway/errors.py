@@ -33,7 +33,9 @@ reader sees the whole catalogue in one screen:
                       STATE_UNAVAILABLE     503  -32054  session store (Redis) unreachable: sessions, tasks and
                                                            revocations cannot be checked, so nothing is served
     upstream_error    UPSTREAM_UNAVAILABLE  502  -32050  connect refused / reset / bad answer
-                      UNINSPECTABLE         502  -32052  answer too large to filter (limits.max_inspected_bytes)
+                      UNINSPECTABLE         502  -32052  answer that cannot be read: not JSON, an SSE event that is
+                                                           not JSON, over limits.max_inspected_bytes (an upstream
+                                                           4xx status is kept, its body replaced)
                       UPSTREAM_TIMEOUT      504  -32051  no answer within limits.upstream_timeout_s
     error             INTERNAL              500  -32603  a bug in the gateway (logged, never a traceback)
 
@@ -87,7 +89,7 @@ UNSOLICITED_RESPONSE = Refusal("unsolicited_response", 400, -32600, "denied",
                                "Response to no request the gateway passed on")
 UPSTREAM_UNAVAILABLE = Refusal("upstream_unavailable", 502, -32050, "upstream_error", "Upstream unavailable")
 UPSTREAM_TIMEOUT = Refusal("upstream_timeout", 504, -32051, "upstream_error", "Upstream timed out")
-UNINSPECTABLE = Refusal("uninspectable", 502, -32052, "upstream_error", "Upstream answer too large to inspect")
+UNINSPECTABLE = Refusal("uninspectable", 502, -32052, "upstream_error", "Upstream answer cannot be inspected")
 AUDIT_UNAVAILABLE = Refusal("audit_unavailable", 503, -32053, "error", "Service unavailable")
 STATE_UNAVAILABLE = Refusal("state_unavailable", 503, -32054, "error", "Service unavailable: shared state unreachable")
 INTERNAL = Refusal("internal", 500, -32603, "error", "Internal error")

@@ -242,14 +242,18 @@ class ResponseInspector:
         await self._release(orjson.dumps(items if isinstance(value, list) or self._rules.extra else items[0]))
 
     async def _refuse_json(self, why: str) -> None:
+        """The held answer cannot be read: its body never goes out. A 4xx status (a 405 for a GET stream the
+        upstream does not offer, a 404 for an ended session) is kept, since clients act on it; anything else
+        becomes the uninspectable-answer error (502)."""
         self._refused = True
         self._body.clear()
-        await self._replace(errors.UNINSPECTABLE, why)
+        await self._replace(errors.UNINSPECTABLE, why, keep_status=400 <= self.status < 500)
 
-    async def _replace(self, refusal: errors.Refusal, why: str) -> None:
+    async def _replace(self, refusal: errors.Refusal, why: str, *, keep_status: bool = False) -> None:
         """Answer with `refusal` instead of the held answer (for the one request, or null for several)."""
         ids = self._rules.request_ids
-        self.status = refusal.http_status
+        if not keep_status:
+            self.status = refusal.http_status
         assert self._held is not None
         self._held = {**self._held, "status": self.status, "headers": []}
         await self._release(errors.error_body(refusal, ids[0] if len(ids) == 1 else None, why))

@@ -145,20 +145,23 @@ class _Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         self._head_bytes += len(name) + len(value) + 4
         if self._head_bytes > MAX_HEAD_BYTES:
-            raise _Violation(f"an answer head over {MAX_HEAD_BYTES} bytes")
-        self.headers.append((name, value))
+            raise _Violation(f"an answer head (trailers included) over {MAX_HEAD_BYTES} bytes")
+        if not self.headers_done:  # after the head: a chunked body's trailer fields, which are not passed on
+            self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
+        codings = [v for n, v in self.headers if n.lower() == b"transfer-encoding"]
         if 100 <= status < 200:
             if status == 101:
                 raise _Violation("101 Switching Protocols, and no upgrade was asked for")
+            if codings or self._framed():
+                raise _Violation("an interim (1xx) answer with framing headers")  # it has no body to frame
             self._interim += 1
             if self._interim > _MAX_INTERIM:
                 raise _Violation(f"more than {_MAX_INTERIM} interim (1xx) answers")
             self._in_interim = True
             return
-        codings = [v for n, v in self.headers if n.lower() == b"transfer-encoding"]
         if codings and (len(codings) > 1 or codings[0].strip().lower() != b"chunked"):
             raise _Violation("a transfer coding other than chunked")
         self.headers_done = True

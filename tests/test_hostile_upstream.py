@@ -99,6 +99,11 @@ HOSTILE: list[tuple[str, Reply, bool]] = [  # (case, Alice's reply, whether Alic
                                   + ok("ALICE")], False), False),
     ("nine 1xx answers", ([b"HTTP/1.1 100 Continue\r\n\r\n" * 9 + ok("ALICE")], False), False),
     ("a 1xx, then the connection closes", ([b"HTTP/1.1 100 Continue\r\n\r\n"], True), False),
+    ("a 1xx with framing headers (found by the fuzzer)",
+     ([b"HTTP/1.1 100 Continue\r\nTransfer-Encoding: 0\r\n\r\n" + ok("ALICE")], False), False),
+    ("a chunked answer with trailer fields", ([b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n"
+                                                % len(ALICE) + ALICE + b"\r\n0\r\nX-Trailer: t\r\n\r\n"], False),
+     True),
     ("duplicate Content-Length", ([b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nContent-Length: %d\r\n\r\n"
                                    % (len(ALICE), len(ALICE)) + ALICE], False), False),
     ("Content-Length and Transfer-Encoding", ([b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nTransfer-Encoding: "

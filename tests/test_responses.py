@@ -165,6 +165,13 @@ async def test_a_held_answer_that_is_not_json_is_refused_not_released(held: dict
     assert completed == [502]
 
 
+async def test_an_upstream_error_status_with_a_body_that_is_not_json_keeps_its_status_not_its_body() -> None:
+    # A 405 for a GET stream the upstream does not offer: the client acts on the status; the body never passes.
+    status, headers, body, _ = await run(rules(request_ids=()), b"text/plain", [b"Method Not Allowed"], status=405)
+    assert status == 405 and headers[b"content-type"] == b"application/json"
+    assert json.loads(body)["error"]["code"] == -32052 and b"Method Not Allowed" not in body
+
+
 async def test_a_repeated_key_reaches_the_client_only_as_the_gateway_read_it() -> None:
     # A first-key-wins client would read the unfiltered list if these bytes passed as they came.
     tricky = (b'{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"secret"}]},'
@@ -180,7 +187,7 @@ async def test_an_sse_event_that_is_not_json_ends_the_stream_with_an_error() -> 
     events = sse.Decoder().feed(body)
     assert json.loads(events[0].data or "")["method"] == "notifications/progress"
     assert json.loads(events[-1].data or "") == {"jsonrpc": "2.0", "id": 1, "error": {
-        "code": -32052, "message": "Upstream answer too large to inspect: an event that is not JSON"}}
+        "code": -32052, "message": "Upstream answer cannot be inspected: an event that is not JSON"}}
     assert len(events) == 2  # nothing after the unreadable event passes
 
 
