@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-loop fuzz soak lint bench clean
 
 $(STAMP): pyproject.toml tests/node/package.json tests/node/package-lock.json
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,18 @@ test: $(STAMP)
 	$(BIN)/ruff check gateway tests examples bench
 	$(BIN)/mypy gateway
 	$(BIN)/pytest -q
+
+# The suite N times in a row (default 15), stopping at the first failure: a flaky test is a defect.
+test-loop: $(STAMP)
+	@for i in $$(seq 1 $${N:-15}); do echo "== make test, run $$i of $${N:-15}"; $(MAKE) --no-print-directory test || exit 1; done
+
+# Long fuzzing runs (every parser, then the HTTP fuzzer against serve): counts and rates per target.
+fuzz: $(STAMP)
+	$(BIN)/python -m tests.fuzz_main
+
+# 10 minutes of mixed traffic at 64 connections against serve: statuses, audit rows, RSS and fds over time.
+soak: $(STAMP)
+	$(BIN)/python -m tests.soak
 
 # Benchmarks, not tests: ratios measured side by side (bench/README.md). Needs wrk and nginx (Debian packages);
 # B3 installs ContextForge into bench/.contextforge with pyenv's Python 3.12 on first run.
