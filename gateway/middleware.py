@@ -52,8 +52,6 @@ from gateway.types import (
 log = logging.getLogger("gateway")
 
 _JSON = (b"content-type", b"application/json")
-# Bounded copy of a list result kept to learn tool schemas from; larger results are passed on unread.
-_MAX_INSPECTED_BYTES = 8 * 1024 * 1024
 _TASK_TTL_S = 86400.0  # how long a task is remembered when its result names no time to live
 # Headers the gateway reads to decide: a second copy is refused, since a reader taking the first and one taking
 # the last would act on different values.

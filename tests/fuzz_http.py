@@ -1,7 +1,9 @@
 """The HTTP-level fuzzer: generated requests against a running `mcp-gateway serve` in front of the demo server.
 
-For every request: never a 500, never a traceback, and an error answer is a JSON-RPC error with a code from the
-catalogue. At the end: exactly one audit event per request to the MCP endpoint, and every message the upstream
+For every request: never a crash of the gateway (the plain-text 500 its server sends when the app raises, or an
+audit event whose reason is an exception), never a traceback, and an error answer is a JSON-RPC error with a
+code from the catalogue. (A 500 the upstream itself answers with a JSON-RPC error passes through as the
+upstream's.) At the end: exactly one audit event per request to the MCP endpoint, and every message the upstream
 received was recorded as allowed for what it is (its method, id and tool), so nothing reached it undecided.
 Bodies are never JSON arrays at the top (a batch is one event per member; batches are fuzzed in tests/fuzzing.py).
 """
@@ -68,14 +70,15 @@ def requests(draw: st.DrawFn) -> tuple[str, str, dict[str, str], bytes]:
     return method, path, headers, body
 
 
-def fuzz_serve(count: int) -> bool:
-    """Run `count` generated requests against `mcp-gateway serve`; print the figures; True when all held."""
+def fuzz_serve(count: int, *, derandomize: bool = False) -> bool:
+    """Run `count` generated requests against `mcp-gateway serve`; print the figures; True when all held.
+    `derandomize`: the same requests every run (the bounded run in `make test`)."""
     logging.getLogger("httpx").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory() as scratch:
-        return _fuzz(Path(scratch), count)
+        return _fuzz(Path(scratch), count, derandomize)
 
 
-def _fuzz(directory: Path, count: int) -> bool:
+def _fuzz(directory: Path, count: int, derandomize: bool) -> bool:
     recorder = Recorder(build_server().streamable_http_app(stateless_http=True, json_response=True))
     upstream = ServerThread(recorder).start()
     port = free_port()
@@ -99,7 +102,7 @@ def _fuzz(directory: Path, count: int) -> bool:
         wait_for_port(port)
         client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
 
-        @settings(max_examples=count, deadline=None, database=None, phases=[Phase.generate],
+        @settings(max_examples=count, deadline=None, database=None, phases=[Phase.generate], derandomize=derandomize,
                   suppress_health_check=list(HealthCheck))
         @given(requests(), st.sampled_from([tokens[0], tokens[0], tokens[1], *tokens]))
         def one(request: tuple[str, str, dict[str, str], bytes], token: str) -> None:
@@ -117,7 +120,9 @@ def _fuzz(directory: Path, count: int) -> bool:
             sent += 1
             to_mcp += built.url.path.rstrip("/") == "/mcp"
             statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
-            assert response.status_code != 500, f"500 for {request!r}: {response.text}"
+            crashed = response.status_code == 500 and not response.headers.get("content-type", "").startswith(
+                "application/json")
+            assert not crashed, f"the gateway crashed on {request!r}: {response.text}"
             assert b"Traceback" not in response.content, f"a traceback for {request!r}"
             if response.status_code >= 400 and path.rstrip("/") == "/mcp" and response.content:
                 error = response.json()["error"]
@@ -128,6 +133,8 @@ def _fuzz(directory: Path, count: int) -> bool:
         # One event per request, besides one per server->client request the gateway decided on (sampling, ...: no
         # HTTP status of its own) and those of the admin API (GET /admin/audit: no upstream).
         per_request = [e for e in events if e["status"] is not None and e["upstream"] is not None]
+        crashes = [e for e in events if e["reason"] in ("exception", "upstream:exception")]
+        assert not crashes, f"the gateway raised while handling {len(crashes)} request(s): {crashes[0]}"
         assert len(per_request) == to_mcp, f"{len(per_request)} audit events for {to_mcp} requests"
         _check_upstream_saw_only_allowed(recorder, events)
     except AssertionError as failure:

@@ -59,4 +59,4 @@ def test_the_upstream_client_accepts_no_answer_h11_refuses_and_reads_the_rest_as
 def test_the_http_fuzzer_finds_nothing_against_serve() -> None:
     from tests.fuzz_http import fuzz_serve
 
-    assert fuzz_serve(300), "see the printed counterexample"
+    assert fuzz_serve(300, derandomize=True), "see the printed counterexample"

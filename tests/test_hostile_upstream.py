@@ -209,9 +209,11 @@ def test_headers_the_connection_header_names_end_at_each_hop(tmp_path: Path,
 
 def test_the_upstream_pool_is_capped_and_a_request_waits_then_fails_clearly(tmp_path: Path) -> None:
     release = threading.Event()
+    holding = threading.Semaphore(0)
 
     class Held(SequencedUpstream):
         def _serve(self, conn: socket.socket) -> None:
+            holding.release()  # a connection is open, its request unanswered
             release.wait(10)
             super()._serve(conn)
 
@@ -225,7 +227,7 @@ def test_the_upstream_pool_is_capped_and_a_request_waits_then_fails_clearly(tmp_
                    for s in ("a", "b")]
         for thread in threads:
             thread.start()
-        time.sleep(0.3)  # both hold a connection, answer pending
+        assert holding.acquire(timeout=10) and holding.acquire(timeout=10)  # both hold a connection
         third = _tools_list(server.url, app, "c")
         assert third.status_code == 502 and third.json()["error"] == {
             "code": -32050, "message": "Upstream unavailable: busy"}
