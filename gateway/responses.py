@@ -140,7 +140,7 @@ class ResponseInspector:
             await self._send({**message, "headers": headers})
         elif self._rules.extra and self.status == 202:
             # Every forwarded member was a notification; the refused requests still need their answers.
-            self._held = {**message, "status": 200, "headers": [(b"content-type", _JSON_TYPE)]}
+            self._held = {**message, "status": 200, "headers": []}  # _release labels what it sends
             self.status = 200
         elif content_type.startswith(_JSON_TYPE) and not self._rules.holds_json:
             await self._send(message)

@@ -244,3 +244,19 @@ async def test_a_task_waiting_for_input_loses_the_requests_the_principal_may_not
                       "inputRequests": {"a": SAMPLE, "b": ELICIT}})
     _, _, body, _ = await run(rules(may_need_input={1}), b"application/json", [waiting])
     assert list(json.loads(body)["result"]["inputRequests"]) == ["b"]
+
+
+async def test_refused_batch_members_answered_after_a_202_carry_one_content_type() -> None:
+    refused = orjson.dumps({"jsonrpc": "2.0", "id": 2, "error": {"code": -32011, "message": "Forbidden"}})
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    inspector = ResponseInspector(send, rules(request_ids=(), extra=[refused]), max_bytes=1 << 20,
+                                  upstream_error=lambda: None, on_complete=lambda _: None)
+    await inspector.send({"type": "http.response.start", "status": 202, "headers": []})
+    await inspector.send({"type": "http.response.body", "body": b"", "more_body": False})
+    names = [name for name, _ in sent[0]["headers"]]
+    assert sent[0]["status"] == 200 and names.count(b"content-type") == 1
+    assert json.loads(sent[1]["body"]) == [json.loads(refused)]
