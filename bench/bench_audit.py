@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import save  # noqa: E402
-from gateway.audit import AuditEvent, AuditLog  # noqa: E402
+from gateway.audit.event import AuditEvent  # noqa: E402
+from gateway.audit.writer import AuditLog  # noqa: E402
 from gateway.config import Audit  # noqa: E402
 from gateway.metrics import Metrics  # noqa: E402
 

@@ -29,12 +29,13 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import save
-from gateway.auth import Authenticator, load_or_create_signing_key
-from gateway.auth.principal import Principal
+from gateway.auth.authenticator import Authenticator
+from gateway.auth.keys import load_or_create_signing_key
 from gateway.config import Config
 from gateway.mcp import Operation
 from gateway.policy import decide
 from gateway.policy.model import PolicySpec, compile_policy
+from gateway.principal import Principal
 from gateway.sessions import MemorySessions
 
 

@@ -4,10 +4,33 @@ Public API:
     MCPSecurityMiddleware(app, config)  ASGI middleware around an in-process MCP app
     create_app(config)                  the reverse proxy (the same middleware around a forwarding app)
     load_config(path)                   the validated config, or ConfigError with every problem
+
+Each is imported on first use, so that importing one module of the package
+(`gateway.policy.engine`, say) loads no HTTP server, client or framework.
 """
 
-from gateway.app import create_app
-from gateway.config import Config, ConfigError, load_config
-from gateway.middleware import MCPSecurityMiddleware
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gateway.app import create_app
+    from gateway.config import Config, ConfigError, load_config
+    from gateway.middleware import MCPSecurityMiddleware
 
 __all__ = ["Config", "ConfigError", "MCPSecurityMiddleware", "create_app", "load_config"]
+
+_HOMES = {
+    "gateway.app": ("create_app",),
+    "gateway.config": ("Config", "ConfigError", "load_config"),
+    "gateway.middleware": ("MCPSecurityMiddleware",),
+}
+
+if not TYPE_CHECKING:  # mypy reads the imports above; at run time each name's module is imported on first use
+
+    def __getattr__(name: str) -> object:
+        for module, names in _HOMES.items():
+            if name in names:
+                return getattr(importlib.import_module(module), name)
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -20,9 +20,10 @@ from urllib.parse import parse_qsl
 import orjson
 
 from gateway import errors
-from gateway.audit import AuditEvent, AuditUnavailable
+from gateway.audit.event import AuditEvent
 from gateway.audit.reading import BadQuery, query_from, reader_for
-from gateway.auth import AuthFailed
+from gateway.audit.writer import AuditUnavailable
+from gateway.auth.authenticator import AuthFailed
 from gateway.runtime import Runtime
 from gateway.types import ASGIScope, ASGISend, header_values, send_json
 

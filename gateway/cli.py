@@ -25,7 +25,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from gateway import http_server, logs
     from gateway.app import CONFIG_ENV, create_app, settle_garbage_collector
-    from gateway.auth import load_or_create_signing_key
+    from gateway.auth.keys import load_or_create_signing_key
 
     config = load_config(args.config)
     if args.workers > 1 and config.sessions.backend == "memory":
@@ -67,7 +67,7 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _issue_token(args: argparse.Namespace) -> int:
-    from gateway.auth import Authenticator
+    from gateway.auth.authenticator import Authenticator
     from gateway.auth.keys import SigningKeyError, load_signing_key
 
     config = load_config(args.config)
@@ -200,8 +200,9 @@ def _audit_verify(args: argparse.Namespace) -> int:
     """Check every event of each sink against the chain key; exit 1 on the first broken link of any sink."""
     import asyncio
 
-    from gateway.audit import ChainReport, open_sink, read_chain_key
-    from gateway.audit.sinks import Sink
+    from gateway.audit.chainkey import read_chain_key
+    from gateway.audit.event import ChainReport
+    from gateway.audit.sinks import Sink, open_sink
 
     config = load_config(args.config)
     specs = list(enumerate(config.audit.sinks))
@@ -241,7 +242,7 @@ def _sessions(args: argparse.Namespace) -> int:
     import urllib.error
     import urllib.request
 
-    from gateway.auth import Authenticator
+    from gateway.auth.authenticator import Authenticator
     from gateway.auth.keys import SigningKeyError, load_signing_key
 
     config = load_config(args.config)

@@ -18,8 +18,8 @@ from urllib.parse import urlsplit
 
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from gateway.auth.claims import check_claim_types
 from gateway.policy import Policy, PolicyError, load_policy
+from gateway.principal import check_claim_types
 from gateway.yamlfile import ProblemsError, StrictModel, YamlFileError, format_validation, read_yaml
 
 

@@ -51,6 +51,8 @@ from typing import Any
 
 import orjson
 
+from gateway.exceptions import GatewayError
+
 JsonRpcId = str | int | None
 
 
@@ -123,7 +125,7 @@ CATALOGUE: tuple[Refusal, ...] = (
 )
 
 
-class GatewayRefusal(Exception):
+class GatewayRefusal(GatewayError):
     """Raised inside the gateway to refuse the request being handled.
 
     `detail` is what the client is told after the catalogue message (it must
@@ -136,6 +138,13 @@ class GatewayRefusal(Exception):
         self.refusal = refusal
         self.detail = detail
         self.reason = reason or refusal.name
+
+
+class StateUnavailable(GatewayRefusal):
+    """The shared state store cannot be reached: what depends on it is refused (503), not assumed."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(STATE_UNAVAILABLE, reason=f"state_unavailable:{why}")
 
 
 def error_object(refusal: Refusal, detail: str = "") -> dict[str, Any]:

@@ -6,8 +6,8 @@ opening). uvicorn waits for a head for ever, and its keep-alive timer restarts
 with every byte, so a client trickling a header a byte at a time (slowloris)
 would hold its connection, and its file descriptor, as long as it liked. No
 worker is held meanwhile (the event loop serves everyone else), but the
-descriptors run out. The body has its own deadline, in the middleware
-(`limits.client_body_timeout_s`, answered 408).
+descriptors run out. The body has its own deadline where a client's body is
+read (`exchange.read_body`: `limits.client_body_timeout_s`, answered 408).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Owns: turning bytes into `Message` values (request, notification, response,
 error) and saying precisely why bytes are not JSON-RPC. It knows nothing of
 MCP, HTTP or the gateway's error catalogue; it imports nothing from the rest
-of the package. Size limits are enforced before parsing (by whoever reads the
+of the package but the root of its exceptions (`gateway.exceptions`, which
+imports nothing). Size limits are enforced before parsing (by whoever reads the
 body); depth is enforced here.
 """
 
@@ -14,15 +15,17 @@ from typing import Any, Literal
 
 import orjson
 
+from gateway.exceptions import GatewayError
+
 JsonRpcId = str | int | None
 MessageKind = Literal["request", "notification", "response", "error"]
 
 
-class NotJson(ValueError):
+class NotJson(GatewayError, ValueError):
     """The body is not JSON at all (JSON-RPC -32700)."""
 
 
-class NotJsonRpc(ValueError):
+class NotJsonRpc(GatewayError, ValueError):
     """The body is JSON but not a valid JSON-RPC 2.0 message or batch (JSON-RPC -32600)."""
 
 
@@ -123,3 +126,8 @@ def _depth_exceeds(value: Any, max_depth: int) -> bool:
 def dumps(value: Any) -> bytes:
     """Serialise a JSON value the way the gateway writes every body."""
     return orjson.dumps(value)
+
+
+def id_key(value: JsonRpcId) -> tuple[str, Any]:
+    """A request id as a set member or dict key: 1, "1" and true are three different ids."""
+    return (type(value).__name__, value)

@@ -1,25 +1,30 @@
-"""MCP semantics: which era a request belongs to, what it asks for, and whether its headers agree.
+"""MCP semantics: which era a request belongs to, what it asks for, and what its answers hold.
 
-Owns: the method catalogue of every protocol revision (2024-11-05 … 2026-07-28),
-`classify(message) -> Operation`, era detection, and the 2026-07-28 routing
-header rules (`MCP-Protocol-Version`, `Mcp-Method`, `Mcp-Name`, `Mcp-Param-*`
-with the `=?base64?…?=` sentinel). Pure: values in, values out; it imports
-nothing from the rest of the package but `jsonrpc`.
+Owns: ONE table of the client methods of every protocol revision (2024-11-05 …
+2026-07-28), `METHODS`: the operation each method is, which params member names
+its target, whether 2026-07-28 clients mirror that target in `Mcp-Name`, and,
+for list methods, where the items are and what each item stands for. `classify`
+(and so the policy), the response rules and the metrics all read it, so a new
+method or list kind is one row here. Also `read_request(body, headers) -> Request | Invalid` (parse,
+era, routing headers, classify every message), `classify(message) ->
+Operation`, and the shapes of answers to server->client requests.
 
-Decisions are taken from the parsed body. Headers are only ever compared with
-the body; a header that disagrees is a reason to refuse, never a source of truth.
+Pure: values in, values out; it imports nothing from the package but `jsonrpc`,
+`mcp_headers` and the root exception. Decisions are taken from the parsed body; headers are only
+compared with it (`mcp_headers`).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
+from gateway import jsonrpc
+from gateway.exceptions import GatewayError
 from gateway.jsonrpc import JsonRpcId, Message
+from gateway.mcp_headers import PROTOCOL_VERSION_HEADER, meta_protocol_version, routing_header_mismatch
+from gateway.types import first_value
 
 Era = Literal["legacy", "modern"]
 OperationKind = Literal[
@@ -50,35 +55,52 @@ MODERN_VERSIONS: Final = frozenset({"2026-07-28"})
 LEGACY_VERSIONS: Final = frozenset({"2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"})
 BATCH_VERSIONS: Final = frozenset({"2025-03-26"})
 
-PROTOCOL_VERSION_META_KEY: Final = "io.modelcontextprotocol/protocolVersion"
-PROTOCOL_VERSION_HEADER: Final = "mcp-protocol-version"
-METHOD_HEADER: Final = "mcp-method"
-NAME_HEADER: Final = "mcp-name"
-PARAM_HEADER_PREFIX: Final = "mcp-param-"
 SESSION_HEADER: Final = "mcp-session-id"
 
-# Client -> server methods and the operation each one is.
-_CLIENT_METHODS: Final[Mapping[str, OperationKind]] = {
-    "initialize": "initialize",
-    "server/discover": "discover",
-    "ping": "ping",
-    "tools/list": "list",
-    "resources/list": "list",
-    "resources/templates/list": "list",
-    "prompts/list": "list",
-    "tools/call": "tool_call",
-    "resources/read": "resource_read",
-    "resources/subscribe": "resource_subscribe",
-    "resources/unsubscribe": "resource_unsubscribe",
-    "subscriptions/listen": "subscriptions_listen",
-    "prompts/get": "prompt_get",
-    "completion/complete": "completion",
-    "logging/setLevel": "logging_set_level",
-    "tasks/get": "task",
-    "tasks/result": "task",  # 2025-11-25
-    "tasks/list": "task",  # 2025-11-25
-    "tasks/cancel": "task",
-    "tasks/update": "task",  # the 2026-07-28 tasks extension
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """What a list method's result holds: the member with the items, what one item stands for, and which of the
+    item's members names it. A `task` item is shown to its owner only; any other is shown when its operation is
+    visible to the principal."""
+
+    items: str
+    item_kind: OperationKind
+    item_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class Method:
+    """One client->server request method: the operation it is, and what the gateway reads in it."""
+
+    kind: OperationKind
+    target: str | None = None  # the params member that names its target
+    mirrored: bool = False  # a 2026-07-28 client mirrors the target in `Mcp-Name`
+    listing: Listing | None = None  # a list method: what its result holds
+
+
+METHODS: Final[Mapping[str, Method]] = {
+    "initialize": Method("initialize"),
+    "server/discover": Method("discover"),
+    "ping": Method("ping"),
+    "tools/list": Method("list", listing=Listing("tools", "tool_call", "name")),
+    "prompts/list": Method("list", listing=Listing("prompts", "prompt_get", "name")),
+    "resources/list": Method("list", listing=Listing("resources", "resource_read", "uri")),
+    # a template is shown when one of its expansions is readable
+    "resources/templates/list": Method("list", listing=Listing("resourceTemplates", "completion", "uriTemplate")),
+    "tools/call": Method("tool_call", "name", mirrored=True),
+    "resources/read": Method("resource_read", "uri", mirrored=True),
+    "resources/subscribe": Method("resource_subscribe", "uri"),
+    "resources/unsubscribe": Method("resource_unsubscribe", "uri"),
+    "subscriptions/listen": Method("subscriptions_listen"),
+    "prompts/get": Method("prompt_get", "name", mirrored=True),
+    "completion/complete": Method("completion"),
+    "logging/setLevel": Method("logging_set_level"),
+    "tasks/get": Method("task", "taskId", mirrored=True),
+    "tasks/result": Method("task", "taskId"),  # 2025-11-25
+    "tasks/list": Method("task", listing=Listing("tasks", "task", "taskId")),  # 2025-11-25
+    "tasks/cancel": Method("task", "taskId", mirrored=True),
+    "tasks/update": Method("task", "taskId", mirrored=True),  # the 2026-07-28 tasks extension
 }
 
 # Client -> server notifications (every revision). A message without an id whose method is not one of these is
@@ -96,21 +118,8 @@ SERVER_REQUEST_METHODS: Final[Mapping[str, OperationKind]] = {
     "ping": "ping",
 }
 
-# Which params member names the target, for the methods that have one.
-_TARGET_PARAM: Final[Mapping[str, str]] = {
-    "tools/call": "name",
-    "prompts/get": "name",
-    "resources/read": "uri",
-    "resources/subscribe": "uri",
-    "resources/unsubscribe": "uri",
-    "tasks/get": "taskId",
-    "tasks/result": "taskId",
-    "tasks/cancel": "taskId",
-    "tasks/update": "taskId",
-}
-# The methods whose target the 2026-07-28 client mirrors in `Mcp-Name`.
-_NAME_HEADER_METHODS: Final = frozenset({"tools/call", "prompts/get", "resources/read", "tasks/get", "tasks/update",
-                                         "tasks/cancel"})
+# What a metric's method label may be: every method above, and the names the gateway gives what has no method.
+LABELLED_METHODS: Final = frozenset({*METHODS, *SERVER_REQUEST_METHODS, "notification", "response", "GET", "DELETE"})
 
 # What tells one kind of answer to a server->client request from another: the members each kind requires, and
 # those it may have. An answer is of a kind when it has all of that kind's required members and none that only
@@ -150,7 +159,7 @@ class Operation:
         return self.name if self.name is not None else self.uri
 
 
-class MalformedParams(ValueError):
+class MalformedParams(GatewayError, ValueError):
     """A known method whose params cannot be understood (e.g. tools/call without a string name)."""
 
 
@@ -163,17 +172,18 @@ def classify(message: Message) -> Operation:
     if message.kind == "notification":
         if method in CLIENT_NOTIFICATIONS:
             return Operation("notification", method)
-        if method in _CLIENT_METHODS:
+        if method in METHODS:
             raise MalformedParams(f"{method} is a request: it needs an id")
         return Operation("unknown", method)
-    kind = _CLIENT_METHODS.get(method, "unknown")
+    spec = METHODS.get(method)
+    kind: OperationKind = spec.kind if spec is not None else "unknown"
     params = message.params if isinstance(message.params, dict) else {}
     answered = _input_response_kinds(params.get("inputResponses"))
     if method == "completion/complete":
         return _completion(message, params, answered)
     if method == "subscriptions/listen":
         return Operation(kind, method, message.id, input_responses=answered, task_ids=_listened_tasks(params))
-    target_key = _TARGET_PARAM.get(method)
+    target_key = spec.target if spec is not None else None
     if target_key is None:
         return Operation(kind, method, message.id, input_responses=answered)
     target = params.get(target_key)
@@ -273,18 +283,6 @@ def classify_server_request(message: Message) -> Operation:
     return Operation(SERVER_REQUEST_METHODS.get(method, "unknown"), method, message.id)
 
 
-def meta_protocol_version(message: Message) -> str | None:
-    """The 2026-07-28 per-request version from `params._meta`, if the message carries one."""
-    params = message.params
-    if not isinstance(params, dict):
-        return None
-    meta = params.get("_meta")
-    if not isinstance(meta, dict):
-        return None
-    version = meta.get(PROTOCOL_VERSION_META_KEY)
-    return version if isinstance(version, str) else None
-
-
 def detect_era(messages: tuple[Message, ...], header_version: str | None) -> Era:
     """Modern when the header or any message's `_meta` names a version that is not a handshake-era one."""
     if header_version is not None and header_version not in LEGACY_VERSIONS:
@@ -296,161 +294,86 @@ def detect_era(messages: tuple[Message, ...], header_version: str | None) -> Era
     return "legacy"
 
 
-# ---- 2026-07-28 routing headers -------------------------------------------------------------
+def mirrored_param(method: str | None) -> str | None:
+    """The params member a 2026-07-28 client mirrors in `Mcp-Name` for `method`, if any."""
+    spec = METHODS.get(method or "")
+    return spec.target if spec is not None and spec.mirrored else None
 
-_SENTINEL = re.compile(r"^=\?base64\?(?P<payload>[A-Za-z0-9+/=]*)\?=$")
 
-
-def decode_header_value(value: str) -> str | None:
-    """Undo the `=?base64?…?=` sentinel; None when the sentinel is malformed (so it never matches)."""
-    match = _SENTINEL.fullmatch(value)
-    if match is None:
-        return None if value.startswith("=?base64?") else value
-    payload = match.group("payload")
-    try:
-        decoded = base64.b64decode(payload, validate=True)
-    except binascii.Error:
+def item_operation(listing: Listing, method: str, item: Mapping[str, Any]) -> Operation | None:
+    """The operation a list item stands for (calling the tool, getting the prompt, reading the resource), or
+    None when the item does not name it."""
+    value = item.get(listing.item_key)
+    if not isinstance(value, str):
         return None
-    if base64.b64encode(decoded).decode("ascii") != payload:
-        return None
-    try:
-        return decoded.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
+    if listing.item_key == "name":
+        return Operation(listing.item_kind, method, name=value)
+    return Operation(listing.item_kind, method, uri=value)
 
 
-def routing_header_mismatch(
-    message: Message,
+# ---- one POST body, read whole ---------------------------------------------------------------
+
+InvalidKind = Literal["parse", "invalid", "batch", "header_mismatch", "params"]
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """What one POST body asks for: every message, and the operation each one is."""
+
+    era: Era
+    protocol_version: str | None
+    messages: tuple[Message, ...]
+    operations: tuple[Operation, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Invalid:
+    """Why a POST body cannot be acted on, with what was read of it before that was known."""
+
+    kind: InvalidKind
+    why: str
+    messages: tuple[Message, ...] = ()
+    protocol_version: str | None = None
+
+
+def read_request(
+    body: bytes,
     headers: Mapping[str, list[str]],
-    tool_schema: Mapping[str, Any] | None,
-) -> str | None:
-    """Why a 2026-07-28 request's routing headers disagree with its body, or None when they agree.
+    *,
+    max_depth: int,
+    tool_schema: Callable[[str], Mapping[str, Any] | None],
+) -> Request | Invalid:
+    """Parse a POST body, find its era and version, check its routing headers, and classify every message.
 
-    `headers` maps lowercase names to every value received (a repeated routing
-    header is itself a mismatch: first-copy and last-copy readers disagree).
-    `tool_schema` is the tools/call target's inputSchema when known, to check
-    `Mcp-Param-*` headers; without it, only headers the body cannot support are refused.
+    `headers` maps lowercase names to every value received; `tool_schema(name)` is the inputSchema of a tool as
+    last listed (to check `Mcp-Param-*`), or None when it is not known yet.
     """
-    for name in (PROTOCOL_VERSION_HEADER, METHOD_HEADER, NAME_HEADER):
-        if len(headers.get(name, ())) > 1:
-            return f"{name} header appears more than once"
-    version = _single(headers, PROTOCOL_VERSION_HEADER)
-    body_version = meta_protocol_version(message)
-    if version is None:
-        return "MCP-Protocol-Version header is missing"
-    if body_version is None:
-        return "params._meta carries no protocol version to match the MCP-Protocol-Version header"
-    if version != body_version:
-        return "MCP-Protocol-Version header does not match params._meta"
-    if message.kind not in ("request", "notification"):
-        return None
-    method_header = _single(headers, METHOD_HEADER)
-    if method_header is None:
-        return "Mcp-Method header is missing"
-    if method_header != message.method:
-        return "Mcp-Method header does not match the body's method"
-    params = message.params if isinstance(message.params, dict) else {}
-    if message.method in _NAME_HEADER_METHODS:
-        body_name = params.get(_TARGET_PARAM[message.method])
-        raw = _single(headers, NAME_HEADER)
-        if body_name is not None:
-            if raw is None:
-                return "Mcp-Name header is missing"
-            if decode_header_value(raw) != body_name:
-                return "Mcp-Name header does not match the body"
-    if message.method == "tools/call":
-        arguments = params.get("arguments")
-        return _param_header_mismatch(arguments if isinstance(arguments, dict) else {}, headers, tool_schema)
-    if any(name.startswith(PARAM_HEADER_PREFIX) for name in headers):
-        return "Mcp-Param-* headers are only valid on tools/call"
-    return None
+    version = first_value(headers, PROTOCOL_VERSION_HEADER)
+    try:
+        parsed = jsonrpc.parse_body(body, max_depth=max_depth)
+    except jsonrpc.NotJson as exc:
+        return Invalid("parse", str(exc), protocol_version=version)
+    except jsonrpc.NotJsonRpc as exc:
+        return Invalid("invalid", str(exc), protocol_version=version)
+    messages = parsed.messages
+    era = detect_era(messages, version)
+    if parsed.is_batch and (era == "modern" or (version or "2025-03-26") not in BATCH_VERSIONS):
+        return Invalid("batch", "batches are allowed only in protocol 2025-03-26", messages, version)
+    first = messages[0]
+    params = first.params if isinstance(first.params, dict) else {}
+    if era == "modern":
+        version = meta_protocol_version(first) or version
+        name = params.get("name")
+        schema = tool_schema(name) if first.method == "tools/call" and isinstance(name, str) else None
+        mismatch = routing_header_mismatch(first, headers, name_param=mirrored_param(first.method),
+                                           tool_schema=schema)
+        if mismatch is not None:
+            return Invalid("header_mismatch", mismatch, messages, version)
+    elif first.method == "initialize" and isinstance(params.get("protocolVersion"), str):
+        version = params["protocolVersion"]
+    try:
+        operations = tuple(classify(m) for m in messages)
+    except MalformedParams as exc:
+        return Invalid("params", str(exc), messages, version)
+    return Request(era, version, messages, operations)
 
-
-def _single(headers: Mapping[str, list[str]], name: str) -> str | None:
-    values = headers.get(name)
-    return values[0] if values else None
-
-
-def _param_header_mismatch(
-    arguments: Mapping[str, Any], headers: Mapping[str, list[str]], schema: Mapping[str, Any] | None
-) -> str | None:
-    sent = {name[len(PARAM_HEADER_PREFIX) :]: values for name, values in headers.items()
-            if name.startswith(PARAM_HEADER_PREFIX)}
-    for token, values in sent.items():
-        if len(values) > 1:
-            return f"Mcp-Param-{token} header appears more than once"
-    if schema is None:
-        # Schema not learnt yet (no tools/list seen through this gateway): a header token need not
-        # equal a property name, so only what is wrong on its face is refused; the upstream, which
-        # knows the schema, checks the rest.
-        for token, sent_values in sent.items():
-            if decode_header_value(sent_values[0]) is None:
-                return f"Mcp-Param-{token} header carries a malformed base64 sentinel"
-        return None
-    declared = param_header_paths(schema)
-    for key, (token, path, prop_type) in declared.items():
-        received = sent.pop(key, None)
-        value = _at_path(arguments, path)
-        rendered = _render(value) if value is not None else None
-        if received is None:
-            if rendered is not None:
-                return f"Mcp-Param-{token} header is missing"
-            continue
-        decoded = decode_header_value(received[0])
-        if decoded is None:
-            return f"Mcp-Param-{token} header carries a malformed base64 sentinel"
-        if rendered is None or not _same_value(prop_type, value, rendered, decoded):
-            return f"Mcp-Param-{token} header does not match the body's {'.'.join(path)!r} argument"
-    if sent:
-        return f"Mcp-Param-{next(iter(sent))} header is not declared by the tool's input schema"
-    return None
-
-
-def param_header_paths(schema: Mapping[str, Any]) -> dict[str, tuple[str, tuple[str, ...], str]]:
-    """Map each `x-mcp-header` token (lowercased) in an inputSchema to (token as declared, property path, JSON type).
-
-    Only properties reached through a chain of `properties` keys count, as in the
-    specification; other annotations are ignored (conforming clients send no header for them).
-    """
-    found: dict[str, tuple[str, tuple[str, ...], str]] = {}
-    stack: list[tuple[tuple[str, ...], Any]] = [((), schema)]
-    while stack:
-        path, node = stack.pop()
-        if not isinstance(node, dict):
-            continue
-        token = node.get("x-mcp-header")
-        if path and isinstance(token, str):
-            found[token.lower()] = (token, path, str(node.get("type")))
-        properties = node.get("properties")
-        if isinstance(properties, dict):
-            stack.extend(((*path, key), sub) for key, sub in properties.items())
-    return found
-
-
-def _at_path(arguments: Mapping[str, Any], path: tuple[str, ...]) -> Any:
-    node: Any = arguments
-    for key in path:
-        if not isinstance(node, dict):
-            return None
-        node = node.get(key)
-    return node
-
-
-def _render(value: Any) -> str | None:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str | int | float):
-        return str(value)
-    return None
-
-
-_DECIMAL = re.compile(r"^-?[0-9]+(\.0+)?$")
-
-
-def _same_value(prop_type: str, value: Any, rendered: str, decoded: str) -> bool:
-    """Header and body agree; integers compare by value so `42` matches `42.0`."""
-    if prop_type == "integer" and isinstance(value, int | float) and not isinstance(value, bool):
-        if _DECIMAL.fullmatch(decoded) and float(value).is_integer():
-            return int(decoded.split(".")[0]) == int(value)
-        return False
-    return decoded == rendered

@@ -14,21 +14,13 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
-from gateway.mcp import SERVER_REQUEST_METHODS
-
-_KNOWN_METHODS = frozenset({
-    "initialize", "server/discover", "ping", "tools/list", "tools/call", "resources/list",
-    "resources/templates/list", "resources/read", "resources/subscribe", "resources/unsubscribe",
-    "subscriptions/listen", "prompts/list", "prompts/get", "completion/complete", "logging/setLevel",
-    "tasks/get", "tasks/result", "tasks/list", "tasks/cancel", "notification", "response", "GET", "DELETE",
-    *SERVER_REQUEST_METHODS,
-})
+from gateway.mcp import LABELLED_METHODS
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
 def method_label(method: str) -> str:
-    return method if method in _KNOWN_METHODS else "other"
+    return method if method in LABELLED_METHODS else "other"
 
 
 class Metrics:

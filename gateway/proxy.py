@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 from gateway.config import Limits, Upstream
 from gateway.errors import UPSTREAM_TIMEOUT, UPSTREAM_UNAVAILABLE, Refusal, error_body
+from gateway.exchange import read_body
 from gateway.types import ASGIReceive, ASGIScope, ASGISend, RequestState, connection_options, send_json
 from gateway.upstream_http import UpstreamError, UpstreamPool
 
@@ -94,7 +95,7 @@ class UpstreamProxy:
     async def __call__(self, scope: ASGIScope, receive: ASGIReceive, send: ASGISend) -> None:
         if scope["type"] != "http":
             return
-        body = await _read_body(receive)
+        body = await read_body(receive)  # replayed whole by the middleware, within its limits
         # A client that goes away must not leave an upstream stream (a legacy GET, a long SSE answer) being
         # read: a watcher cancels this task when the client disconnects. One task per request, not two.
         current = asyncio.current_task()
@@ -182,15 +183,3 @@ def _response_headers(raw: list[tuple[bytes, bytes]]) -> Iterable[tuple[bytes, b
 async def _until_disconnect(receive: ASGIReceive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
-
-
-async def _read_body(receive: ASGIReceive) -> bytes:
-    chunks = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            break
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            break
-    return b"".join(chunks)

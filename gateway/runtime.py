@@ -19,8 +19,9 @@ from typing import Any
 
 from cachetools import LRUCache
 
-from gateway.audit import AuditLog
-from gateway.auth import Authenticator, load_or_create_signing_key
+from gateway.audit.writer import AuditLog
+from gateway.auth.authenticator import Authenticator
+from gateway.auth.keys import load_or_create_signing_key
 from gateway.config import Config
 from gateway.metrics import Metrics
 from gateway.policy import Policy, PolicyError, load_policy

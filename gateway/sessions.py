@@ -44,20 +44,13 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar
 import orjson
 from cachetools import TLRUCache, TTLCache
 
-from gateway.errors import STATE_UNAVAILABLE, GatewayRefusal
+from gateway.errors import StateUnavailable
 
 if TYPE_CHECKING:
     from gateway.config import Sessions
 
 Identity = tuple[str, str, str]
 _MAX_HANDLE_TTL_S = 7 * 86400  # the longest a task or an awaited answer is remembered
-
-
-class StateUnavailable(GatewayRefusal):
-    """The shared store cannot be reached: what depends on it is refused (503), not assumed."""
-
-    def __init__(self, why: str) -> None:
-        super().__init__(STATE_UNAVAILABLE, reason=f"state_unavailable:{why}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,8 +13,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from gateway.exceptions import GatewayError
 
-class EventTooLarge(ValueError):
+
+class EventTooLarge(GatewayError, ValueError):
     """One event grew past the decoder's bound. `events` are those completed before it, in the same chunk."""
 
     def __init__(self, message: str, events: list[Event]) -> None:

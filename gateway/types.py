@@ -40,6 +40,12 @@ def header_values(scope: Mapping[str, Any]) -> dict[str, list[str]]:
     return out
 
 
+def first_value(headers: Mapping[str, list[str]], name: str) -> str | None:
+    """The first value of a header in `header_values` form (repeats of the headers that decide are refused)."""
+    values = headers.get(name)
+    return values[0] if values else None
+
+
 def connection_options(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
     """The header names a message's Connection header lists (RFC 9110 7.6.1): they are for this hop only."""
     found: set[bytes] = set()

@@ -47,6 +47,8 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from gateway.exceptions import GatewayError
+
 _HIGH_WATER = 256 * 1024  # buffered answer bytes above which reading from the upstream pauses
 # An idle connection older than this is closed, not reused: servers close idle keep-alive connections (gunicorn
 # after 2 s, uvicorn and Node after 5 s), and a request written just as the server closes is lost.
@@ -55,13 +57,13 @@ MAX_HEAD_BYTES = 16 * 1024  # status line and headers of an answer, interim answ
 _MAX_INTERIM = 8  # 1xx answers skipped before the final one
 
 
-class UpstreamError(Exception):
+class UpstreamError(GatewayError):
     def __init__(self, kind: str, detail: str = "") -> None:
         super().__init__(f"{kind}: {detail}" if detail else kind)
         self.kind = kind
 
 
-class _Violation(Exception):
+class _Violation(GatewayError):
     """Raised inside a parser callback: the answer breaks a rule of this client (see the module docstring)."""
 
 

@@ -13,8 +13,10 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from gateway.exceptions import GatewayError
 
-class ProblemsError(Exception):
+
+class ProblemsError(GatewayError):
     """Something a person must fix in a file. `problems` holds one `FILE: key.path: why` line each."""
 
     def __init__(self, problems: list[str]) -> None:

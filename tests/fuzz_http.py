@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from gateway import errors
-from gateway.auth import Authenticator
+from gateway.auth.authenticator import Authenticator
 from gateway.auth.keys import load_or_create_signing_key
 from gateway.config import load_config
 from tests import fuzzing

@@ -25,10 +25,11 @@ import h11
 import orjson
 from hypothesis import strategies as st
 
-from gateway import jsonrpc, mcp, sse
+from gateway import jsonrpc, mcp, mcp_headers, sse
+from gateway.inspect import ResponseInspector
 from gateway.policy.uri import InvalidUri, normalize_uri
-from gateway.responses import ResponseInspector, Rules
 from gateway.upstream_http import _Connection
+from tests.answer_rules import fixed_rules
 
 # ---- JSON and JSON-RPC -------------------------------------------------------------------------
 
@@ -38,7 +39,7 @@ METHODS = [*mcp.CLIENT_NOTIFICATIONS, "initialize", "server/discover", "ping", "
            "admin/shutdown", "", "Tools/Call"]
 KEYS = ["jsonrpc", "id", "method", "params", "result", "error", "name", "uri", "arguments", "_meta", "ref", "type",
         "taskId", "task", "inputResponses", "notifications", "taskIds", "code", "message", "tools", "action",
-        "model", "role", "content", "roots", mcp.PROTOCOL_VERSION_META_KEY]
+        "model", "role", "content", "roots", mcp_headers.PROTOCOL_VERSION_META_KEY]
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**63), max_value=2**63 - 1),
                     st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=20),
@@ -174,7 +175,9 @@ def check_routing(message: dict[str, Any], headers: dict[str, list[str]], schema
         parsed = jsonrpc.parse_body(orjson.dumps(message), max_depth=64)
     except (jsonrpc.NotJson, jsonrpc.NotJsonRpc):
         return
-    verdict = mcp.routing_header_mismatch(parsed.messages[0], headers, schema if isinstance(schema, dict) else None)
+    first = parsed.messages[0]
+    verdict = mcp_headers.routing_header_mismatch(first, headers, name_param=mcp.mirrored_param(first.method),
+                                                  tool_schema=schema if isinstance(schema, dict) else None)
     assert verdict is None or isinstance(verdict, str)
 
 
@@ -253,23 +256,10 @@ def check_inspector(answer: tuple[bytes | None, int, list[bytes]], listing: bool
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    async def allow(_: dict[str, Any]) -> bool:
-        return False
-
-    async def nothing(_: dict[str, Any]) -> None:
-        return None
-
-    async def no_tasks(_: list[str]) -> set[str]:
-        return set()
-
-    rules = Rules(lists={1: "tools/list"} if listing else {}, may_need_input=set(),
-                  item_visible=lambda _, item: item.get("name") != HIDDEN, server_request=allow,
-                  input_request=lambda _: False, learn=lambda *_: None, answered=nothing, own_tasks=no_tasks,
-                  request_ids=(1,))
-    inspector = ResponseInspector(send, rules, max_bytes=4096, upstream_error=lambda: None,
-                                  on_complete=completed.append)
-
     async def run() -> None:
+        rules, _ = await fixed_rules(lists={1: "tools/list"} if listing else {})
+        inspector = ResponseInspector(send, rules, max_bytes=4096, upstream_error=lambda: None,
+                                      on_complete=completed.append)
         await inspector.send({"type": "http.response.start", "status": status,
                               "headers": [(b"content-type", label)] if label is not None else []})
         for index, chunk in enumerate(chunks):

@@ -30,7 +30,7 @@ from typing import Any
 
 import aiohttp
 
-from gateway.auth import Authenticator
+from gateway.auth.authenticator import Authenticator
 from gateway.auth.keys import load_or_create_signing_key
 from gateway.config import load_config
 from tests.harness import MODERN, ROOT, free_port, wait_for_port, write_config

@@ -31,9 +31,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import create_app
-from gateway.audit import AuditLog, ChainKey, load_or_create_chain_key
-from gateway.audit.event import GENESIS, AuditEvent, record_bytes
+from gateway.audit.chainkey import load_or_create_chain_key
+from gateway.audit.event import GENESIS, AuditEvent, ChainKey, record_bytes
 from gateway.audit.sinks import AuditQuery, open_sink
+from gateway.audit.writer import AuditLog
 from gateway.config import Audit, AuditSink, load_config
 from gateway.metrics import Metrics
 from tests.harness import ROOT, Deployment, ServerThread, deploy, free_port, wait_for_port, write_config

@@ -24,8 +24,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.auth import ClaimTypeError, principal_from_claims
 from gateway.auth.keys import ALGORITHM
+from gateway.principal import ClaimTypeError, principal_from_claims
 from tests.harness import Deployment, ServerThread, deploy
 from tests.test_auth_options import call
 

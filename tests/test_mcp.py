@@ -7,9 +7,10 @@ from typing import Any
 
 import pytest
 
-from gateway import jsonrpc, mcp
+from gateway import jsonrpc, mcp, mcp_headers
 
-META = {"_meta": {mcp.PROTOCOL_VERSION_META_KEY: "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}}}
+META = {"_meta": {mcp_headers.PROTOCOL_VERSION_META_KEY: "2026-07-28",
+                  "io.modelcontextprotocol/clientCapabilities": {}}}
 
 
 def message(value: dict[str, Any]) -> jsonrpc.Message:
@@ -145,7 +146,7 @@ HEADER_RULES: list[tuple[str, dict[str, list[str]], dict[str, Any] | None, str |
 @pytest.mark.parametrize(("case", "sent", "schema", "problem"), HEADER_RULES, ids=[r[0] for r in HEADER_RULES])
 def test_routing_headers_must_match_the_body(case: str, sent: dict[str, list[str]], schema: dict[str, Any] | None,
                                              problem: str | None) -> None:
-    found = mcp.routing_header_mismatch(CALL, sent, schema)
+    found = mcp_headers.routing_header_mismatch(CALL, sent, name_param="name", tool_schema=schema)
     if problem is None:
         assert found is None
     else:
@@ -155,7 +156,7 @@ def test_routing_headers_must_match_the_body(case: str, sent: dict[str, list[str
 def test_base64_sentinel_carries_non_ascii_names() -> None:
     call = request("prompts/get", name="ünï", **META)
     sent = headers(mcp_protocol_version="2026-07-28", mcp_method="prompts/get", mcp_name=B64)
-    assert mcp.routing_header_mismatch(call, sent, None) is None
-    assert mcp.decode_header_value(B64) == "ünï"
-    assert mcp.decode_header_value("=?base64?ZWNobw?=") is None  # non-canonical padding
-    assert mcp.decode_header_value("plain") == "plain"
+    assert mcp_headers.routing_header_mismatch(call, sent, name_param="name", tool_schema=None) is None
+    assert mcp_headers.decode_header_value(B64) == "ünï"
+    assert mcp_headers.decode_header_value("=?base64?ZWNobw?=") is None  # non-canonical padding
+    assert mcp_headers.decode_header_value("plain") == "plain"

@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway.auth.principal import Principal
 from gateway.mcp import Operation
 from gateway.policy import DecisionCache, Policy, PolicyError, decide, load_policy, normalize_uri
 from gateway.policy.globs import GlobIndex
 from gateway.policy.uri import InvalidUri, template_probe
+from gateway.principal import Principal
 
 ROOT = Path(__file__).resolve().parent.parent
 

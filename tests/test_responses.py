@@ -9,46 +9,21 @@ import orjson
 import pytest
 
 from gateway import sse
-from gateway.responses import ResponseInspector, Rules
+from gateway.inspect import ResponseInspector
+from gateway.response_rules import ResponseRules
+from tests.answer_rules import CALLER, fixed_rules
 
 SAMPLE = {"method": "sampling/createMessage", "params": {"messages": [], "maxTokens": 5}}
 ELICIT = {"method": "elicitation/create", "params": {"message": "name?", "requestedSchema": {}}}
 
 
-OWNED_TASKS = {"mine"}
-
-
-def rules(seen: list[Any] | None = None, **overrides: Any) -> Rules:
+async def rules(seen: list[Any] | None = None, **overrides: Any) -> ResponseRules:
     """Rules for request id 1 whose decisions are fixed: "secret" items hidden, sampling refused, task "mine"
-    owned; what the callbacks were told is appended to `seen`."""
-    seen = [] if seen is None else seen
-
-    async def server_request(message: dict[str, Any]) -> bool:
-        seen.append(message)
-        return bool(message["method"] != "sampling/createMessage")
-
-    async def answered(result: dict[str, Any]) -> None:
-        seen.append(("answered", result))
-
-    async def own_tasks(task_ids: list[str]) -> set[str]:
-        return OWNED_TASKS & set(task_ids)
-
-    base: dict[str, Any] = {
-        "lists": {},
-        "may_need_input": set(),
-        "item_visible": lambda method, item: item.get("name") != "secret",
-        "server_request": server_request,
-        "input_request": lambda request: request["method"] != "sampling/createMessage",
-        "learn": lambda method, result: seen.append((method, result)),
-        "answered": answered,
-        "own_tasks": own_tasks,
-        "request_ids": (1,),
-    }
-    base.update(overrides)
-    return Rules(**base)
+    owned (`tests.answer_rules`); what the gateway was told is appended to `seen`."""
+    return (await fixed_rules(seen, **overrides))[0]
 
 
-async def run(rules_: Rules, content_type: bytes | None, chunks: list[bytes], status: int = 200,
+async def run(rules_: ResponseRules, content_type: bytes | None, chunks: list[bytes], status: int = 200,
               max_bytes: int = 1 << 20, upstream_error: str | None = None
               ) -> tuple[int, dict[bytes, bytes], bytes, list[int]]:
     sent: list[dict[str, Any]] = []
@@ -78,7 +53,7 @@ def answer(result: dict[str, Any], id: int = 1) -> bytes:
 async def test_a_list_in_json_is_filtered_and_made_private() -> None:
     listed = answer({"tools": [{"name": "echo"}, {"name": "secret"}], "nextCursor": "p2", "cacheScope": "public",
                      "ttlMs": 1000})
-    status, headers, body, completed = await run(rules(lists={1: "tools/list"}), b"application/json",
+    status, headers, body, completed = await run(await rules(lists={1: "tools/list"}), b"application/json",
                                                  [listed[:10], listed[10:]])
     result = json.loads(body)["result"]
     assert [t["name"] for t in result["tools"]] == ["echo"]
@@ -91,7 +66,8 @@ async def test_a_list_in_sse_is_filtered_event_by_event_with_its_id_kept() -> No
     events = (b"id: 0\ndata:\n\n"
               + sse.encode(answer({"prompts": [{"name": "secret"}, {"name": "summarize"}]}).decode(), event="message",
                            id="7"))
-    _, _, body, _ = await run(rules(lists={1: "prompts/list"}), b"text/event-stream", [events[:17], events[17:]])
+    _, _, body, _ = await run(await rules(lists={1: "prompts/list"}), b"text/event-stream",
+                              [events[:17], events[17:]])
     decoded = sse.Decoder().feed(body)
     assert (decoded[0].id, decoded[0].data) == ("0", "")
     assert decoded[1].id == "7"
@@ -100,7 +76,7 @@ async def test_a_list_in_sse_is_filtered_event_by_event_with_its_id_kept() -> No
 
 async def test_an_unfiltered_answer_passes_through_byte_for_byte() -> None:
     raw = b'{"jsonrpc":"2.0","id":1,"result":{"content":[],"isError":false}}'
-    _, headers, body, _ = await run(rules(), b"application/json", [raw])
+    _, headers, body, _ = await run(await rules(), b"application/json", [raw])
     assert body == raw and b"content-length" not in headers  # nothing held, nothing rewritten
 
 
@@ -108,7 +84,7 @@ async def test_refused_server_requests_are_dropped_from_a_stream() -> None:
     stream = (sse.encode(json.dumps({"jsonrpc": "2.0", "id": 40, **SAMPLE}), event="message", id="1")
               + sse.encode(json.dumps({"jsonrpc": "2.0", "id": 41, **ELICIT}), event="message", id="2")
               + b": keep-alive\n\n")
-    _, _, body, _ = await run(rules(request_ids=()), b"text/event-stream", [stream])
+    _, _, body, _ = await run(await rules(request_ids=()), b"text/event-stream", [stream])
     kept = [json.loads(e.data) for e in sse.Decoder().feed(body) if e.data]
     assert [m["id"] for m in kept] == [41]
     assert body.endswith(b": keep-alive\n\n")
@@ -117,19 +93,19 @@ async def test_refused_server_requests_are_dropped_from_a_stream() -> None:
 async def test_input_required_keeps_only_what_the_client_may_answer() -> None:
     partial = answer({"resultType": "input_required", "inputRequests": {"a": SAMPLE, "b": ELICIT},
                       "requestState": "s1"})
-    _, _, body, _ = await run(rules(may_need_input={1}), b"application/json", [partial])
+    _, _, body, _ = await run(await rules(may_need_input={1}), b"application/json", [partial])
     result = json.loads(body)["result"]
     assert list(result["inputRequests"]) == ["b"] and result["requestState"] == "s1"
 
     only_sampling = answer({"resultType": "input_required", "inputRequests": {"a": SAMPLE}})
-    _, _, body, _ = await run(rules(may_need_input={1}), b"application/json", [only_sampling])
+    _, _, body, _ = await run(await rules(may_need_input={1}), b"application/json", [only_sampling])
     assert json.loads(body)["error"] == {
         "code": -32011, "message": "Forbidden: the server asked for sampling/createMessage, which is not allowed"}
 
 
 async def test_an_answer_too_large_to_filter_is_refused_not_passed() -> None:
     huge = answer({"tools": [{"name": "x" * 200}] * 100})
-    status, _, body, completed = await run(rules(lists={1: "tools/list"}), b"application/json",
+    status, _, body, completed = await run(await rules(lists={1: "tools/list"}), b"application/json",
                                            [huge[:1000], huge[1000:]], max_bytes=2000)
     assert status == 502 and json.loads(body)["error"]["code"] == -32052
     assert completed == [502]
@@ -137,7 +113,7 @@ async def test_an_answer_too_large_to_filter_is_refused_not_passed() -> None:
 
 async def test_an_sse_event_too_large_to_inspect_ends_the_stream_with_an_error() -> None:
     stream = sse.encode('{"jsonrpc":"2.0","method":"notifications/progress"}') + b"data: " + b"x" * 5000
-    _, _, body, _ = await run(rules(), b"text/event-stream", [stream], max_bytes=1000)
+    _, _, body, _ = await run(await rules(), b"text/event-stream", [stream], max_bytes=1000)
     events = sse.Decoder().feed(body)
     assert json.loads(events[0].data or "")["method"] == "notifications/progress"
     assert json.loads(events[-1].data or "")["error"]["code"] == -32052
@@ -148,7 +124,7 @@ LISTED = answer({"tools": [{"name": "echo"}, {"name": "secret"}]})
 
 @pytest.mark.parametrize("label", [b"text/plain", None, b"application/octet-stream", b"application/json"])
 async def test_a_list_is_filtered_whatever_its_label(label: bytes | None) -> None:
-    status, headers, body, _ = await run(rules(lists={1: "tools/list"}), label, [LISTED])
+    status, headers, body, _ = await run(await rules(lists={1: "tools/list"}), label, [LISTED])
     assert status == 200 and headers[b"content-type"] == b"application/json"
     assert [t["name"] for t in json.loads(body)["result"]["tools"]] == ["echo"]
 
@@ -160,14 +136,15 @@ async def test_a_list_is_filtered_whatever_its_label(label: bytes | None) -> Non
 ])
 async def test_a_held_answer_that_is_not_json_is_refused_not_released(held: dict[str, Any],
                                                                       label: bytes | None) -> None:
-    status, _, body, completed = await run(rules(**held), label, [b'{"tools": [{"name": "secret"}'])
+    status, _, body, completed = await run(await rules(**held), label, [b'{"tools": [{"name": "secret"}'])
     assert status == 502 and json.loads(body)["error"]["code"] == -32052 and b"secret" not in body
     assert completed == [502]
 
 
 async def test_an_upstream_error_status_with_a_body_that_is_not_json_keeps_its_status_not_its_body() -> None:
     # A 405 for a GET stream the upstream does not offer: the client acts on the status; the body never passes.
-    status, headers, body, _ = await run(rules(request_ids=()), b"text/plain", [b"Method Not Allowed"], status=405)
+    status, headers, body, _ = await run(await rules(request_ids=()), b"text/plain", [b"Method Not Allowed"],
+                                         status=405)
     assert status == 405 and headers[b"content-type"] == b"application/json"
     assert json.loads(body)["error"]["code"] == -32052 and b"Method Not Allowed" not in body
 
@@ -176,14 +153,14 @@ async def test_a_repeated_key_reaches_the_client_only_as_the_gateway_read_it() -
     # A first-key-wins client would read the unfiltered list if these bytes passed as they came.
     tricky = (b'{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"secret"}]},'
               b'"result":{"tools":[{"name":"echo"},{"name":"secret"}]}}')
-    _, _, body, _ = await run(rules(lists={1: "tools/list"}), b"application/json", [tricky])
+    _, _, body, _ = await run(await rules(lists={1: "tools/list"}), b"application/json", [tricky])
     assert body.count(b'"result"') == 1 and b"secret" not in body
 
 
 async def test_an_sse_event_that_is_not_json_ends_the_stream_with_an_error() -> None:
     stream = sse.encode('{"jsonrpc":"2.0","method":"notifications/progress"}') + b"data: {not json\n\n" \
         + sse.encode(answer({"content": []}).decode())
-    _, _, body, _ = await run(rules(), b"text/event-stream", [stream])
+    _, _, body, _ = await run(await rules(), b"text/event-stream", [stream])
     events = sse.Decoder().feed(body)
     assert json.loads(events[0].data or "")["method"] == "notifications/progress"
     assert json.loads(events[-1].data or "") == {"jsonrpc": "2.0", "id": 1, "error": {
@@ -194,7 +171,7 @@ async def test_an_sse_event_that_is_not_json_ends_the_stream_with_an_error() -> 
 async def test_events_that_are_not_messages_are_dropped_and_comments_kept() -> None:
     stream = (b"event: sampling\ndata: " + json.dumps({"jsonrpc": "2.0", "id": 9, **SAMPLE}).encode() + b"\n\n"
               + b": keep-alive\n\n" + sse.encode(answer({"content": []}).decode(), id="3"))
-    _, _, body, _ = await run(rules(), b"text/event-stream", [stream])
+    _, _, body, _ = await run(await rules(), b"text/event-stream", [stream])
     events = sse.Decoder().feed(body)
     assert [(e.event, e.comments, e.id) for e in events] == [(None, [" keep-alive"], None), (None, [], "3")]
 
@@ -202,38 +179,41 @@ async def test_events_that_are_not_messages_are_dropped_and_comments_kept() -> N
 async def test_a_result_that_answers_no_request_of_this_exchange_is_dropped() -> None:
     stream = sse.encode(answer({"content": ["not yours"]}, id=2).decode()) \
         + sse.encode(answer({"content": []}).decode())
-    _, _, body, _ = await run(rules(), b"text/event-stream", [stream])
+    _, _, body, _ = await run(await rules(), b"text/event-stream", [stream])
     assert [json.loads(e.data or "")["id"] for e in sse.Decoder().feed(body)] == [1]
-    status, _, body, _ = await run(rules(lists={1: "tools/list"}), b"application/json", [answer({"tools": []}, id="1")])
+    status, _, body, _ = await run(await rules(lists={1: "tools/list"}), b"application/json",
+                                   [answer({"tools": []}, id="1")])
     assert status == 502 and json.loads(body)["error"]["code"] == -32050  # "1" is not 1
 
 
 async def test_server_requests_are_policed_in_every_era() -> None:
     stream = sse.encode(json.dumps({"jsonrpc": "2.0", "id": 40, **SAMPLE}))
     seen: list[Any] = []
-    _, _, body, _ = await run(rules(seen), b"text/event-stream", [stream])
-    assert seen and seen[0]["id"] == 40 and b"sampling" not in body
+    _, _, body, _ = await run(await rules(seen), b"text/event-stream", [stream])
+    assert seen and seen[0].request_id == 40 and b"sampling" not in body
+    assert ("withheld", 40) in seen  # the upstream is answered on the client's behalf
 
 
 async def test_tasks_list_and_task_notifications_show_only_the_principals_own_tasks() -> None:
     listed = answer({"tasks": [{"taskId": "mine", "status": "working"}, {"taskId": "theirs", "status": "working"}]})
-    _, _, body, _ = await run(rules(lists={1: "tasks/list"}), b"application/json", [listed])
+    _, _, body, _ = await run(await rules(lists={1: "tasks/list"}), b"application/json", [listed])
     assert [t["taskId"] for t in json.loads(body)["result"]["tasks"]] == ["mine"]
     notes = b"".join(sse.encode(json.dumps({"jsonrpc": "2.0", "method": method, "params": {"taskId": task}}))
                      for method in ("notifications/tasks/status", "notifications/tasks") for task in ("mine", "x"))
-    _, _, body, _ = await run(rules(request_ids=()), b"text/event-stream", [notes])
+    _, _, body, _ = await run(await rules(request_ids=()), b"text/event-stream", [notes])
     assert [json.loads(e.data or "")["params"]["taskId"] for e in sse.Decoder().feed(body)] == ["mine", "mine"]
 
 
-async def test_a_result_that_may_create_a_task_is_reported() -> None:
-    seen: list[Any] = []
+async def test_a_result_that_may_create_a_task_makes_it_the_callers() -> None:
     created = answer({"task": {"taskId": "t1", "status": "working", "ttl": 60000}})
-    _, _, body, _ = await run(rules(seen, may_create_task={1}), b"application/json", [created])
-    assert ("answered", json.loads(body)["result"]) in seen
+    rules_, gateway = await fixed_rules(may_create_task={1})
+    await run(rules_, b"application/json", [created])
+    sessions = gateway.handles.sessions
+    assert await sessions.owned_tasks("up", CALLER.identity, ["t1"]) == {"t1"}
 
 
 async def test_a_held_answer_cut_short_by_the_upstream_is_an_error_not_half_an_answer() -> None:
-    status, _, body, completed = await run(rules(lists={1: "tools/list"}), b"application/json", [LISTED],
+    status, _, body, completed = await run(await rules(lists={1: "tools/list"}), b"application/json", [LISTED],
                                            upstream_error="protocol")
     assert status == 502 and json.loads(body)["error"] == {"code": -32050, "message": "Upstream unavailable: protocol"}
     assert completed == [502]
@@ -242,7 +222,7 @@ async def test_a_held_answer_cut_short_by_the_upstream_is_an_error_not_half_an_a
 async def test_a_task_waiting_for_input_loses_the_requests_the_principal_may_not_answer() -> None:
     waiting = answer({"resultType": "complete", "taskId": "mine", "status": "input_required",
                       "inputRequests": {"a": SAMPLE, "b": ELICIT}})
-    _, _, body, _ = await run(rules(may_need_input={1}), b"application/json", [waiting])
+    _, _, body, _ = await run(await rules(may_need_input={1}), b"application/json", [waiting])
     assert list(json.loads(body)["result"]["inputRequests"]) == ["b"]
 
 
@@ -253,7 +233,7 @@ async def test_refused_batch_members_answered_after_a_202_carry_one_content_type
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    inspector = ResponseInspector(send, rules(request_ids=(), extra=[refused]), max_bytes=1 << 20,
+    inspector = ResponseInspector(send, await rules(request_ids=(), extra=[refused]), max_bytes=1 << 20,
                                   upstream_error=lambda: None, on_complete=lambda _: None)
     await inspector.send({"type": "http.response.start", "status": 202, "headers": []})
     await inspector.send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -16,13 +16,14 @@ from datetime import datetime
 
 from gateway.audit.sinks import AuditQuery, Sink, open_sink
 from gateway.config import Audit
+from gateway.exceptions import GatewayError
 
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 MAX_LIMIT = 1000
 
 
-class BadQuery(ValueError):
+class BadQuery(GatewayError, ValueError):
     """A query parameter that cannot be understood; the message says which and why."""
 
 

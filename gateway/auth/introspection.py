@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 import httpx
 from cachetools import TLRUCache
 
+from gateway.exceptions import GatewayError
+
 if TYPE_CHECKING:
     from gateway.config import Introspection
     from gateway.metrics import Metrics
@@ -30,7 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway.auth")
 
 
-class IntrospectionUnavailable(Exception):
+class IntrospectionUnavailable(GatewayError):
     """The introspection endpoint could not be asked, or gave no usable answer."""
 
 

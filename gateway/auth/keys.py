@@ -20,10 +20,12 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from gateway.exceptions import GatewayError
+
 ALGORITHM = "ES256"
 
 
-class SigningKeyError(ValueError):
+class SigningKeyError(GatewayError, ValueError):
     """The key file is missing, unreadable or holds no usable EC private key; the message names the file."""
 
 

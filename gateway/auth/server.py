@@ -29,10 +29,15 @@ import jwt
 import orjson
 from cachetools import TTLCache
 
-from gateway.audit import AuditEvent, AuditUnavailable
-from gateway.auth import principal_from_claims, token_session
+from gateway.audit.event import AuditEvent
+from gateway.audit.writer import AuditUnavailable
+from gateway.auth.authenticator import token_session
 from gateway.auth.keys import ALGORITHM
 from gateway.auth.secrets import secret_matches
+from gateway.errors import PAYLOAD_TOO_LARGE, GatewayRefusal
+from gateway.exceptions import GatewayError
+from gateway.exchange import read_body
+from gateway.principal import principal_from_claims
 from gateway.types import ASGIReceive, ASGIScope, ASGISend, header_values, send_json
 
 if TYPE_CHECKING:
@@ -44,7 +49,7 @@ PATHS = ("/.well-known/oauth-authorization-server", "/.well-known/jwks.json", "/
 _MAX_FORM = 64 * 1024
 
 
-class _OAuthError(Exception):
+class _OAuthError(GatewayError):
     def __init__(self, status: int, error: str, description: str, *, basic_challenge: bool = False) -> None:
         super().__init__(description)
         self.status, self.error, self.description, self.basic_challenge = status, error, description, basic_challenge
@@ -99,7 +104,7 @@ class AuthorizationServer:
                            source_ip=source)
         started = time.perf_counter()
         try:
-            form = await _form(scope, receive)
+            form = await _form(scope, receive, self._runtime.config.limits.client_body_timeout_s)
             client = await self._client(scope, form, source)
             event.client_id = event.user_id = client.client_id
             if path == "/oauth/token":
@@ -197,18 +202,15 @@ def _credentials(headers: dict[str, list[str]], form: dict[str, str]) -> tuple[s
     return form.get("client_id"), form.get("client_secret"), False
 
 
-async def _form(scope: ASGIScope, receive: ASGIReceive) -> dict[str, str]:
+async def _form(scope: ASGIScope, receive: ASGIReceive, timeout_s: float) -> dict[str, str]:
     content_type = (header_values(scope).get("content-type") or [""])[0].split(";")[0].strip().lower()
     if content_type != "application/x-www-form-urlencoded":
         raise _OAuthError(400, "invalid_request", "the body must be application/x-www-form-urlencoded")
-    body = b""
-    while True:
-        message = await receive()
-        body += message.get("body", b"")
-        if len(body) > _MAX_FORM:
-            raise _OAuthError(400, "invalid_request", "body too large")
-        if not message.get("more_body"):
-            break
+    try:
+        body = await read_body(receive, limit=_MAX_FORM, timeout_s=timeout_s)
+    except GatewayRefusal as refusal:
+        too_large = refusal.refusal is PAYLOAD_TOO_LARGE
+        raise _OAuthError(400, "invalid_request", "body too large" if too_large else refusal.refusal.message) from None
     parsed = parse_qs(body.decode("latin-1"), keep_blank_values=False)
     repeated = [k for k, v in parsed.items() if len(v) > 1]
     if repeated:

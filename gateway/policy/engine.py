@@ -27,11 +27,11 @@ from dataclasses import dataclass, fields, replace
 from operator import attrgetter
 from typing import Any, Literal
 
-from gateway.auth.principal import Principal
 from gateway.mcp import Operation
 from gateway.policy.globs import GlobIndex
 from gateway.policy.model import LEVEL, LEVELS, Condition, Policy, Requirements, Role
 from gateway.policy.uri import InvalidUri, normalize_uri, template_probe
+from gateway.principal import Principal
 
 Outcome = Literal["allowed", "denied", "step_up", "insufficient_scope"]
 

@@ -23,13 +23,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from gateway.auth import principal_from_claims
-from gateway.auth.principal import Principal
 from gateway.jsonrpc import Message
 from gateway.mcp import MalformedParams, Operation, classify, classify_server_request
 from gateway.policy.engine import Decision, authentication_level, decide, holds, roles_for
 from gateway.policy.model import LEVELS, Policy, PolicyError, load_policy
 from gateway.policy.uri import InvalidUri, normalize_uri
+from gateway.principal import Principal, principal_from_claims
 from gateway.yamlfile import YamlFileError, format_validation, read_yaml
 
 

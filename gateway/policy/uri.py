@@ -20,12 +20,14 @@ import re
 import unicodedata
 from urllib.parse import unquote, unquote_to_bytes, urlsplit
 
+from gateway.exceptions import GatewayError
+
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
 _TEMPLATE_EXPRESSION = re.compile(r"\{[^}]*\}")
 
 
-class InvalidUri(ValueError):
+class InvalidUri(GatewayError, ValueError):
     """The URI is ambiguous or malformed; it is refused rather than guessed at."""
 
 

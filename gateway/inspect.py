@@ -1,102 +1,66 @@
-"""Response inspection: what the upstream sends back, as it streams to the client.
+"""The response side: what the upstream sends back, inspected as it streams to the client.
 
-Owns the rules applied to answers, message by message, in JSON bodies and
-SSE streams alike:
+Owns how an answer is read, in JSON bodies and SSE streams alike, and what
+happens when it cannot be: `ResponseInspector` wraps the ASGI `send` of one
+forwarded request. It finds each JSON-RPC message in the answer and hands it to
+the exchange's `ResponseRules` (`response_rules`), which decide what the
+principal may see: list results filtered, server->client requests policed,
+`inputRequests` trimmed, tasks kept to their owner. The inspector itself:
 
-- list results (`tools/list`, `prompts/list`, `resources/list`,
-  `resources/templates/list`, every page) keep only the items the principal
-  may see, and a `cacheScope: "public"` on them becomes `"private"`; a
-  `tasks/list` result keeps only the principal's own tasks;
-- server-to-client requests on a stream (sampling, elicitation, roots, ping)
-  the principal may not answer are dropped, in either era; the `Rules`
-  callback is told, so the upstream gets an error response instead of waiting;
-- `input_required` results (and a 2026-07-28 task waiting for input) lose the
-  `inputRequests` the principal may not answer; with none left the result
-  becomes an error;
-- a result that created a task is reported (the task then belongs to the
-  principal); task status notifications about other principals' tasks are dropped;
-- a result whose id answers no request of this exchange is dropped;
-- a stream the upstream cut short ends with an error for every call it left
-  unanswered; a 2025-03-26 batch's refused members are merged in.
-
-It fails closed: how an answer is read is decided by what was asked, not by
-the label on it. A stream labelled `text/event-stream` is read event by event;
-an answer the rules must rewrite, or one labelled anything but JSON, is held
-and read as JSON whatever its label; what cannot be read (not JSON, an event
-that is not JSON, larger than `max_bytes`) is refused with the
-uninspectable-answer error, never passed on. What is passed on is what was
-read: every inspected message is serialised again from the decoded value, so a
-client's parser cannot read duplicate keys or odd escapes another way.
+- drops a result whose id answers no request of this exchange;
+- ends a stream the upstream cut short with an error for every call it left
+  unanswered, and merges in a 2025-03-26 batch's refused members;
+- fails closed: how an answer is read is decided by what was asked, not by the
+  label on it. A stream labelled `text/event-stream` is read event by event;
+  an answer the rules must rewrite, or one labelled anything but JSON, is held
+  and read as JSON whatever its label; what cannot be read (not JSON, an event
+  that is not JSON, larger than `max_bytes`) is refused with the
+  uninspectable-answer error, never passed on. What is passed on is what was
+  read: every inspected message is serialised again from the decoded value, so
+  a client's parser cannot read duplicate keys or odd escapes another way.
 
 Memory is bounded: a JSON body is held only up to `max_bytes`, SSE is handled
 one event at a time. An answer labelled JSON that needs no rewriting streams
 through as it comes.
-
-The decisions themselves come from the `Rules` the middleware supplies.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from gateway import errors, sse
-from gateway.jsonrpc import JsonRpcId, valid_id
-from gateway.types import ASGIMessage, ASGISend
+from gateway.exceptions import GatewayError
+from gateway.jsonrpc import id_key, valid_id
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from gateway.response_rules import ResponseRules
+    from gateway.types import ASGIMessage, ASGISend
 
 _JSON_TYPE = b"application/json"
-_LIST_ITEMS = {
-    "tools/list": "tools",
-    "prompts/list": "prompts",
-    "resources/list": "resources",
-    "resources/templates/list": "resourceTemplates",
-    "tasks/list": "tasks",
-}
-_TASK_NOTIFICATIONS = frozenset({"notifications/tasks/status", "notifications/tasks"})
 
 
-class _Unreadable(Exception):
+class _Unreadable(GatewayError):
     """An answer (or an event of one) that cannot be inspected."""
 
 
-@dataclass
-class Rules:
-    """What to do with answers to one request; every callable is a policy decision made elsewhere."""
-
-    lists: dict[JsonRpcId, str]  # request id -> list method, for answers to filter
-    may_need_input: set[JsonRpcId]  # request ids whose result may ask for input (input_required)
-    item_visible: Callable[[str, dict[str, Any]], bool]  # (list method, item) -> keep it?
-    server_request: Callable[[dict[str, Any]], Awaitable[bool]]  # a server->client request on a stream: pass it?
-    input_request: Callable[[dict[str, Any]], bool]  # one entry of inputRequests: keep it?
-    learn: Callable[[str, dict[str, Any]], None]  # (list method, result) seen, before filtering
-    answered: Callable[[dict[str, Any]], Awaitable[None]]  # a result to one of the requests (tasks it created)
-    own_tasks: Callable[[list[str]], Awaitable[set[str]]]  # which of these task ids the principal owns
-    request_ids: tuple[JsonRpcId, ...] = ()
-    may_create_task: set[JsonRpcId] = field(default_factory=set)  # request ids whose result may be a new task
-    extra: list[bytes] = field(default_factory=list)  # refused members of a batch, already answered
-
-    @property
-    def holds_json(self) -> bool:
-        """Whether a JSON answer must be read whole: something in it may be rewritten or recorded."""
-        return bool(self.lists or self.may_need_input or self.may_create_task or self.extra)
-
-
 class ResponseInspector:
-    """An ASGI `send` wrapper applying `Rules` to one response."""
+    """An ASGI `send` wrapper applying one exchange's `ResponseRules` to its answer."""
 
-    def __init__(self, send: ASGISend, rules: Rules, *, max_bytes: int, upstream_error: Callable[[], str | None],
-                 on_complete: Callable[[int], None], complete_on_start: bool = False,
+    def __init__(self, send: ASGISend, rules: ResponseRules, *, max_bytes: int,
+                 upstream_error: Callable[[], str | None], on_complete: Callable[[int], None],
+                 complete_on_start: bool = False,
                  before_start: Callable[[int, list[tuple[bytes, bytes]]], Awaitable[None]] | None = None) -> None:
         self._send = send
         self._on_complete = on_complete  # called just before the last byte goes out (or at the start: streams)
         self._complete_on_start = complete_on_start
         self._before_start = before_start  # runs before the client sees the status line (session binding)
         self._rules = rules
-        self._ids = {_key(i) for i in rules.request_ids}
+        self._ids = {id_key(i) for i in rules.request_ids}
         self._max = max_bytes
         self._upstream_error = upstream_error
         self.status = 0
@@ -210,7 +174,7 @@ class ResponseInspector:
         out = b""
         if why is not None:
             for request_id in self._rules.request_ids:
-                if _key(request_id) not in self._answered:
+                if id_key(request_id) not in self._answered:
                     out += sse.encode(errors.error_body(refusal, request_id, why).decode(), event="message")
         for body in self._rules.extra:
             out += sse.encode(body.decode(), event="message")
@@ -287,80 +251,13 @@ class ResponseInspector:
                 return None
             if "id" in value:
                 return value if await self._rules.server_request(value) else None
-            return await self._notification(value)
+            return await self._rules.notification(value)
         request_id = value.get("id")
         result = value.get("result")
         if not isinstance(result, dict):
-            self._answered.add(_key(request_id))
+            self._answered.add(id_key(request_id))
             return value  # an error, for this exchange or for none: nothing in it to keep from the client
-        if _key(request_id) not in self._ids:
+        if id_key(request_id) not in self._ids:
             return None  # a result to a request nobody here made
-        self._answered.add(_key(request_id))
-        if request_id in self._rules.may_create_task:
-            await self._rules.answered(result)
-        list_method = self._rules.lists.get(request_id)
-        if list_method == "tasks/list":
-            return await self._own_tasks_only(value, result)
-        if list_method is not None:
-            self._rules.learn(list_method, result)
-            return _filtered_list(value, result, list_method, self._rules.item_visible)
-        if request_id in self._rules.may_need_input and "input_required" in (result.get("resultType"),
-                                                                             result.get("status")):
-            return _filtered_input(value, result, self._rules.input_request)
-        return value
-
-    async def _notification(self, message: dict[str, Any]) -> dict[str, Any] | None:
-        """Task status notifications reach only the task's owner; other notifications pass."""
-        if message.get("method") not in _TASK_NOTIFICATIONS:
-            return message
-        params = message.get("params")
-        task_id = params.get("taskId") if isinstance(params, dict) else None
-        if not isinstance(task_id, str) or task_id not in await self._rules.own_tasks([task_id]):
-            return None
-        return message
-
-    async def _own_tasks_only(self, message: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
-        tasks = result.get("tasks")
-        if not isinstance(tasks, list):
-            return message
-        ids: list[str] = [t["taskId"] for t in tasks if isinstance(t, dict) and isinstance(t.get("taskId"), str)]
-        owned = await self._rules.own_tasks(ids) if ids else set()
-        kept = [t for t in tasks if isinstance(t, dict) and t.get("taskId") in owned]
-        return message if len(kept) == len(tasks) else {**message, "result": {**result, "tasks": kept}}
-
-
-def _filtered_list(message: dict[str, Any], result: dict[str, Any], method: str,
-                   visible: Callable[[str, dict[str, Any]], bool]) -> dict[str, Any]:
-    key = _LIST_ITEMS[method]
-    items = result.get(key)
-    if not isinstance(items, list):
-        return message
-    kept = [item for item in items if isinstance(item, dict) and visible(method, item)]
-    if len(kept) == len(items) and result.get("cacheScope") != "public":
-        return message
-    new_result = {**result, key: kept}
-    if new_result.get("cacheScope") == "public":
-        new_result["cacheScope"] = "private"  # filtered per principal: no shared cache may keep it
-    return {**message, "result": new_result}
-
-
-def _filtered_input(message: dict[str, Any], result: dict[str, Any],
-                    allowed: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
-    requests = result.get("inputRequests")
-    if not isinstance(requests, dict) or not requests:
-        return message
-    kept = {key: request for key, request in requests.items() if isinstance(request, dict) and allowed(request)}
-    if len(kept) == len(requests):
-        return message
-    if not kept:
-        methods = sorted({str(r.get("method")) for r in requests.values() if isinstance(r, dict)})
-        asked = ", ".join(methods)
-        error = errors.error_object(errors.FORBIDDEN, f"the server asked for {asked}, which is not allowed")
-        return {"jsonrpc": "2.0", "id": message.get("id"), "error": error}
-    return {**message, "result": {**result, "inputRequests": kept}}
-
-
-def _key(value: JsonRpcId) -> tuple[str, Any]:
-    """A request id as a set member: 1, "1" and true are three different ids."""
-    return (type(value).__name__, value)
-
+        self._answered.add(id_key(request_id))
+        return await self._rules.result(value, result)

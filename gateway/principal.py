@@ -1,17 +1,46 @@
-"""The claims the gateway reads from a token, whoever vouched for it, and the `Principal` made of them.
+"""Who is asking, as the policy and the audit log see them: the `Principal`, and the claims it is made of.
 
-Owns `CLAIM_TYPES` (each claim read and the JSON type it must have), the check of a claim set against it, and
-`principal_from_claims`. Pure: no I/O, no clock. Which issuer, audience and times are acceptable is the
-authenticator's business (`gateway.auth`).
+Owns the value, `CLAIM_TYPES` (each claim the gateway reads from a token, whoever vouched for it, and the JSON
+type it must have), the check of a claim set against it, and `principal_from_claims`. Pure: no I/O, no clock.
+Which issuer, audience and times are acceptable, and producing a principal for a request, is the
+authenticator's business (`gateway.auth.authenticator`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.auth.principal import Principal
+from gateway.exceptions import GatewayError
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """One authenticated caller, for one request.
+
+    `roles` are granted directly by the authenticator (the anonymous role);
+    the policy's bindings add more from scopes, claims and client id.
+    """
+
+    subject: str
+    issuer: str
+    client_id: str | None = None
+    scopes: frozenset[str] = frozenset()
+    claims: Mapping[str, Any] = field(default_factory=dict)
+    roles: frozenset[str] = frozenset()
+    token_id: str | None = None
+    expires_at: float | None = None
+    acr: str | None = None  # authentication context class (RFC 9470)
+    amr: frozenset[str] = frozenset()  # authentication methods used (RFC 8176): pwd, mfa, hwk, ...
+    auth_time: float | None = None
+    max_level: str | None = None  # a registered client's ceiling (security_level), whatever else it proves
+
+    @property
+    def identity(self) -> tuple[str, str, str]:
+        """What a legacy session is bound to: issuer, subject and client."""
+        return (self.issuer, self.subject, self.client_id or "")
 
 
 def _is_string(value: object) -> bool:
@@ -53,8 +82,11 @@ CLAIM_TYPES: Mapping[str, tuple[str, Callable[[object], bool]]] = {
 }
 
 
-class ClaimTypeError(ValueError):
-    """A claim the gateway reads has another JSON type than `CLAIM_TYPES` says."""
+class ClaimTypeError(GatewayError, ValueError):
+    """A claim the gateway reads has another JSON type than `CLAIM_TYPES` says.
+
+    A ValueError too: the config's pydantic validators and `policy explain` take it as a bad value.
+    """
 
     def __init__(self, claim: str, expected: str) -> None:
         super().__init__(f"claim {claim} must be {expected}")

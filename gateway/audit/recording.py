@@ -1,0 +1,148 @@
+"""Recording: what happened to one request, as audit events and metric updates.
+
+Owns the mapping from an outcome to what is recorded. The events are built by
+pure functions: one event per message with its own decision and result
+(`message_events`), one for a request refused as a whole (`refusal_event`), one
+for each server->client request the gateway decided (`server_request_event`).
+`Recorder` is the edge that stamps each event with the exchange (who, from
+where, which upstream, how long), queues it on the audit log, updates the
+request and decision metrics and writes the log line.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from gateway.audit.event import AuditEvent, redact_arguments
+from gateway.audit.writer import AuditLog, AuditUnavailable
+from gateway.metrics import Metrics, method_label
+
+if TYPE_CHECKING:
+    from gateway.config import Audit
+    from gateway.errors import GatewayRefusal
+    from gateway.exchange import Exchange
+    from gateway.jsonrpc import JsonRpcId
+    from gateway.mcp import Operation
+    from gateway.policy.engine import Decision
+
+log = logging.getLogger("gateway")
+
+
+def message_events(ex: Exchange, status: int, upstream_error: str | None,
+                   config: Audit) -> list[tuple[Operation, AuditEvent]]:
+    """One event per message (or one for a GET/DELETE), with its own decision and what became of it."""
+    events = []
+    for op, decision in zip(ex.operations, ex.decisions, strict=False):
+        if op is None or decision is None:
+            continue
+        if not decision.allowed:
+            result, reason = "denied", decision.reason
+        elif upstream_error is not None or status in (502, 504):
+            result, reason = "upstream_error", f"upstream:{upstream_error or status}"
+        elif status >= 500:
+            result, reason = "error", f"status:{status}"
+        else:
+            result, reason = "allowed", decision.reason
+        events.append((op, AuditEvent(
+            result=result,
+            reason=reason,
+            operation=op.method,
+            request_id=_id_text(op.request_id),
+            resource_accessed=op.uri,
+            tool_executed=op.name if op.kind == "tool_call" else None,
+            prompt=op.name if op.kind == "prompt_get" else None,
+            roles=decision.roles,
+            policy_version=decision.policy_version,
+            security_level=decision.required_level,
+            status=status,
+            arguments=redact_arguments(op.arguments, config.redact_keys, config.max_arguments_bytes),
+        )))
+    return events
+
+
+def refusal_event(ex: Exchange, refusal: GatewayRefusal) -> AuditEvent:
+    """The one event for a request refused as a whole, named by its one message (or its HTTP method)."""
+    return AuditEvent(
+        result=refusal.refusal.audit_result,
+        reason=refusal.reason,
+        operation=_method_of(ex),
+        request_id=_id_text(ex.only_id),
+        status=refusal.refusal.http_status,
+    )
+
+
+def server_request_event(op: Operation, decision: Decision) -> AuditEvent:
+    """A request from the server to the client (sampling, elicitation, roots) is a decision too."""
+    return AuditEvent(
+        result="allowed" if decision.allowed else "denied",
+        reason=decision.reason,
+        operation=op.method,
+        request_id=_id_text(op.request_id),
+        roles=decision.roles,
+        policy_version=decision.policy_version,
+    )
+
+
+class Recorder:
+    """Writes what the request path decided: audit events, metrics, a log line."""
+
+    def __init__(self, audit: AuditLog, metrics: Metrics, config: Audit) -> None:
+        self._audit = audit
+        self._metrics = metrics
+        self._config = config
+
+    def exchange(self, ex: Exchange, status: int, upstream_error: str | None = None) -> None:
+        """Every message of a request that reached the decision, once its answer's status is known."""
+        metrics, named = self._metrics, ex.policy.named_tools if ex.policy is not None else frozenset()
+        for op, decision in zip(ex.operations, ex.decisions, strict=False):
+            if op is not None and decision is not None:
+                tool = (op.name if op.name in named else "other") if op.kind == "tool_call" else ""
+                metrics.child(metrics.decisions, "allowed" if decision.allowed else decision.outcome,
+                              decision.reason, tool).inc()
+        for op, event in message_events(ex, status, upstream_error, self._config):
+            self.record(ex, event, "notification" if op.kind == "notification" else op.method)
+
+    def refused(self, ex: Exchange, refusal: GatewayRefusal) -> None:
+        event = refusal_event(ex, refusal)
+        self.record(ex, event, event.operation)
+
+    def server_request(self, ex: Exchange, op: Operation, decision: Decision) -> None:
+        self.record(ex, server_request_event(op, decision), op.method)
+
+    def record(self, ex: Exchange, event: AuditEvent, method: str) -> None:
+        elapsed = time.perf_counter() - ex.started
+        principal = ex.principal
+        event.duration_ms = round(elapsed * 1000, 3)
+        event.connection_id = ex.session_id or ex.connection_id
+        event.user_id = principal.subject if principal else None
+        event.client_id = principal.client_id if principal else None
+        event.upstream = ex.upstream.name
+        event.source_ip = ex.source_ip
+        event.protocol_version = ex.protocol_version
+        event.http_method = ex.http_method
+        metrics = self._metrics
+        metrics.child(metrics.requests, ex.upstream.name, method_label(method), event.result).inc()
+        metrics.child(metrics.request_seconds, ex.upstream.name).observe(elapsed)
+        try:
+            self._audit.record(event)
+        except AuditUnavailable:
+            log.error("audit buffer full: event %s could not be queued", event.id,
+                      extra={"audit_id": event.id, "result": event.result, "reason": event.reason})
+        if log.isEnabledFor(logging.INFO):
+            log.info("request", extra={
+                "audit_id": event.id, "upstream": ex.upstream.name, "operation": event.operation,
+                "result": event.result, "reason": event.reason, "status": event.status, "user_id": event.user_id,
+                "client_id": event.client_id, "duration_ms": event.duration_ms, "source_ip": event.source_ip,
+            })
+
+
+def _method_of(ex: Exchange) -> str:
+    if len(ex.messages) == 1:
+        return ex.messages[0].method or "response"
+    return ex.http_method
+
+
+def _id_text(value: JsonRpcId) -> str | None:
+    return None if value is None else str(value)

@@ -1,0 +1,190 @@
+"""The audit log's writer: every decision becomes an `AuditEvent`, queued without waiting, written in batches.
+
+Owns the bounded in-memory queue between the request path and the sinks, the
+writer task that drains it in batches to every sink, the behaviour when a
+sink fails, and the flush on shutdown.
+
+- `record()` never awaits disk or network. When the queue holds `max_buffer`
+  events it raises `AuditUnavailable`: the caller refuses the request rather
+  than lose the event, and the refusal is counted.
+- A batch that a sink cannot take stays queued and is retried (every sink
+  keeps its own place: a batch is never written twice to one sink).
+- `on_sink_failure: fail_closed` — while a sink is failing, `accepting()` is
+  false and the gateway refuses new requests (503); the refusals themselves are
+  queued and written once the sink recovers. `buffer` — requests go on and events
+  accumulate, up to `max_buffer`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import uuid
+from collections import deque
+from typing import TYPE_CHECKING
+
+from gateway.audit.chainkey import load_or_create_chain_key
+from gateway.audit.event import AuditEvent
+from gateway.audit.sinks import Sink, open_sink
+from gateway.exceptions import GatewayError
+
+if TYPE_CHECKING:
+    from gateway.config import Audit
+    from gateway.metrics import Metrics
+
+log = logging.getLogger("gateway.audit")
+
+_LINGER_S = 0.01
+_RETRY_S = 0.5
+
+
+class AuditUnavailable(GatewayError):
+    """The event cannot be accepted without being lost (the buffer is full)."""
+
+
+class AuditLog:
+    """The queue and writer for one gateway process.
+
+    Args:
+        config: the `audit:` section (sinks, on_sink_failure, max_buffer, batch_size, chain_key_file).
+        metrics: where written / buffered / refused / sink-error counts go.
+
+    The chain key is read here, once for the life of the process (and created if absent).
+    """
+
+    def __init__(self, config: Audit, metrics: Metrics) -> None:
+        self._config = config
+        self._metrics = metrics
+        self.key = load_or_create_chain_key(config.chain_key_file)
+        self._queue: deque[AuditEvent] = deque()
+        self._sinks: list[Sink] = []
+        self._offsets: list[int] = []  # per sink: how many events at the head of the queue it already holds
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._closing = False
+        self.failing: set[str] = set()  # names of sinks whose last write failed
+        self.chain = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"  # this writer's hash chain
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def sinks(self) -> list[Sink]:
+        return self._sinks
+
+    def accepting(self) -> bool:
+        """May new requests be served? False when fail_closed and a sink is failing, or the buffer is full."""
+        if len(self._queue) >= self._config.max_buffer:
+            return False
+        return not (self._config.on_sink_failure == "fail_closed" and self.failing)
+
+    def start(self) -> None:
+        """Start the writer on the running loop (idempotent). Sinks are opened by the writer, with retries."""
+        if self._task is not None:
+            return
+        self._sinks = [open_sink(spec) for spec in self._config.sinks]
+        self._offsets = [0] * len(self._sinks)
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._closing = False
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="audit-writer")
+
+    def record(self, event: AuditEvent) -> None:
+        if len(self._queue) >= self._config.max_buffer:
+            self._metrics.audit_refused.inc()
+            raise AuditUnavailable(f"audit buffer full ({self._config.max_buffer} events)")
+        event.chain = self.chain
+        self._queue.append(event)
+        self._metrics.audit_queue_depth.set(len(self._queue))
+        self._wake.set()
+
+    async def _run(self) -> None:
+        await self._open_sinks()
+        while True:
+            await self._wake.wait()
+            if len(self._queue) < self._config.batch_size and not self._closing:
+                await asyncio.sleep(_LINGER_S)  # let a batch gather: one transaction per batch, not per event
+            self._wake.clear()
+            await self._drain()
+            if self._closing and not self._queue:
+                return
+
+    async def _open_sinks(self) -> None:
+        pending = list(range(len(self._sinks)))
+        while pending:
+            for index in list(pending):
+                sink = self._sinks[index]
+                try:
+                    await sink.open()
+                except Exception as exc:
+                    self._failed(sink, exc)
+                    continue
+                pending.remove(index)
+                self._recovered(sink)
+            if pending:
+                await asyncio.sleep(_RETRY_S)
+
+    async def _drain(self) -> None:
+        async with self._lock:
+            while self._queue:
+                size = min(self._config.batch_size, len(self._queue))
+                for index, sink in enumerate(self._sinks):
+                    while self._offsets[index] < size:
+                        start = self._offsets[index]
+                        batch = [self._queue[i] for i in range(start, size)]
+                        try:
+                            await sink.write(batch, self.key)
+                        except Exception as exc:
+                            self._failed(sink, exc)
+                            await asyncio.sleep(_RETRY_S)
+                            continue
+                        self._offsets[index] = size
+                        self._recovered(sink)
+                        self._metrics.audit_written.labels(sink.name).inc(len(batch))
+                for _ in range(size):
+                    self._queue.popleft()
+                self._offsets = [offset - size for offset in self._offsets]
+                self._metrics.audit_queue_depth.set(len(self._queue))
+                self._metrics.audit_buffered.set(len(self._queue) if self.failing else 0)
+
+    def _failed(self, sink: Sink, exc: Exception) -> None:
+        if sink.name not in self.failing:
+            log.error("audit sink %s failed (%s): %d events held for retry", sink.name, exc, len(self._queue))
+        self.failing.add(sink.name)
+        self._metrics.audit_sink_errors.labels(sink.name).inc()
+        self._metrics.audit_buffered.set(len(self._queue))
+
+    def _recovered(self, sink: Sink) -> None:
+        if sink.name in self.failing:
+            self.failing.discard(sink.name)
+            log.warning("audit sink %s recovered", sink.name)
+
+    async def flush(self) -> None:
+        """Wait until everything queued so far is written to every sink (events leave the queue only then)."""
+        while self._queue:
+            self._wake.set()
+            await asyncio.sleep(0.005)
+
+    async def close(self, timeout_s: float = 30.0) -> None:
+        """Flush the queue, stop the writer, close the sinks. A sink still down after `timeout_s` is reported
+        with the number of events it never received; nothing is dropped without that line in the log."""
+        if self._task is None:
+            return
+        self._closing = True
+        self._wake.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
+        except TimeoutError:
+            self._task.cancel()
+            log.critical("audit: %d events could not be written before shutdown (failing sinks: %s)",
+                         len(self._queue), ", ".join(sorted(self.failing)))
+        self._task = None
+        for sink in self._sinks:
+            try:
+                await sink.close()
+            except Exception:
+                log.exception("audit sink %s did not close cleanly", sink.name)

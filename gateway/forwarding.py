@@ -1,0 +1,182 @@
+"""Forwarding: exactly what was decided goes to the wrapped app, and its answer comes back through the inspector.
+
+Owns the request the upstream receives: only the allowed members of a batch,
+serialised anew from the decoded messages (never the client's bytes, which
+another parser could read differently), resource URIs in the normalised form
+they were decided in, the client's token removed and an `X-MCP-Identity` only
+ever set by the gateway. Owns running the wrapped app (an in-process MCP app or
+`UpstreamProxy`) with the `ResponseInspector` as its `send`, recording the
+exchange once its answer's status is known (before the client sees the last
+byte), and answering the upstream on the client's behalf when a server->client
+request is withheld from it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import orjson
+
+from gateway import errors, jsonrpc
+from gateway.inspect import ResponseInspector
+from gateway.policy.engine import roles_for
+from gateway.response_rules import Gateway, ResponseRules
+from gateway.types import ASGIApp, ASGIMessage, ASGIReceive, ASGISend, RequestState, send_json
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from gateway.audit.recording import Recorder
+    from gateway.config import Config
+    from gateway.exchange import Exchange
+    from gateway.handles import Handles
+    from gateway.mcp import Operation
+    from gateway.refusals import Denial
+    from gateway.runtime import Runtime
+
+log = logging.getLogger("gateway")
+
+_JSON = (b"content-type", b"application/json")
+_NOT_FORWARDED = frozenset({b"authorization", b"content-length", b"x-mcp-identity"})
+
+
+class Forwarder:
+    """Forwards decided requests to the app that serves each upstream path."""
+
+    def __init__(self, app: ASGIApp, apps: Mapping[str, ASGIApp], config: Config, runtime: Runtime,
+                 recorder: Recorder, handles: Handles) -> None:
+        self._app = app
+        self._config = config
+        self._apps = dict(apps)
+        self._runtime = runtime
+        self._recorder = recorder
+        self._handles = handles
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def forward(self, ex: Exchange, receive: ASGIReceive, body: bytes, denied: dict[int, Denial],
+                      send: ASGISend, gateway: Gateway) -> None:
+        runtime = self._runtime
+        forwarded = [i for i in range(len(ex.messages)) if i not in denied]
+        # The client's token stays here; an X-MCP-Identity only ever comes from the gateway.
+        headers = [(n, v) for n, v in ex.scope["headers"] if n not in _NOT_FORWARDED]
+        if ex.upstream.identity_header and ex.principal is not None:
+            policy = ex.policy or runtime.policy
+            identity = runtime.authenticator.identity_token(
+                ex.principal, roles_for(ex.principal, policy),
+                ex.upstream.url or self._config.resource_url(ex.upstream))
+            headers.append((b"x-mcp-identity", identity.encode()))
+        body, headers = _rewritten(ex, forwarded, body, headers)
+        if ex.http_method == "POST":
+            headers.append((b"content-length", str(len(body)).encode()))
+        rules = ResponseRules(ex, forwarded, gateway, extra=[d.body for d in denied.values() if d.answerable])
+        state = ex.state
+        state.request_ids = rules.request_ids
+        inner_scope = {**ex.scope, "headers": headers, "mcp_gateway": state}
+        audited = False
+        forwarded_at = time.perf_counter()
+
+        def audit(status: int) -> None:
+            nonlocal audited
+            if audited:
+                return
+            audited = True
+            metrics = runtime.metrics
+            if state.upstream_error is not None:
+                metrics.upstream_errors.labels(ex.upstream.name, state.upstream_error).inc()
+            if inspector.started_at is not None:
+                upstream_s = inspector.started_at - forwarded_at
+                metrics.child(metrics.upstream_seconds, ex.upstream.name).observe(upstream_s)
+                metrics.child(metrics.gateway_seconds, ex.upstream.name).observe(
+                    max(0.0, time.perf_counter() - ex.started - upstream_s))
+            self._recorder.exchange(ex, status, state.upstream_error)
+
+        inspector = ResponseInspector(send, rules, max_bytes=self._config.limits.max_inspected_bytes,
+                                      upstream_error=lambda: state.upstream_error, on_complete=audit,
+                                      # a legacy GET stream can stay open for hours: it is recorded when it opens
+                                      complete_on_start=ex.http_method == "GET",
+                                      before_start=lambda status, headers: self._handles.track_session(
+                                          ex, status, headers))
+        try:
+            await self._app_for(ex)(inner_scope, _replay(body, receive), inspector.send)
+        except Exception:
+            log.exception("error in the wrapped app for %s", ex.upstream.name)
+            state.upstream_error = state.upstream_error or "exception"
+            if not inspector.response_started:
+                only_id = state.request_ids[0] if len(state.request_ids) == 1 else None
+                await send_json(send, 500, errors.error_body(errors.INTERNAL, only_id))
+                inspector.status = 500
+            elif not inspector.finished:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            audit(inspector.status or 500)
+
+    def tell_upstream(self, ex: Exchange, op: Operation) -> None:
+        """Answer a refused server->client request to the upstream on the client's behalf, so it does not wait."""
+        error = errors.error_object(errors.FORBIDDEN, f"{op.method} is not allowed by the gateway's policy")
+        body = orjson.dumps({"jsonrpc": "2.0", "id": op.request_id, "error": error})
+        keep = (b"mcp-session-id", b"mcp-protocol-version", b"host", b"user-agent")
+        headers = [(n, v) for n, v in ex.scope["headers"] if n in keep]
+        headers += [_JSON, (b"accept", b"application/json, text/event-stream"),
+                    (b"content-length", str(len(body)).encode())]
+        inner = {**ex.scope, "method": "POST", "headers": headers, "query_string": b"",
+                 "mcp_gateway": RequestState(), "path": ex.upstream.path}
+        app = self._app_for(ex)
+
+        async def deliver() -> None:
+            async def discard(_: ASGIMessage) -> None:
+                return None
+
+            try:
+                await app(inner, _replay(body, _never_disconnect), discard)
+            except Exception:
+                log.exception("could not tell upstream %s that %s was refused", ex.upstream.name, op.method)
+
+        task = asyncio.get_running_loop().create_task(deliver())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _app_for(self, ex: Exchange) -> ASGIApp:
+        return self._apps.get(ex.upstream.path, self._app)
+
+
+def _rewritten(ex: Exchange, forwarded: list[int], body: bytes, headers: list[tuple[bytes, bytes]]
+               ) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """The body and headers to forward: exactly what was decided, serialised anew from the decoded messages
+    (never the client's bytes, which another parser could read differently: a repeated key, an escape), only
+    the allowed members of a batch, and resource URIs in the normalised form they were decided in."""
+    if ex.http_method != "POST":
+        return body, headers
+    messages = [ex.messages[i].raw for i in forwarded]
+    for position, index in enumerate(forwarded):
+        op, decision = ex.operations[index], ex.decisions[index]
+        if op is None or decision is None or decision.uri is None or op.uri == decision.uri \
+                or op.kind == "completion":
+            continue
+        raw = messages[position]
+        messages[position] = {**raw, "params": {**raw["params"], "uri": decision.uri}}
+        if ex.era == "modern":
+            headers = [(n, v) for n, v in headers if n != b"mcp-name"]
+            headers.append((b"mcp-name", decision.uri.encode()))
+    return jsonrpc.dumps(messages if len(ex.messages) > 1 else messages[0]), headers
+
+
+def _replay(body: bytes, receive: ASGIReceive) -> ASGIReceive:
+    """A `receive` that gives `body` once, then whatever the client's connection says (a disconnect)."""
+    sent = False
+
+    async def replay() -> ASGIMessage:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+async def _never_disconnect() -> ASGIMessage:
+    await asyncio.Event().wait()
+    return {"type": "http.disconnect"}
