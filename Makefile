@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_decide.py
 	$(BIN)/python bench/bench_http.py
 	$(BIN)/python bench/bench_audit.py
+	$(BIN)/python bench/bench_stdio.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check gateway tests examples bench

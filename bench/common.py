@@ -86,15 +86,17 @@ POLICY = {
 }
 
 
-def gateway(processes: Processes, directory: Path, upstream_url: str, **overrides: Any) -> tuple[str, str, int]:
+def gateway(processes: Processes, directory: Path, upstream_url: str | None, *, command: Sequence[str] = (),
+            **overrides: Any) -> tuple[str, str, int]:
     """Start `mcp-gateway serve` with every security feature on (gateway JWTs, policy, SQLite audit, metrics)
-    in front of `upstream_url`; (its MCP URL, a token for it, its pid)."""
+    in front of `upstream_url` (or the stdio server `command`); (its MCP URL, a token for it, its pid)."""
     directory.mkdir(parents=True, exist_ok=True)
     port = free_port()
     (directory / "policy.yaml").write_text(yaml.safe_dump(POLICY))
     config: dict[str, Any] = {
         "listen": {"host": "127.0.0.1", "port": port}, "public_url": f"http://127.0.0.1:{port}",
-        "upstreams": [{"name": "bench", "path": "/mcp", "url": upstream_url}],
+        "upstreams": [{"name": "bench", "path": "/mcp",
+                       **({"command": list(command)} if command else {"url": upstream_url})}],
         "policy": "policy.yaml", "auth": {"clients": {"signing_key_file": "key.pem"}},
         "audit": {"sinks": [{"type": "sqlite", "path": "audit.db"}]},
         "log_level": "WARNING", "policy_reload_interval_s": 0,

@@ -6,6 +6,7 @@ elicitation (in the 2026-07-28 era through `inputRequests`, in the legacy era
 as requests on the SSE stream). The tests use it as their real upstream.
 
     python examples/demo_server.py --port 9000 [--stateless] [--json-response]
+    python examples/demo_server.py --stdio     (for a stdio upstream: `command:` in the config)
 """
 
 import argparse
@@ -86,7 +87,11 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=9000)
     parser.add_argument("--stateless", action="store_true", help="no legacy sessions")
     parser.add_argument("--json-response", action="store_true", help="JSON instead of SSE answers")
+    parser.add_argument("--stdio", action="store_true", help="serve on stdin/stdout instead of HTTP")
     args = parser.parse_args()
+    if args.stdio:
+        build_server().run("stdio")
+        return
 
     import uvicorn
 

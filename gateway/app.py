@@ -23,6 +23,7 @@ from gateway.http_server import HeadDeadlineProtocol
 from gateway.middleware import MCPSecurityMiddleware
 from gateway.proxy import UpstreamProxy
 from gateway.runtime import Runtime
+from gateway.stdio.upstream import StdioUpstream
 from gateway.types import ASGIApp
 
 CONFIG_ENV = "MCP_GATEWAY_CONFIG"
@@ -49,14 +50,24 @@ def settle_garbage_collector() -> None:
 
 
 def create_app(config: Config | str | Path) -> MCPSecurityMiddleware:
-    """The reverse-proxy gateway as one ASGI app. Raises ConfigError if an upstream has no url."""
+    """The reverse-proxy gateway as one ASGI app: each upstream reached over HTTP (`url`) or run as a stdio
+    program (`command`). Raises ConfigError for an upstream with neither, or a process user the gateway cannot
+    switch to."""
     if not isinstance(config, Config):
         config = load_config(config)
-    missing = [f"upstreams[{i}].url" for i, u in enumerate(config.upstreams) if u.url is None]
-    if missing:
-        raise ConfigError([f"{config.source}: {key}: required to run as a reverse proxy" for key in missing])
+    problems = [f"{config.source}: upstreams[{i}].url: required to run as a reverse proxy (or command, for a "
+                "stdio server)"
+                for i, u in enumerate(config.upstreams) if u.url is None and u.command is None]
+    problems += [f"{config.source}: upstreams[{i}].process: user and group need the gateway to run as root"
+                 for i, u in enumerate(config.upstreams)
+                 if (u.process.user or u.process.group) and os.geteuid() != 0]
+    if problems:
+        raise ConfigError(problems)
     runtime = Runtime(config)
-    proxies = {u.path: UpstreamProxy(u, config.limits, config.public_url) for u in config.upstreams}
+    proxies: dict[str, UpstreamProxy | StdioUpstream] = {
+        u.path: UpstreamProxy(u, config.limits, config.public_url) if u.url is not None
+        else StdioUpstream(u, config.limits, config.sessions, runtime.metrics) for u in config.upstreams}
+    stdio = [p for p in proxies.values() if isinstance(p, StdioUpstream)]
 
     async def healthz(_: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -74,6 +85,8 @@ def create_app(config: Config | str | Path) -> MCPSecurityMiddleware:
         jwks = await runtime.authenticator.jwks_ready()
         if jwks is not None:
             checks["jwks_keys"] = jwks
+        for upstream in stdio:  # a program that keeps breaking as it starts serves nobody
+            checks[f"stdio_{upstream.upstream.name}_not_crash_looping"] = not upstream.crash_looping
         ready = all(checks.values())
         body = {"status": "ready" if ready else "not ready", "checks": checks,
                 "failing_sinks": sorted(runtime.audit.failing), "policy_version": runtime.policy.version}

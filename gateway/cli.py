@@ -27,7 +27,18 @@ def _serve(args: argparse.Namespace) -> int:
     from gateway.app import CONFIG_ENV, create_app, settle_garbage_collector
     from gateway.auth.keys import load_or_create_signing_key
 
+    quickstart = None
+    if args.stdio:
+        from gateway.stdio.quickstart import prepare
+
+        quickstart, args.command, args.config = prepare(args.command, args.config, args.host, args.port)
+    elif args.config is None or args.command:
+        raise ProblemsError(["serve: give --config FILE, or --stdio -- COMMAND [ARGS...]"])
     config = load_config(args.config)
+    if args.workers > 1 and any(u.command is not None for u in config.upstreams):
+        raise ProblemsError([f"{config.source}: upstreams: a stdio upstream's processes and sessions live in one "
+                             f"process; serve --workers {args.workers} would split them (run one worker, or "
+                             "several gateways each with its own stdio upstreams)"])
     if args.workers > 1 and config.sessions.backend == "memory":
         # Each worker would hold its own bindings: a session bound by one is a 404 on the others.
         raise ProblemsError([f"{config.source}: sessions.backend: memory keeps session bindings, task owners "
@@ -46,6 +57,12 @@ def _serve(args: argparse.Namespace) -> int:
         "log_config": None,  # keep the gateway's JSON handler for uvicorn's own lines
         "timeout_graceful_shutdown": 10,
     }
+    if quickstart is not None:
+        from gateway.stdio.quickstart import SUBJECT, TOKEN_TTL_S, banner
+
+        token = app.runtime.authenticator.issue_token(subject=SUBJECT, audience=config.resource_url(
+            config.upstreams[0]), ttl_s=TOKEN_TTL_S)
+        print(banner(config.resource_url(config.upstreams[0]), token, quickstart, args.command), flush=True)
     if args.workers <= 1:
         settle_garbage_collector()
         uvicorn.run(app, **common)  # type: ignore[arg-type]
@@ -153,7 +170,7 @@ def _policy_test(args: argparse.Namespace) -> int:
 def _audit_query(args: argparse.Namespace) -> int:
     import asyncio
 
-    from gateway.audit.reading import BadQuery, query_from, reader_for
+    from gateway.audit.reading import BadQuery, query_from, reader_for, table
 
     config = load_config(args.config)
     try:
@@ -175,25 +192,10 @@ def _audit_query(args: argparse.Namespace) -> int:
     if args.format == "json":
         print(json.dumps(events, indent=2))
         return 0
-    columns = ("time", "result", "operation", "target", "user", "client", "reason", "status")
-    rows = [(
-        _when(e.get("timestamp")), str(e.get("result")), str(e.get("operation") or e.get("http_method")),
-        str(e.get("tool_executed") or e.get("prompt") or e.get("resource_accessed") or ""),
-        str(e.get("user_id") or ""), str(e.get("client_id") or ""), str(e.get("reason")), str(e.get("status") or ""),
-    ) for e in events]
-    widths = [max([len(c), *(len(r[i]) for r in rows)]) for i, c in enumerate(columns)]
-    for row in (columns, *rows):
-        print("  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True)).rstrip())
+    for line in table(events):
+        print(line)
     print(f"{len(events)} event(s) from {reader.name}")
     return 0
-
-
-def _when(timestamp: object) -> str:
-    from datetime import UTC, datetime
-
-    if not isinstance(timestamp, int | float):
-        return ""
-    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _audit_verify(args: argparse.Namespace) -> int:
@@ -242,6 +244,7 @@ def _sessions(args: argparse.Namespace) -> int:
     import urllib.error
     import urllib.request
 
+    from gateway.audit.reading import utc_time
     from gateway.auth.authenticator import Authenticator
     from gateway.auth.keys import SigningKeyError, load_signing_key
 
@@ -279,8 +282,8 @@ def _sessions(args: argparse.Namespace) -> int:
         for item in answer["sessions"]:
             state = "revoked" if item["revoked"] else "active"
             print(f"{item['token_id']:34} {item['client_id'] or '-':16} {item['subject']:16} "
-                  f"{_when(item['issued_at']):20} {_when(item['last_seen']) if item['last_seen'] else '-':20} "
-                  f"{_when(item['expires_at']):20} {state}")
+                  f"{utc_time(item['issued_at']):20} {utc_time(item['last_seen']) if item['last_seen'] else '-':20} "
+                  f"{utc_time(item['expires_at']):20} {state}")
     return 0
 
 
@@ -301,8 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mcp-gateway", description="A security gateway for MCP servers.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="run the gateway as a reverse proxy")
-    serve.add_argument("--config", required=True)
+    serve = commands.add_parser("serve", help="run the gateway as a reverse proxy",
+                                usage="mcp-gateway serve --config FILE [options] | serve --stdio -- COMMAND...")
+    serve.add_argument("--config")
+    serve.add_argument("--stdio", action="store_true",
+                       help="quick start: serve the stdio MCP server COMMAND, with a generated config and token")
+    serve.add_argument("command", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--workers", type=int, default=1, help="worker processes (metrics are summed across them)")

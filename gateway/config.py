@@ -18,8 +18,8 @@ from urllib.parse import urlsplit
 
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from gateway.config_auth import Auth, GatewayClients, http_url
 from gateway.policy import Policy, PolicyError, load_policy
-from gateway.principal import check_claim_types
 from gateway.yamlfile import ProblemsError, StrictModel, YamlFileError, format_validation, read_yaml
 
 
@@ -51,32 +51,55 @@ class Limits(StrictModel):
     max_inspected_bytes: int = Field(16 * 1024 * 1024, gt=0)
 
 
-def _http_url(value: str) -> str:
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError("must be an http:// or https:// URL")
-    # The upstream client would send user:password@ in its Host header, and URLs are logged as written.
-    if "@" in parts.netloc:
-        raise ValueError("must not carry credentials (user:password@); put them in upstreams[].headers "
-                         "(e.g. Authorization: Basic ...), or auth.introspection.client_id and client_secret")
-    return value
+class StdioProcesses(StrictModel):
+    """How the processes of a stdio upstream are bounded (each limit is per process)."""
+
+    max_processes: int = Field(50, gt=0)  # past it, a new caller gets a 503 JSON-RPC error, never another fork
+    idle_timeout_s: float = Field(300, gt=0)  # a process unused this long is stopped
+    memory_mb: int | None = Field(512, gt=0)  # RLIMIT_DATA
+    cpu_s: int | None = Field(600, gt=0)  # RLIMIT_CPU
+    open_files: int | None = Field(256, gt=0)  # RLIMIT_NOFILE
+    user: str | None = None  # run as this user and group: only when the gateway runs as root
+    group: str | None = None
 
 
 class Upstream(StrictModel):
-    """One MCP server behind the gateway, served at `{public_url}{path}`."""
+    """One MCP server behind the gateway, served at `{public_url}{path}`: over HTTP (`url`), or a program the
+    gateway runs and speaks to over stdio (`command`)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     path: str = Field(pattern=r"^/[^?#]*$")
-    url: str | None = None  # required by `serve`; absent when the gateway wraps an in-process app
+    url: str | None = None  # `serve` needs url or command; neither when the gateway wraps an in-process app
     headers: dict[str, str] = Field(default_factory=dict)
     # Send the upstream who is calling: a 60 s JWT signed with the gateway's key (aud = the upstream's URL)
     # in X-MCP-Identity, verifiable with the gateway's JWKS. A client's own X-MCP-Identity never passes.
     identity_header: bool = False
+    # stdio: the argv (never a shell); the ONLY variables the child gets besides PATH, LANG, HOME and TMPDIR
+    command: tuple[str, ...] | None = Field(None, min_length=1)
+    env: dict[str, str] = Field(default_factory=dict)
+    cwd: Path | None = None
+    # per_principal: each caller its own process; per_session: each legacy session its own (2026-07-28
+    # requests, which have no session, one per caller); shared: one for everyone (the operator's choice)
+    isolation: Literal["per_principal", "per_session", "shared"] = "per_principal"
+    process: StdioProcesses = StdioProcesses()
+
+    @model_validator(mode="after")
+    def _one_transport(self) -> Upstream:
+        if self.url is not None and self.command is not None:
+            raise ValueError("give url (an HTTP upstream) or command (a stdio upstream), not both")
+        stdio_only = [k for k in ("env", "cwd", "isolation", "process") if k in self.model_fields_set]
+        if self.command is None and stdio_only:
+            raise ValueError(f"{', '.join(stdio_only)}: only for a stdio upstream (command)")
+        http_only = [k for k in ("headers", "identity_header") if k in self.model_fields_set]
+        if self.command is not None and http_only:
+            raise ValueError(f"{', '.join(http_only)}: only for an HTTP upstream (url); a stdio upstream's "
+                             "credentials go in env")
+        return self
 
     @field_validator("url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
-        return None if value is None else _http_url(value)
+        return None if value is None else http_url(value)
 
     @field_validator("path")
     @classmethod
@@ -96,100 +119,6 @@ class Upstream(StrictModel):
             if any(c in text for c in "\r\n\0"):
                 raise ValueError(f"the value of {name} contains a line break or NUL")
         return value
-
-
-class RegisteredClient(StrictModel):
-    """A machine client that may get tokens from POST /oauth/token (client_credentials)."""
-
-    client_id: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,128}$")
-    secret_hash: str = Field(pattern=r"^scrypt\$\d+\$\d+\$\d+\$[A-Za-z0-9+/=]+\$[A-Za-z0-9+/=]+$")
-    scopes: tuple[str, ...] = ()
-    claims: dict[str, Any] = Field(default_factory=dict)
-    security_level: Literal["low", "standard", "high", "critical"] = "standard"  # the most this client reaches
-
-    @field_validator("claims")
-    @classmethod
-    def _claims_of_their_types(cls, value: dict[str, Any]) -> dict[str, Any]:
-        check_claim_types(value)  # a token the gateway signs with them would be refused by the gateway itself
-        return value
-
-
-class GatewayClients(StrictModel):
-    """Tokens the gateway signs itself: for registered clients (POST /oauth/token) and `mcp-gateway issue-token`."""
-
-    signing_key_file: Path = Path("gateway-signing-key.pem")
-    token_ttl_s: int = Field(900, gt=0)
-    registered: tuple[RegisteredClient, ...] = ()
-    max_failures: int = Field(5, gt=0)  # failed secrets per client or source before answers slow down
-
-
-_ASYMMETRIC = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
-
-
-class ExternalJwt(StrictModel):
-    """Bearer JWTs from an external authorization server, verified with its JWKS."""
-
-    issuer: str
-    jwks_uri: str | None = None  # default: discovered from the issuer's RFC 8414 / OIDC metadata
-    algorithms: tuple[str, ...] = ("RS256", "ES256", "EdDSA")
-    leeway_s: int = Field(30, ge=0, le=300)
-    jwks_cache_s: float = Field(3600, gt=0)  # how long fetched keys are trusted before a routine refresh
-    # JWKS fetches on demand (unknown kid, stale or no keys): a burst of `refresh_burst`, then one per interval;
-    # a kid a fetch did not contain is refused without another fetch for one interval. 0: no limit.
-    min_refresh_interval_s: float = Field(30, ge=0)
-    refresh_burst: int = Field(3, ge=1, le=100)
-
-    @field_validator("algorithms")
-    @classmethod
-    def _asymmetric_only(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        bad = [alg for alg in value if alg not in _ASYMMETRIC]
-        if bad:
-            raise ValueError(f"{', '.join(bad)} not allowed: only asymmetric algorithms ({', '.join(_ASYMMETRIC)})")
-        if not value:
-            raise ValueError("at least one algorithm")
-        return value
-
-
-class Introspection(StrictModel):
-    """RFC 7662 token introspection, for opaque tokens (and JWTs no configured key can verify)."""
-
-    url: str
-    client_id: str
-    client_secret: str  # write ${INTROSPECTION_SECRET}: the value comes from the environment
-    issuer: str | None = None  # when set, an answer naming another `iss` is refused
-    cache_s: float = Field(60, ge=0)  # an answer is reused for at most this long (and never past the token's exp)
-    timeout_s: float = Field(5, gt=0)
-
-    @field_validator("url")
-    @classmethod
-    def _http_url(cls, value: str) -> str:
-        return _http_url(value)
-
-
-class Auth(StrictModel):
-    anonymous_role: str | None = None
-    # The protected resource's URL, which tokens' `aud` must name. Default: public_url + the upstream's path.
-    # Only with one upstream: each upstream is its own resource.
-    resource: str | None = None
-    clients: GatewayClients = GatewayClients()
-    jwt: ExternalJwt | None = None
-    introspection: Introspection | None = None
-    # Authorization servers advertised in the RFC 9728 metadata; default: jwt.issuer, and the gateway itself.
-    authorization_servers: tuple[str, ...] | None = None
-    # Scopes advertised in the RFC 9728 metadata; default: every scope the policy binds.
-    scopes_supported: tuple[str, ...] | None = None
-    # A broader scope implies narrower ones (transitively): {mcp:admin: [mcp:tools, mcp:read]}.
-    scope_hierarchy: dict[str, tuple[str, ...]] = Field(default_factory=dict)
-
-    @field_validator("resource")
-    @classmethod
-    def _resource_url(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
-            raise ValueError("must be an absolute http:// or https:// URL without query or fragment")
-        return value.rstrip("/")
 
 
 class AuditSink(StrictModel):
@@ -390,3 +319,7 @@ def _resolve_relative_paths(data: dict[str, Any], base: Path) -> None:
         key_file = audit.get("chain_key_file", str(Audit.model_fields["chain_key_file"].default))
         if isinstance(key_file, str):
             audit["chain_key_file"] = str(base / key_file)
+    upstreams = data.get("upstreams")
+    for upstream in upstreams if isinstance(upstreams, list) else ():
+        if isinstance(upstream, dict) and isinstance(upstream.get("cwd"), str):
+            upstream["cwd"] = str(base / upstream["cwd"])

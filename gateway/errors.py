@@ -37,6 +37,8 @@ reader sees the whole catalogue in one screen:
                                                            not JSON, over limits.max_inspected_bytes (an upstream
                                                            4xx status is kept, its body replaced)
                       UPSTREAM_TIMEOUT      504  -32051  no answer within limits.upstream_timeout_s
+                      UPSTREAM_BUSY         503  -32055  a stdio upstream runs process.max_processes processes
+                                                           already, none of them the caller's
     error             INTERNAL              500  -32603  a bug in the gateway (logged, never a traceback)
 
 JSON-RPC codes in -32000..-32099 are "implementation defined server errors";
@@ -92,6 +94,7 @@ UNSOLICITED_RESPONSE = Refusal("unsolicited_response", 400, -32600, "denied",
 UPSTREAM_UNAVAILABLE = Refusal("upstream_unavailable", 502, -32050, "upstream_error", "Upstream unavailable")
 UPSTREAM_TIMEOUT = Refusal("upstream_timeout", 504, -32051, "upstream_error", "Upstream timed out")
 UNINSPECTABLE = Refusal("uninspectable", 502, -32052, "upstream_error", "Upstream answer cannot be inspected")
+UPSTREAM_BUSY = Refusal("upstream_busy", 503, -32055, "upstream_error", "Upstream busy: no process free")
 AUDIT_UNAVAILABLE = Refusal("audit_unavailable", 503, -32053, "error", "Service unavailable")
 STATE_UNAVAILABLE = Refusal("state_unavailable", 503, -32054, "error", "Service unavailable: shared state unreachable")
 INTERNAL = Refusal("internal", 500, -32603, "error", "Internal error")
@@ -121,6 +124,7 @@ CATALOGUE: tuple[Refusal, ...] = (
     UPSTREAM_UNAVAILABLE,
     UPSTREAM_TIMEOUT,
     UNINSPECTABLE,
+    UPSTREAM_BUSY,
     INTERNAL,
 )
 

@@ -25,6 +25,10 @@ imports nothing from the package, so every module may import it.
   + BadQuery .................. audit.reading: an audit query parameter that cannot be understood (also a ValueError)
   + EventTooLarge ............. sse: one SSE event grew past the decoder's bound (also a ValueError)
   + UpstreamError ............. upstream_http: the upstream cannot be reached or broke HTTP/1.1
+  + Broken .................... stdio.channel: a stdio upstream's process cannot serve (exited, protocol, timeout)
+  + PoolFull .................. stdio.pool: every process slot of a stdio upstream is taken
+  + LineTooLong ............... stdio.process: a child wrote a line over the bound
+  + ChildGone ................. stdio.process: a child's stdin is closed
   + _OAuthError ............... auth.server: an OAuth error answer (private)
   + _Violation ................ upstream_http: an answer breaking a rule of the client (private)
   + _Unreadable ............... inspect: an upstream answer (or an event of one) that cannot be inspected (private)

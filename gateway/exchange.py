@@ -65,10 +65,15 @@ class Exchange:
         """The id an error for the whole request answers: the one message's, or null for a batch."""
         return self.messages[0].id if len(self.messages) == 1 else None
 
+    @property
+    def caller(self) -> str | None:
+        """The principal as one string (issuer, subject, client), for what is kept per caller."""
+        return "\0".join(self.principal.identity) if self.principal is not None else None
+
     def holder(self) -> str:
         """Whose state handles these are: the legacy session, or the principal without one."""
         assert self.principal is not None
-        return self.session_id or "\0".join(self.principal.identity)
+        return self.session_id or str(self.caller)
 
 
 async def read_body(receive: ASGIReceive, *, limit: int | None = None, timeout_s: float | None = None) -> bytes:

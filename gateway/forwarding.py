@@ -74,6 +74,7 @@ class Forwarder:
         rules = ResponseRules(ex, forwarded, gateway, extra=[d.body for d in denied.values() if d.answerable])
         state = ex.state
         state.request_ids = rules.request_ids
+        state.caller = ex.caller
         inner_scope = {**ex.scope, "headers": headers, "mcp_gateway": state}
         audited = False
         forwarded_at = time.perf_counter()
@@ -122,7 +123,7 @@ class Forwarder:
         headers += [_JSON, (b"accept", b"application/json, text/event-stream"),
                     (b"content-length", str(len(body)).encode())]
         inner = {**ex.scope, "method": "POST", "headers": headers, "query_string": b"",
-                 "mcp_gateway": RequestState(), "path": ex.upstream.path}
+                 "mcp_gateway": RequestState(caller=ex.state.caller), "path": ex.upstream.path}
         app = self._app_for(ex)
 
         async def deliver() -> None:

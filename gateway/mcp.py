@@ -77,19 +77,21 @@ class Method:
     target: str | None = None  # the params member that names its target
     mirrored: bool = False  # a 2026-07-28 client mirrors the target in `Mcp-Name`
     listing: Listing | None = None  # a list method: what its result holds
+    cacheable: bool = False  # 2026-07-28: its result carries ttlMs and cacheScope
 
 
 METHODS: Final[Mapping[str, Method]] = {
     "initialize": Method("initialize"),
     "server/discover": Method("discover"),
     "ping": Method("ping"),
-    "tools/list": Method("list", listing=Listing("tools", "tool_call", "name")),
-    "prompts/list": Method("list", listing=Listing("prompts", "prompt_get", "name")),
-    "resources/list": Method("list", listing=Listing("resources", "resource_read", "uri")),
+    "tools/list": Method("list", listing=Listing("tools", "tool_call", "name"), cacheable=True),
+    "prompts/list": Method("list", listing=Listing("prompts", "prompt_get", "name"), cacheable=True),
+    "resources/list": Method("list", listing=Listing("resources", "resource_read", "uri"), cacheable=True),
     # a template is shown when one of its expansions is readable
-    "resources/templates/list": Method("list", listing=Listing("resourceTemplates", "completion", "uriTemplate")),
+    "resources/templates/list": Method("list", listing=Listing("resourceTemplates", "completion", "uriTemplate"),
+                                       cacheable=True),
     "tools/call": Method("tool_call", "name", mirrored=True),
-    "resources/read": Method("resource_read", "uri", mirrored=True),
+    "resources/read": Method("resource_read", "uri", mirrored=True, cacheable=True),
     "resources/subscribe": Method("resource_subscribe", "uri"),
     "resources/unsubscribe": Method("resource_unsubscribe", "uri"),
     "subscriptions/listen": Method("subscriptions_listen"),

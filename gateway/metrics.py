@@ -89,6 +89,18 @@ class Metrics:
             "mcp_gateway_active_sessions", "Legacy-era sessions bound to a principal and not ended.",
             registry=self.registry, multiprocess_mode="livemax",
         )
+        self.stdio_processes = Gauge(
+            "mcp_gateway_stdio_processes", "Processes of stdio upstreams running now.", ["upstream"],
+            registry=self.registry, multiprocess_mode="livesum",
+        )
+        self.stdio_spawns = Counter(
+            "mcp_gateway_stdio_spawns_total", "Processes of stdio upstreams started.", ["upstream"],
+            registry=self.registry,
+        )
+        self.stdio_exits = Counter(
+            "mcp_gateway_stdio_exits_total", "Processes of stdio upstreams ended, by why (idle, exited, protocol, "
+            "timeout, session_end, shutdown).", ["upstream", "reason"], registry=self.registry,
+        )
         self.session_refusals = Counter(
             "mcp_gateway_session_refusals_total", "Requests refused for their session id (hijack, unknown).",
             ["kind"], registry=self.registry,

@@ -17,10 +17,13 @@ ASGIApp = Callable[[ASGIScope, ASGIReceive, ASGISend], Awaitable[None]]
 
 @dataclass(slots=True)
 class RequestState:
-    """Set by the middleware in `scope["mcp_gateway"]`; the proxy reports upstream failures into it."""
+    """Set by the middleware in `scope["mcp_gateway"]`: the trusted channel between the gateway and the
+    forwarding hop. The hop reports upstream failures into it, and a stdio hop the process that served."""
 
     request_ids: tuple[JsonRpcId, ...] = ()
+    caller: str | None = None  # who is asking (the principal's identity, joined), for a hop that isolates callers
     upstream_error: str | None = None
+    upstream_process: int | None = None
 
 
 async def send_json(send: ASGISend, status: int, payload: bytes,

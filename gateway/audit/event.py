@@ -72,6 +72,7 @@ class AuditEvent:
     policy_version: str | None = None
     security_level: str | None = None
     upstream: str | None = None
+    upstream_process: int | None = None  # the pid of the stdio upstream process that served it
     status: int | None = None
     duration_ms: float | None = None
     source_ip: str | None = None

@@ -12,7 +12,8 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import UTC, datetime
+from typing import Any
 
 from gateway.audit.sinks import AuditQuery, Sink, open_sink
 from gateway.config import Audit
@@ -83,3 +84,22 @@ def reader_for(config: Audit, choice: str | None = None) -> Sink:
             if spec.type == kind:
                 return open_sink(spec)
     return open_sink(specs[0])
+
+
+def table(events: list[dict[str, Any]]) -> list[str]:
+    """Events as `audit query` prints them: one aligned line each, under a header."""
+    columns = ("time", "result", "operation", "target", "user", "client", "reason", "status")
+    rows = [(
+        utc_time(e.get("timestamp")), str(e.get("result")), str(e.get("operation") or e.get("http_method")),
+        str(e.get("tool_executed") or e.get("prompt") or e.get("resource_accessed") or ""),
+        str(e.get("user_id") or ""), str(e.get("client_id") or ""), str(e.get("reason")), str(e.get("status") or ""),
+    ) for e in events]
+    widths = [max([len(c), *(len(r[i]) for r in rows)]) for i, c in enumerate(columns)]
+    return ["  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True)).rstrip()
+            for row in (columns, *rows)]
+
+
+def utc_time(timestamp: object) -> str:
+    if not isinstance(timestamp, int | float):
+        return ""
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S")

@@ -119,6 +119,7 @@ class Recorder:
         event.user_id = principal.subject if principal else None
         event.client_id = principal.client_id if principal else None
         event.upstream = ex.upstream.name
+        event.upstream_process = ex.state.upstream_process
         event.source_ip = ex.source_ip
         event.protocol_version = ex.protocol_version
         event.http_method = ex.http_method

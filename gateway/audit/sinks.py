@@ -280,6 +280,7 @@ def _last_hash_of(path: Path) -> str:
 
 
 _PG_TYPES = {"timestamp": "double precision", "status": "integer", "duration_ms": "double precision",
+             "upstream_process": "integer",
              "approval_required": "integer", "approval_granted": "integer"}  # the rest are text
 
 

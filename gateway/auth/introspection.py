@@ -26,7 +26,7 @@ from cachetools import TLRUCache
 from gateway.exceptions import GatewayError
 
 if TYPE_CHECKING:
-    from gateway.config import Introspection
+    from gateway.config_auth import Introspection
     from gateway.metrics import Metrics
 
 log = logging.getLogger("gateway.auth")

@@ -20,7 +20,7 @@ import jwt
 from cachetools import TTLCache
 
 if TYPE_CHECKING:
-    from gateway.config import ExternalJwt
+    from gateway.config_auth import ExternalJwt
     from gateway.metrics import Metrics
 
 log = logging.getLogger("gateway.auth")

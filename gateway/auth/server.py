@@ -41,7 +41,7 @@ from gateway.principal import principal_from_claims
 from gateway.types import ASGIReceive, ASGIScope, ASGISend, header_values, send_json
 
 if TYPE_CHECKING:
-    from gateway.config import RegisteredClient
+    from gateway.config_auth import RegisteredClient
     from gateway.runtime import Runtime
 
 PATHS = ("/.well-known/oauth-authorization-server", "/.well-known/jwks.json", "/oauth/token", "/oauth/revoke",
