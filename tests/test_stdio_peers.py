@@ -43,8 +43,10 @@ async def test_server_filesystem_reads_but_never_writes_under_a_read_only_policy
             with pytest.raises(MCPError):
                 await session.call_tool("write_file", {"path": str(docs / "evil.txt"), "content": "x"})
         assert not (docs / "evil.txt").exists()
-        denied = [(e["tool_executed"], e["result"]) for e in gateway.audit() if e["result"] == "denied"]
-        assert denied == [("write_file", "denied")]
+        # (server-filesystem also asks its client for roots when it starts; whether a call of this caller's is in
+        # progress then, to carry the question, and be refused by the policy, is a matter of timing)
+        calls = [(e["tool_executed"], e["result"]) for e in gateway.audit() if e["operation"] == "tools/call"]
+        assert calls == [("read_text_file", "allowed"), ("write_file", "denied")]
     finally:
         gateway.stop()
 

@@ -211,6 +211,8 @@ class Channel:
                 found[1].put_nowait(message)
             return
         if found is None:  # a request no caller can be meant by: the child gets an answer, not a wait
+            log.info("%s[%d]: %s asked of no caller in particular: refused", self.child.spec.upstream,
+                     self.child.pid, method, extra={"upstream": self.child.spec.upstream, "pid": self.child.pid})
             error = {"code": -32603, "message": "No client of the gateway can answer this request"}
             await self._write({"jsonrpc": "2.0", "id": child_id, "error": error})
             return
