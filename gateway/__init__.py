@@ -11,8 +11,9 @@ Each is imported on first use, so that importing one module of the package
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from gateway.lazy import names_from
 
 if TYPE_CHECKING:
     from gateway.app import create_app
@@ -28,9 +29,4 @@ _HOMES = {
 }
 
 if not TYPE_CHECKING:  # mypy reads the imports above; at run time each name's module is imported on first use
-
-    def __getattr__(name: str) -> object:
-        for module, names in _HOMES.items():
-            if name in names:
-                return getattr(importlib.import_module(module), name)
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    __getattr__ = names_from(__name__, _HOMES)

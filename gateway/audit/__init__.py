@@ -13,8 +13,9 @@ than that module needs:
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from gateway.lazy import names_from
 
 if TYPE_CHECKING:
     from gateway.audit.chainkey import ChainKeyError, load_or_create_chain_key, read_chain_key
@@ -33,9 +34,4 @@ _HOMES = {
 }
 
 if not TYPE_CHECKING:  # mypy reads the imports above; at run time each name's module is imported on first use
-
-    def __getattr__(name: str) -> object:
-        for module, names in _HOMES.items():
-            if name in names:
-                return getattr(importlib.import_module(module), name)
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    __getattr__ = names_from(__name__, _HOMES)
