@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 from tests.harness import NODE22, NODE_DIR, free_port, wait_for_port
@@ -21,13 +21,14 @@ def node_env() -> dict[str, str]:
 
 class NodeAuthServer:
     """An npm authorization server started from `tests/node/<script>` on a free loopback port. The script prints
-    `ready <issuer>` once it serves (the issuer URL set, not just the port open)."""
+    `ready <issuer>` once it serves (the issuer URL set, not just the port open). `env` adds to its environment."""
 
     script = ""
 
-    def __init__(self) -> None:
+    def __init__(self, env: Mapping[str, str] | None = None) -> None:
         self.port = free_port()
-        self.process = subprocess.Popen([str(NODE22), str(NODE_DIR / self.script), str(self.port)], env=node_env(),
+        self.process = subprocess.Popen([str(NODE22), str(NODE_DIR / self.script), str(self.port)],
+                                        env={**node_env(), **(env or {})},
                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         assert self.process.stdout is not None
         ready = self.process.stdout.readline()
