@@ -10,7 +10,7 @@ as requests on the SSE stream). The tests use it as their real upstream.
 """
 
 import argparse
-from typing import Annotated
+from typing import Annotated, Any
 
 from mcp.server.mcpserver import MCPServer, Resolve, Sample
 from mcp_types import CreateMessageResult, SamplingMessage, TextContent
@@ -28,8 +28,9 @@ def ask_model(topic: str) -> Sample:
     return Sample([SamplingMessage(role="user", content=prompt)], max_tokens=50)
 
 
-def build_server() -> MCPServer:
-    server = MCPServer("demo", instructions="A demo server behind mcp-security-gateway.")
+def build_server(**options: Any) -> MCPServer:
+    """The demo server; `options` go to `MCPServer` (the tests give an upstream its own OAuth this way)."""
+    server = MCPServer("demo", instructions="A demo server behind mcp-security-gateway.", **options)
 
     @server.tool()
     def search(query: str) -> str:

@@ -18,9 +18,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.config import Config, ConfigError, load_config
+from gateway.config import Config, ConfigError, Upstream, load_config
 from gateway.http_server import HeadDeadlineProtocol
 from gateway.middleware import MCPSecurityMiddleware
+from gateway.oauth.upstream import UpstreamCredential
 from gateway.proxy import UpstreamProxy
 from gateway.runtime import Runtime
 from gateway.stdio.upstream import StdioUpstream
@@ -65,7 +66,7 @@ def create_app(config: Config | str | Path) -> MCPSecurityMiddleware:
         raise ConfigError(problems)
     runtime = Runtime(config)
     proxies: dict[str, UpstreamProxy | StdioUpstream] = {
-        u.path: UpstreamProxy(u, config.limits, config.public_url) if u.url is not None
+        u.path: UpstreamProxy(u, config.limits, config.public_url, _credential(u, runtime)) if u.url is not None
         else StdioUpstream(u, config.limits, config.sessions, runtime.metrics) for u in config.upstreams}
     stdio = [p for p in proxies.values() if isinstance(p, StdioUpstream)]
 
@@ -108,3 +109,12 @@ def create_app(config: Config | str | Path) -> MCPSecurityMiddleware:
     )
     apps: dict[str, ASGIApp] = dict(proxies)
     return MCPSecurityMiddleware(routes, config, runtime=runtime, apps=apps)
+
+
+def _credential(upstream: Upstream, runtime: Runtime) -> UpstreamCredential | None:
+    """The gateway's own token source for an upstream that requires one (`upstreams[].oauth`)."""
+    if upstream.oauth is None or upstream.url is None:
+        return None
+    fetches = runtime.metrics.upstream_token_fetches
+    return UpstreamCredential(upstream.name, upstream.url, upstream.oauth,
+                              on_fetch=lambda outcome: fetches.labels(upstream.name, outcome).inc())

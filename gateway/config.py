@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from gateway.config_auth import Auth, GatewayClients, http_url
+from gateway.config_auth import Auth, GatewayClients, UpstreamOAuth, http_url
 from gateway.policy import Policy, PolicyError, load_policy
 from gateway.yamlfile import ProblemsError, StrictModel, YamlFileError, format_validation, read_yaml
 
@@ -74,6 +74,7 @@ class Upstream(StrictModel):
     # Send the upstream who is calling: a 60 s JWT signed with the gateway's key (aud = the upstream's URL)
     # in X-MCP-Identity, verifiable with the gateway's JWKS. A client's own X-MCP-Identity never passes.
     identity_header: bool = False
+    oauth: UpstreamOAuth | None = None  # the gateway obtains the upstream's own token (config_auth.UpstreamOAuth)
     # stdio: the argv (never a shell); the ONLY variables the child gets besides PATH, LANG, HOME and TMPDIR
     command: tuple[str, ...] | None = Field(None, min_length=1)
     env: dict[str, str] = Field(default_factory=dict)
@@ -90,10 +91,12 @@ class Upstream(StrictModel):
         stdio_only = [k for k in ("env", "cwd", "isolation", "process") if k in self.model_fields_set]
         if self.command is None and stdio_only:
             raise ValueError(f"{', '.join(stdio_only)}: only for a stdio upstream (command)")
-        http_only = [k for k in ("headers", "identity_header") if k in self.model_fields_set]
+        http_only = [k for k in ("headers", "identity_header", "oauth") if k in self.model_fields_set]
         if self.command is not None and http_only:
             raise ValueError(f"{', '.join(http_only)}: only for an HTTP upstream (url); a stdio upstream's "
                              "credentials go in env")
+        if self.oauth is not None and any(k.lower() == "authorization" for k in self.headers):
+            raise ValueError("oauth and an Authorization header: the gateway sends the token oauth obtains")
         return self
 
     @field_validator("url")

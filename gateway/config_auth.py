@@ -2,7 +2,8 @@
 
 Owns the models, defaults and validation of the external issuer (`jwt`), token
 introspection, the gateway's own registered clients, and the scope and
-security-level settings around them. `gateway.config` reads it as part of the
+security-level settings around them; and of `upstreams[].oauth`, the gateway's
+own credentials for an upstream that requires a token. `gateway.config` reads it as part of the
 one config file.
 """
 
@@ -122,3 +123,34 @@ class Auth(StrictModel):
         if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
             raise ValueError("must be an absolute http:// or https:// URL without query or fragment")
         return value.rstrip("/")
+
+
+class UpstreamOAuth(StrictModel):
+    """`upstreams[].oauth`: the gateway is the OAuth client of an upstream that requires its own token.
+
+    `client_credentials`: one token for the gateway itself. `token_exchange` (RFC 8693): the caller's
+    validated token exchanged for one whose audience is the upstream, per caller. Either way the token is
+    cached to its expiry, renewed ahead of it, and sent only to the upstream; the caller's token never is.
+    """
+
+    grant: Literal["client_credentials", "token_exchange"]
+    token_url: str | None = None  # default: discovered from the upstream's RFC 9728 metadata and its issuer's
+    client_id: str
+    client_secret: str  # write ${VAR}: the value comes from the environment
+    auth_method: Literal["client_secret_basic", "client_secret_post"] = "client_secret_basic"
+    scopes: tuple[str, ...] = ()
+    resource: str | None = None  # RFC 8707 resource asked for; default: the upstream's url
+    audience: str | None = None  # token_exchange: an RFC 8693 audience, when the server wants one
+    timeout_s: float = Field(10, gt=0)
+
+    @field_validator("token_url")
+    @classmethod
+    def _trusted(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        http_url(value)
+        parts = urlsplit(value)
+        if parts.scheme != "https" and parts.hostname not in ("127.0.0.1", "::1", "localhost"):
+            raise ValueError("must be an https:// URL (plain http only on a loopback address): the client "
+                             "secret is sent to it")
+        return value

@@ -39,6 +39,9 @@ reader sees the whole catalogue in one screen:
                       UPSTREAM_TIMEOUT      504  -32051  no answer within limits.upstream_timeout_s
                       UPSTREAM_BUSY         503  -32055  a stdio upstream runs process.max_processes processes
                                                            already, none of them the caller's
+                      UPSTREAM_CREDENTIAL   502  -32056  upstreams[].oauth: no token could be obtained for the
+                                                           upstream, or it answered 401 to the gateway's (the token
+                                                           is dropped; the call is not replayed)
     error             INTERNAL              500  -32603  a bug in the gateway (logged, never a traceback)
 
 JSON-RPC codes in -32000..-32099 are "implementation defined server errors";
@@ -95,6 +98,8 @@ UPSTREAM_UNAVAILABLE = Refusal("upstream_unavailable", 502, -32050, "upstream_er
 UPSTREAM_TIMEOUT = Refusal("upstream_timeout", 504, -32051, "upstream_error", "Upstream timed out")
 UNINSPECTABLE = Refusal("uninspectable", 502, -32052, "upstream_error", "Upstream answer cannot be inspected")
 UPSTREAM_BUSY = Refusal("upstream_busy", 503, -32055, "upstream_error", "Upstream busy: no process free")
+UPSTREAM_CREDENTIAL = Refusal("upstream_credential", 502, -32056, "upstream_error",
+                              "The upstream's credential could not be obtained or was refused")
 AUDIT_UNAVAILABLE = Refusal("audit_unavailable", 503, -32053, "error", "Service unavailable")
 STATE_UNAVAILABLE = Refusal("state_unavailable", 503, -32054, "error", "Service unavailable: shared state unreachable")
 INTERNAL = Refusal("internal", 500, -32603, "error", "Internal error")
@@ -125,6 +130,7 @@ CATALOGUE: tuple[Refusal, ...] = (
     UPSTREAM_TIMEOUT,
     UNINSPECTABLE,
     UPSTREAM_BUSY,
+    UPSTREAM_CREDENTIAL,
     INTERNAL,
 )
 

@@ -24,7 +24,7 @@ from gateway import errors, jsonrpc
 from gateway.inspect import ResponseInspector
 from gateway.policy.engine import roles_for
 from gateway.response_rules import Gateway, ResponseRules
-from gateway.types import ASGIApp, ASGIMessage, ASGIReceive, ASGISend, RequestState, send_json
+from gateway.types import ASGIApp, ASGIMessage, ASGIReceive, ASGIScope, ASGISend, RequestState, send_json
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -75,6 +75,8 @@ class Forwarder:
         state = ex.state
         state.request_ids = rules.request_ids
         state.caller = ex.caller
+        if ex.upstream.oauth is not None and ex.upstream.oauth.grant == "token_exchange":
+            state.caller_token = _bearer_token(ex.scope)
         inner_scope = {**ex.scope, "headers": headers, "mcp_gateway": state}
         audited = False
         forwarded_at = time.perf_counter()
@@ -162,6 +164,15 @@ def _rewritten(ex: Exchange, forwarded: list[int], body: bytes, headers: list[tu
             headers = [(n, v) for n, v in headers if n != b"mcp-name"]
             headers.append((b"mcp-name", decision.uri.encode()))
     return jsonrpc.dumps(messages if len(ex.messages) > 1 else messages[0]), headers
+
+
+def _bearer_token(scope: ASGIScope) -> str | None:
+    """The caller's token (the authenticator has checked there is exactly one, and verified it)."""
+    value = next((v for n, v in scope["headers"] if n == b"authorization"), None)
+    if value is None:
+        return None
+    scheme, _, token = value.decode("latin-1").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
 def _replay(body: bytes, receive: ASGIReceive) -> ASGIReceive:

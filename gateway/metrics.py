@@ -93,6 +93,10 @@ class Metrics:
             "mcp_gateway_stdio_processes", "Processes of stdio upstreams running now.", ["upstream"],
             registry=self.registry, multiprocess_mode="livesum",
         )
+        self.upstream_token_fetches = Counter(
+            "mcp_gateway_upstream_token_fetches_total", "Requests to an upstream's token endpoint (upstreams[].oauth), "
+            "by outcome.", ["upstream", "outcome"], registry=self.registry,
+        )
         self.stdio_spawns = Counter(
             "mcp_gateway_stdio_spawns_total", "Processes of stdio upstreams started.", ["upstream"],
             registry=self.registry,

@@ -4,8 +4,12 @@ Owns: the upstream HTTP client (`upstream_http`, one pool of keep-alive
 connections per upstream), which request headers go upstream and which
 response headers come back (hop-by-hop dropped; the client's `Authorization`
 and cookies never sent; `Host` the upstream's own; `X-Forwarded-*` added;
-configured upstream headers injected), timeouts, and turning every upstream
-failure into a 502/504 with a JSON-RPC error body instead of a traceback.
+configured upstream headers injected, or the token `oauth.upstream` obtains
+for an upstream that requires its own), timeouts, and turning every upstream
+failure into a 502/504 with a JSON-RPC error body instead of a traceback. An
+upstream's 401 to the gateway's own token drops that token and fails the call
+(a POST is never replayed); its challenges never reach the client, who could
+not answer them.
 
 It makes no security decision: the middleware in front of it has already
 authenticated, classified and decided. It reads the request ids the
@@ -20,8 +24,10 @@ from collections.abc import Iterable
 from urllib.parse import urlsplit
 
 from gateway.config import Limits, Upstream
-from gateway.errors import UPSTREAM_TIMEOUT, UPSTREAM_UNAVAILABLE, Refusal, error_body
+from gateway.errors import UPSTREAM_CREDENTIAL, UPSTREAM_TIMEOUT, UPSTREAM_UNAVAILABLE, Refusal, error_body
 from gateway.exchange import read_body
+from gateway.oauth.metadata import OAuthClientError, bearer_challenge
+from gateway.oauth.upstream import UpstreamCredential
 from gateway.types import ASGIReceive, ASGIScope, ASGISend, RequestState, connection_options, send_json
 from gateway.upstream_http import UpstreamError, UpstreamPool
 
@@ -48,9 +54,11 @@ class UpstreamProxy:
         limits: `upstream_connect_timeout_s` bounds connecting; `upstream_timeout_s`
             bounds the longest silence while waiting for or reading the answer.
         public_url: the gateway's public URL, for `X-Forwarded-Host`/`-Proto`.
+        credential: the upstream's own token, when `upstream.oauth` is set.
     """
 
-    def __init__(self, upstream: Upstream, limits: Limits, public_url: str) -> None:
+    def __init__(self, upstream: Upstream, limits: Limits, public_url: str,
+                 credential: UpstreamCredential | None = None) -> None:
         if upstream.url is None:
             raise ValueError(f"upstream {upstream.name!r} has no url to forward to")
         self.upstream = upstream
@@ -60,6 +68,8 @@ class UpstreamProxy:
         self._pool = UpstreamPool(upstream.url, connect_timeout=limits.upstream_connect_timeout_s,
                                   read_timeout=limits.upstream_timeout_s,
                                   max_connections=limits.upstream_max_connections)
+        self._credential = credential
+        self._not_returned = _NOT_RETURNED | ({b"www-authenticate"} if credential is not None else set())
         public = urlsplit(public_url)
         self._inject = [(k.lower().encode(), v.encode()) for k, v in upstream.headers.items()]
         self._injected_names = {name for name, _ in self._inject}
@@ -73,6 +83,8 @@ class UpstreamProxy:
 
     async def close(self) -> None:
         self._pool.close()
+        if self._credential is not None:
+            await self._credential.close()
 
     def _request_headers(self, scope: ASGIScope) -> list[tuple[bytes, bytes]]:
         headers = [
@@ -121,12 +133,25 @@ class UpstreamProxy:
     async def _forward(self, scope: ASGIScope, body: bytes, send: ASGISend) -> None:
         state: RequestState | None = scope.get("mcp_gateway")
         started = False
-        try:
-            response = await self._pool.request(scope["method"], self._target(scope), self._request_headers(scope),
-                                                body)
+        headers = self._request_headers(scope)
+        authorization = None
+        if self._credential is not None:
             try:
+                authorization = await self._credential.authorization(state.caller_token if state else None)
+            except OAuthClientError:
+                await self._fail(send, state, False, UPSTREAM_CREDENTIAL, "credential")
+                return
+            headers.append((b"authorization", authorization.encode()))
+        try:
+            response = await self._pool.request(scope["method"], self._target(scope), headers, body)
+            try:
+                if authorization is not None and self._credential is not None and response.status == 401:
+                    challenge = next((v for n, v in response.headers if n.lower() == b"www-authenticate"), b"")
+                    self._credential.drop(authorization, bearer_challenge(challenge.decode("latin-1")))
+                    await self._fail(send, state, False, UPSTREAM_CREDENTIAL, "unauthorized")
+                    return
                 start = {"type": "http.response.start", "status": response.status,
-                         "headers": list(_response_headers(response.headers))}
+                         "headers": list(_response_headers(response.headers, self._not_returned))}
                 if _small(response.headers):
                     # Read whole before anything is sent: a small answer reaches the client complete and checked
                     # (a byte past its length fails it), or as a clean error, never cut half-way.
@@ -170,12 +195,13 @@ def _small(headers: list[tuple[bytes, bytes]]) -> bool:
     return length is not None and length.strip().isdigit() and int(length) <= _WHOLE_BYTES
 
 
-def _response_headers(raw: list[tuple[bytes, bytes]]) -> Iterable[tuple[bytes, bytes]]:
-    """The upstream's headers the client gets: not hop-by-hop, and not named in its Connection header."""
+def _response_headers(raw: list[tuple[bytes, bytes]], dropped: frozenset[bytes] | set[bytes]
+                      ) -> Iterable[tuple[bytes, bytes]]:
+    """The upstream's headers the client gets: not `dropped` (hop-by-hop), not named in its Connection header."""
     nominated = connection_options(raw)
     for name, value in raw:
         lowered = name.lower()
-        if lowered not in _NOT_RETURNED and lowered not in nominated:
+        if lowered not in dropped and lowered not in nominated:
             yield lowered, value
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.jsonrpc import JsonRpcId
@@ -24,6 +24,8 @@ class RequestState:
     caller: str | None = None  # who is asking (the principal's identity, joined), for a hop that isolates callers
     upstream_error: str | None = None
     upstream_process: int | None = None
+    # the caller's validated token, set only for an upstream whose oauth grant exchanges it (RFC 8693)
+    caller_token: str | None = field(default=None, repr=False)
 
 
 async def send_json(send: ASGISend, status: int, payload: bytes,

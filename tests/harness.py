@@ -292,16 +292,25 @@ def deploy(mode: str, directory: Path, *, upstream_app: Any = None, stateless: b
     """Start a gateway in `mode` ("proxy" or "middleware") in front of the demo server (or `upstream_app`)."""
     app = upstream_app or build_server().streamable_http_app(stateless_http=stateless, json_response=json_response)
     recorder = Recorder(app)
-    port = free_port()
     if mode == "proxy":
         upstream = ServerThread(recorder).start()
-        config_path = write_config(directory, f"{upstream.url}/mcp", **config_overrides)
-        _with_public_url(config_path, port)
-        gateway_app: Any = create_app(config_path)
-    else:
-        upstream = None
-        config_path = write_config(directory, None, **config_overrides)
-        _with_public_url(config_path, port)
-        gateway_app = MCPSecurityMiddleware(recorder, load_config(config_path))
+        deployment = proxy_for(f"{upstream.url}/mcp", recorder, directory, **config_overrides)
+        deployment.upstream = upstream
+        return deployment
+    port = free_port()
+    config_path = write_config(directory, None, **config_overrides)
+    _with_public_url(config_path, port)
+    gateway_app = MCPSecurityMiddleware(recorder, load_config(config_path))
     gateway = ServerThread(gateway_app, port).start()
-    return Deployment(mode, gateway, recorder, gateway_app.runtime, config_path, upstream)
+    return Deployment(mode, gateway, recorder, gateway_app.runtime, config_path)
+
+
+def proxy_for(upstream_url: str, recorder: Recorder, directory: Path, **config_overrides: Any) -> Deployment:
+    """A gateway (reverse proxy) in front of an upstream already running at `upstream_url`, recorded by
+    `recorder`; the caller stops that upstream."""
+    port = free_port()
+    config_path = write_config(directory, upstream_url, **config_overrides)
+    _with_public_url(config_path, port)
+    gateway_app: Any = create_app(config_path)
+    gateway = ServerThread(gateway_app, port).start()
+    return Deployment("proxy", gateway, recorder, gateway_app.runtime, config_path)

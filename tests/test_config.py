@@ -21,6 +21,7 @@ def write(directory: Path, config: dict[str, object], policy: object = DEFAULT_P
 
 
 UPSTREAM = {"name": "demo", "path": "/mcp", "url": "http://127.0.0.1:9000/mcp"}
+OAUTH = {"grant": "client_credentials", "client_id": "gw", "client_secret": "s"}
 
 BAD = [
     ({"upstreams": []}, "upstreams: needs at least 1 item(s)"),
@@ -47,6 +48,14 @@ BAD = [
      "environment variable INTROSPECTION_SECRET_UNSET is not set"),
     ({"upstreams": [{**UPSTREAM, "headers": {"X-Key": "${NOT_SET_ANYWHERE}"}}]},
      "upstreams.0.headers.X-Key: environment variable NOT_SET_ANYWHERE is not set"),
+    ({"upstreams": [{**UPSTREAM, "oauth": {**OAUTH, "token_url": "http://auth.example/token"}}]},
+     "upstreams.0.oauth.token_url: must be an https:// URL (plain http only on a loopback address)"),
+    ({"upstreams": [{**UPSTREAM, "oauth": {**OAUTH, "grant": "password"}}]},
+     "upstreams.0.oauth.grant: Input should be 'client_credentials' or 'token_exchange'"),
+    ({"upstreams": [{**UPSTREAM, "oauth": OAUTH, "headers": {"Authorization": "Bearer x"}}]},
+     "oauth and an Authorization header"),
+    ({"upstreams": [{"name": "s", "path": "/s", "command": ["server"], "oauth": OAUTH}]},
+     "oauth: only for an HTTP upstream"),
 ]
 
 
