@@ -1,5 +1,5 @@
 """The `mcp-gateway` command: serve, check-config, issue-token, hash-secret, policy explain|test,
-audit query|verify, sessions list|revoke.
+audit query|verify, sessions list|revoke; and the client side (`cli_connect`): connect, logout, tokens list.
 
 Owns argument parsing and exit codes: 0 success, 2 invalid configuration
 (each problem printed as `FILE: key.path: why`), 1 anything else.
@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from gateway import cli_connect
 from gateway.config import load_config
 from gateway.yamlfile import ProblemsError
 
@@ -379,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
         action.add_argument("--config", required=True)
         action.add_argument("--url", help="the gateway's address; default: http://listen.host:listen.port")
         action.set_defaults(func=_sessions)
+    cli_connect.register(commands)
     return parser
 
 

@@ -29,7 +29,11 @@ PARAM_HEADER_PREFIX: Final = "mcp-param-"
 
 def meta_protocol_version(message: Message) -> str | None:
     """The 2026-07-28 per-request version from `params._meta`, if the message carries one."""
-    params = message.params
+    return params_protocol_version(message.params)
+
+
+def params_protocol_version(params: object) -> str | None:
+    """The per-request version in a message's `params` (a decoded JSON value), if there is one."""
     if not isinstance(params, dict):
         return None
     meta = params.get("_meta")
