@@ -65,6 +65,7 @@ def _connect(args: argparse.Namespace) -> int:
         return 1
     try:
         store = open_store(args.token_store)
+        store.get(canonical_url(args.url))  # a store that cannot be used says so now, not in the middle of a call
         choice = ClientChoice(
             client_id=args.client_id, client_secret=os.environ.get(SECRET_VARIABLE) if args.client_id else None,
             client_metadata_url=client_metadata_url(args.client_metadata_url) if args.client_metadata_url else None,
@@ -92,20 +93,28 @@ def _logout(args: argparse.Namespace) -> int:
         if store.get(canonical_url(args.url)) is None:
             print(f"no tokens are kept for {args.url} ({store.where})")
             return 0
+    except TokenStoreError as exc:
+        print(f"mcp-gateway logout: {exc}", file=sys.stderr)
+        return 1
 
-        async def run() -> list[str]:
-            async with httpx.AsyncClient(timeout=30) as http:
-                return await Authorization(OAuthHttp(http), store, args.url, ClientChoice()).logout()
+    async def run() -> list[str]:
+        async with httpx.AsyncClient(timeout=30) as http:
+            return await Authorization(OAuthHttp(http), store, args.url, ClientChoice()).logout()
 
-        for line in asyncio.run(run()):
-            print(line)
-        print(f"forgot the tokens kept for {args.url} ({store.where})")
-        return 0
-    except (TokenStoreError, OAuthClientError) as exc:
+    try:
+        revoked = asyncio.run(run())
+    except OAuthClientError as exc:  # logout() forgets the tokens whether or not the server took the revocation
         print(f"mcp-gateway logout: {exc}", file=sys.stderr)
         print(f"the tokens kept for {args.url} were deleted from this machine; revoking them at the server "
               "failed (see above)", file=sys.stderr)
         return 1
+    except TokenStoreError as exc:
+        print(f"mcp-gateway logout: {exc}", file=sys.stderr)
+        return 1
+    for line in revoked:
+        print(line)
+    print(f"forgot the tokens kept for {args.url} ({store.where})")
+    return 0
 
 
 def _tokens_list(args: argparse.Namespace) -> int:

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
+from gateway.oauth.metadata import trusted_url
 from gateway.principal import check_claim_types
 from gateway.yamlfile import StrictModel
 
@@ -135,6 +136,7 @@ class UpstreamOAuth(StrictModel):
 
     grant: Literal["client_credentials", "token_exchange"]
     token_url: str | None = None  # default: discovered from the upstream's RFC 9728 metadata and its issuer's
+    issuer: str | None = None  # when discovering: the only authorization server the upstream may name
     client_id: str
     client_secret: str  # write ${VAR}: the value comes from the environment
     auth_method: Literal["client_secret_basic", "client_secret_post"] = "client_secret_basic"
@@ -143,14 +145,17 @@ class UpstreamOAuth(StrictModel):
     audience: str | None = None  # token_exchange: an RFC 8693 audience, when the server wants one
     timeout_s: float = Field(10, gt=0)
 
-    @field_validator("token_url")
+    @field_validator("token_url", "issuer")
     @classmethod
     def _trusted(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        http_url(value)
-        parts = urlsplit(value)
-        if parts.scheme != "https" and parts.hostname not in ("127.0.0.1", "::1", "localhost"):
-            raise ValueError("must be an https:// URL (plain http only on a loopback address): the client "
-                             "secret is sent to it")
+        if value is not None and not trusted_url(value):
+            raise ValueError("must be an https:// URL (plain http only on a loopback address), without "
+                             "credentials or fragment: the client secret is sent there")
         return value
+
+    @model_validator(mode="after")
+    def _pinned_for_exchange(self) -> UpstreamOAuth:
+        if self.grant == "token_exchange" and self.token_url is None and self.issuer is None:
+            raise ValueError("token_exchange needs token_url or issuer: callers' tokens are sent to the token "
+                             "endpoint, which the upstream must not be the one to choose")
+        return self

@@ -37,6 +37,7 @@ import httpx
 import orjson
 
 from gateway import errors, mcp
+from gateway.exceptions import GatewayError
 from gateway.mcp_headers import params_protocol_version
 from gateway.oauth.login import Authorization
 from gateway.oauth.metadata import OAuthClientError, bearer_challenge
@@ -50,22 +51,30 @@ _MODERN = "2026-07-28"
 
 
 class Host:
-    """The stdio side: lines from the host's stdin, whole lines to its stdout (one writer at a time)."""
+    """The stdio side: lines from the host's stdin; whole lines to its stdout, written by one task in order (a
+    cancelled sender never leaves half a line for the next one to interleave with)."""
 
     def __init__(self, stdin: IO[bytes], stdout: IO[bytes]) -> None:
         self._stdin = stdin
         self._stdout = stdout
-        self._lock = asyncio.Lock()
+        self._lines: asyncio.Queue[bytes] = asyncio.Queue()
+        self._writer: asyncio.Task[None] | None = None
 
     @classmethod
     def take_stdio(cls) -> Host:
-        """Keep the real stdout for the protocol and point fd 1 at stderr for everything else."""
-        protocol = os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0)
+        """Keep the real stdin and stdout for the protocol; fd 0 becomes /dev/null and fd 1 stderr, so that no
+        child (a console browser) reads the host's messages and nothing stray is written among them."""
         sys.stdout.flush()
-        os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-        return cls(sys.stdin.buffer, protocol)
+        protocol_in = os.fdopen(os.dup(0), "rb")
+        protocol_out = os.fdopen(os.dup(1), "wb")
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        os.dup2(sys.stderr.fileno(), 1)
+        return cls(protocol_in, protocol_out)
 
     async def read(self) -> bytes | None:
+        """The next line; None at the end. A line over 16 MiB is a ValueError (the host is not speaking MCP)."""
         line = await asyncio.to_thread(self._stdin.readline, _MAX_LINE + 1)
         if not line:
             return None
@@ -74,9 +83,25 @@ class Host:
         return line
 
     async def write(self, message: Any) -> None:
-        line = orjson.dumps(message) + b"\n"
-        async with self._lock:
-            await asyncio.to_thread(self._stdout.write, line)
+        self._lines.put_nowait(orjson.dumps(message) + b"\n")
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(self._write_lines())
+
+    async def flush(self) -> None:
+        """Until every line given to `write` is written."""
+        await self._lines.join()
+
+    async def _write_lines(self) -> None:
+        while True:
+            line = await self._lines.get()
+            try:
+                await asyncio.to_thread(self._write_all, line)
+            finally:
+                self._lines.task_done()
+
+    def _write_all(self, line: bytes) -> None:
+        self._stdout.write(line)
+        self._stdout.flush()
 
 
 class Bridge:
@@ -103,7 +128,14 @@ class Bridge:
     async def run(self) -> None:
         """Until the host closes stdin; then the session (if any) is ended."""
         loop = asyncio.get_running_loop()
-        while (line := await self._host.read()) is not None:
+        while True:
+            try:
+                line = await self._host.read()
+            except ValueError as exc:
+                log.error("%s: stopping", exc)
+                break
+            if line is None:
+                break
             if not line.strip():
                 continue
             try:
@@ -123,8 +155,9 @@ class Bridge:
         for task in [*self._tasks, *([self._listening] if self._listening else [])]:
             task.cancel()
         if self._session is not None:
-            with contextlib.suppress(httpx.HTTPError):
+            with contextlib.suppress(httpx.HTTPError, GatewayError):
                 await self._http.delete(self._url, headers=self._headers(None, await self._token()))
+        await self._host.flush()
 
     def _track(self, request_id: Any, task: asyncio.Task[None]) -> None:
         self._in_flight[request_id] = task
@@ -149,32 +182,40 @@ class Bridge:
             await self._post(message, first if isinstance(first, dict) else {}, ids)
         except OAuthClientError as exc:
             log.error("authorization failed: %s", exc)
-            for request_id in ids:
-                await self._host.write(_error(request_id, errors.UNAUTHORIZED.code, f"Authorization failed: {exc}"))
-        except httpx.HTTPError as exc:
+            await self._fail(ids, errors.UNAUTHORIZED.code, f"Authorization failed: {exc}")
+        except GatewayError as exc:  # the token store
+            log.error("%s", exc)
+            await self._fail(ids, errors.INTERNAL.code, str(exc))
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
             log.error("%s: %s", self._url, type(exc).__name__)
-            for request_id in ids:
-                await self._host.write(_error(request_id, errors.UPSTREAM_UNAVAILABLE.code,
-                                              f"cannot reach {self._url}: {type(exc).__name__}"))
+            await self._fail(ids, errors.UPSTREAM_UNAVAILABLE.code, f"cannot reach {self._url}: {type(exc).__name__}")
+        except Exception:
+            log.exception("a bug in mcp-gateway connect")
+            await self._fail(ids, errors.INTERNAL.code, "Internal error in mcp-gateway connect (see its log)")
+
+    async def _fail(self, ids: list[Any], code: int, message: str) -> None:
+        """Every request of a message gets an answer, so the host never waits for one that cannot come."""
+        for request_id in ids:
+            await self._host.write(_error(request_id, code, message))
 
     async def _post(self, message: Any, first: Mapping[str, Any], ids: list[Any]) -> None:
         body = orjson.dumps(message)
-        retried = False
+        refreshed = stepped_up = False  # each at most once per message
         while True:
             token = await self._token()
             headers = self._headers(first, token)
             async with self._http.stream("POST", self._url, content=body, headers=headers) as response:
                 challenge = bearer_challenge(response.headers.get("www-authenticate"))
-                if self._auth is not None and not retried and response.status_code == 401:
+                if self._auth is not None and not refreshed and response.status_code == 401:
                     await response.aread()
                     await self._auth.unauthorized(challenge, token)
-                    retried = True
+                    refreshed = True
                     continue
-                if self._auth is not None and not retried and response.status_code == 403 \
+                if self._auth is not None and not stepped_up and response.status_code == 403 \
                         and challenge.get("error") == "insufficient_scope":
                     await response.aread()
                     await self._auth.insufficient_scope(challenge, token)
-                    retried = True
+                    stepped_up = True
                     continue
                 await self._answer(response, first, ids)
                 return
@@ -231,20 +272,26 @@ class Bridge:
 
     async def _listen(self) -> None:
         """The handshake era's GET stream, reopened while the session lasts; none if the server offers none."""
+        refused = False
         while self._session is not None:
             token = await self._token()
             try:
                 async with self._http.stream("GET", self._url, headers={
                         **self._headers(None, token), "accept": "text/event-stream"},
                         timeout=httpx.Timeout(30, read=None)) as response:
-                    if response.status_code == 401 and self._auth is not None:
+                    if response.status_code == 401 and self._auth is not None and not refused:
+                        refused = True  # once: a stream the server keeps refusing is given up, not retried
                         await self._auth.unauthorized(bearer_challenge(response.headers.get("www-authenticate")),
                                                       token)
                         continue
                     if response.status_code != 200:
                         return  # 405: the server sends its own messages only on POST streams
+                    refused = False
                     await self._relay_events(response)
-            except (httpx.HTTPError, OAuthClientError) as exc:
+            except GatewayError as exc:
+                log.error("the server's message stream cannot be authorized: %s", exc)
+                return
+            except httpx.HTTPError as exc:
                 log.warning("the server's message stream closed: %s", type(exc).__name__)
             await asyncio.sleep(1)
 

@@ -125,7 +125,8 @@ class Forwarder:
         headers += [_JSON, (b"accept", b"application/json, text/event-stream"),
                     (b"content-length", str(len(body)).encode())]
         inner = {**ex.scope, "method": "POST", "headers": headers, "query_string": b"",
-                 "mcp_gateway": RequestState(caller=ex.state.caller), "path": ex.upstream.path}
+                 "mcp_gateway": RequestState(caller=ex.state.caller, caller_token=ex.state.caller_token),
+                 "path": ex.upstream.path}
         app = self._app_for(ex)
 
         async def deliver() -> None:

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 from gateway.config import Limits, Upstream
 from gateway.errors import UPSTREAM_CREDENTIAL, UPSTREAM_TIMEOUT, UPSTREAM_UNAVAILABLE, Refusal, error_body
 from gateway.exchange import read_body
-from gateway.oauth.metadata import OAuthClientError, bearer_challenge
+from gateway.oauth.metadata import OAuthClientError
 from gateway.oauth.upstream import UpstreamCredential
 from gateway.types import ASGIReceive, ASGIScope, ASGISend, RequestState, connection_options, send_json
 from gateway.upstream_http import UpstreamError, UpstreamPool
@@ -146,8 +146,7 @@ class UpstreamProxy:
             response = await self._pool.request(scope["method"], self._target(scope), headers, body)
             try:
                 if authorization is not None and self._credential is not None and response.status == 401:
-                    challenge = next((v for n, v in response.headers if n.lower() == b"www-authenticate"), b"")
-                    self._credential.drop(authorization, bearer_challenge(challenge.decode("latin-1")))
+                    self._credential.drop(authorization)
                     await self._fail(send, state, False, UPSTREAM_CREDENTIAL, "unauthorized")
                     return
                 start = {"type": "http.response.start", "status": response.status,

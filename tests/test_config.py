@@ -56,6 +56,8 @@ BAD = [
      "oauth and an Authorization header"),
     ({"upstreams": [{"name": "s", "path": "/s", "command": ["server"], "oauth": OAUTH}]},
      "oauth: only for an HTTP upstream"),
+    ({"upstreams": [{**UPSTREAM, "oauth": {**OAUTH, "grant": "token_exchange"}}]},
+     "token_exchange needs token_url or issuer"),
 ]
 
 

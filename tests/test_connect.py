@@ -10,6 +10,7 @@ once) or an MCPServer with the SDK's own auth.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -360,3 +361,38 @@ async def test_no_token_secret_or_verifier_reaches_any_log(gateway: Deployment, 
     for word in set(re.findall(r"[A-Za-z0-9_~.-]{43,128}", logs)):
         digest = base64.urlsafe_b64encode(hashlib.sha256(word.encode()).digest()).rstrip(b"=").decode()
         assert digest not in challenges, "a PKCE code verifier was logged"
+
+
+async def test_no_browser_prints_the_url_for_the_user_to_open(gateway: Deployment, user: User) -> None:
+    user.extra_env["BROWSER"] = "false"  # a browser that cannot open: only the printed URL can be followed
+
+    async def the_user() -> None:
+        for _ in range(500):
+            printed = user.stderr_log.read_text() if user.stderr_log.exists() else ""
+            found = re.search(r"^(http://127\.0\.0\.1:\d+/auth\?\S+)$", printed, re.MULTILINE)
+            if found:
+                opened = await asyncio.create_subprocess_exec(sys.executable, str(BROWSER), found.group(1),
+                                                              env=user.env())
+                assert await opened.wait() == 0
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError("no authorization URL was printed")
+
+    user_task = asyncio.get_running_loop().create_task(the_user())
+    async with user.connect(gateway.url, "auto", "--no-browser") as session:
+        called = await session.call_tool("echo", {"text": "printed, opened by hand"})
+    await user_task
+    assert called.content[0].text == "printed, opened by hand"  # type: ignore[union-attr]
+    assert "opening a browser" not in user.stderr_log.read_text()
+
+
+def test_a_token_store_others_can_read_is_refused_before_anything_runs(user: User) -> None:
+    directory = user.home / "state" / "mcp-gateway"
+    directory.mkdir(parents=True, mode=0o700)
+    (directory / "tokens.json").write_text("{}")
+    (directory / "tokens.json").chmod(0o644)
+    for command in (["connect", "https://gw.example/mcp"], ["logout", "https://gw.example/mcp"], ["tokens", "list"]):
+        done = user.cli(*command)
+        assert done.returncode == 1, command
+        assert "chmod 600" in done.stderr and "Traceback" not in done.stderr, done.stderr
+        assert done.stdout == ""

@@ -16,6 +16,7 @@ from gateway.oauth.loopback import RedirectReceiver
 from gateway.oauth.metadata import (
     OAuthClientError,
     bearer_challenge,
+    canonical_url,
     read_resource_metadata,
     read_server_metadata,
     resource_metadata_urls,
@@ -49,9 +50,20 @@ def test_the_bearer_challenge_is_read_from_www_authenticate(header: str, expecte
     ("https://user:pw@as.example/token", False),
     ("ftp://as.example/token", False),
     ("https://as.example/token#frag", False),
+    ("https://[x/token", False),  # an authority that cannot be read
 ])
 def test_only_https_or_loopback_endpoints_are_trusted(url: str, trusted: bool) -> None:
     assert trusted_url(url) is trusted
+
+
+@pytest.mark.parametrize(("url", "canonical"), [
+    ("HTTPS://GW.example:443/mcp/", "https://gw.example/mcp"),
+    ("http://127.0.0.1:80/mcp", "http://127.0.0.1/mcp"),
+    ("http://127.0.0.1:8080/mcp", "http://127.0.0.1:8080/mcp"),
+    ("https://gw.example/mcp#frag", "https://gw.example/mcp"),
+])
+def test_a_server_url_has_one_canonical_form(url: str, canonical: str) -> None:
+    assert canonical_url(url) == canonical
 
 
 def test_well_known_urls_insert_the_path_then_fall_back() -> None:

@@ -8,6 +8,7 @@ test shows what reached the upstream: never the caller's token.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -188,4 +189,18 @@ async def test_token_exchange_gives_the_upstream_the_user_never_the_callers_toke
         assert fetches(deployment) == {"ok": 2.0}, "one exchange per caller, however many calls"
     finally:
         receiver.stop()
+        deployment.stop()
+
+
+async def test_callers_arriving_together_wait_for_one_fetch(tmp_path: Path, oidc: OidcProvider) -> None:
+    upstream = SdkAuthServer(oidc.url)
+    deployment = behind_gateway(tmp_path, upstream, client_credentials(oidc))
+    try:
+        headers, body = modern("tools/call", {"name": "echo", "arguments": {"text": "together"}})
+        async with httpx.AsyncClient(headers={**BASE_HEADERS, **headers,
+                                              "Authorization": f"Bearer {deployment.token()}"}) as http:
+            answers = await asyncio.gather(*[http.post(deployment.url, json=body) for _ in range(8)])
+        assert [a.status_code for a in answers] == [200] * 8
+        assert fetches(deployment) == {"ok": 1.0}
+    finally:
         deployment.stop()

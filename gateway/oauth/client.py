@@ -11,7 +11,6 @@ exception or a log line: errors name the endpoint and the OAuth error code.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -33,9 +32,8 @@ from gateway.oauth.metadata import (
     trusted_url,
 )
 
-log = logging.getLogger("gateway.oauth")
-
 _MAX_ANSWER = 256 * 1024
+_TIMEOUT = httpx.Timeout(30)  # every OAuth request, whatever the client's own (connect streams without a limit)
 TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
 
@@ -63,9 +61,9 @@ class ClientIdentity:
 
     @classmethod
     def from_json(cls, stored: Mapping[str, Any]) -> ClientIdentity:
-        method = stored.get("auth_method")
-        return cls(str(stored["client_id"]), stored.get("client_secret") or None,
-                   method if method in ("client_secret_basic", "client_secret_post") else "none")
+        secret = stored.get("client_secret")
+        return cls(str(stored["client_id"]), secret if isinstance(secret, str) and secret else None,
+                   _auth_method(stored.get("auth_method"), secret))
 
 
 class OAuthHttp:
@@ -93,9 +91,7 @@ class OAuthHttp:
         issuer = resource.authorization_servers[0]
         if not trusted_url(issuer):
             raise OAuthClientError(f"the authorization server {issuer!r} is not an HTTPS URL: refused")
-        server = read_server_metadata(await self._first_json(server_metadata_urls(issuer),
-                                                             "authorization server metadata"), issuer)
-        return resource, server
+        return resource, await self.server_metadata(issuer)
 
     async def server_metadata(self, issuer: str) -> ServerMetadata:
         """One authorization server's metadata, checked."""
@@ -122,9 +118,8 @@ class OAuthHttp:
             raise OAuthClientError(f"dynamic client registration at {server.registration_endpoint} failed: "
                                    f"HTTP {response.status} {token_error(answer)}")
         secret = answer.get("client_secret")
-        method = answer.get("token_endpoint_auth_method", "none")
-        return ClientIdentity(answer["client_id"], secret if isinstance(secret, str) else None,
-                              method if method in ("client_secret_basic", "client_secret_post") else "none")
+        return ClientIdentity(answer["client_id"], secret if isinstance(secret, str) and secret else None,
+                              _auth_method(answer.get("token_endpoint_auth_method"), secret))
 
     async def exchange_code(self, server: ServerMetadata, client: ClientIdentity, request: AuthorizationRequest,
                             code: str) -> Tokens:
@@ -201,15 +196,23 @@ class OAuthHttp:
     async def _bounded(self, method: str, url: str, **kwargs: Any) -> _Answer:
         """One request, no redirect followed, its answer read to at most 256 KiB."""
         try:
-            async with self._http.stream(method, url, follow_redirects=False, **kwargs) as response:
+            async with self._http.stream(method, url, follow_redirects=False, timeout=_TIMEOUT,
+                                         **kwargs) as response:
                 body = bytearray()
                 async for chunk in response.aiter_bytes():
                     body += chunk
                     if len(body) > _MAX_ANSWER:
                         raise OAuthClientError(f"{url} answered with more than {_MAX_ANSWER} bytes")
                 return _Answer(response.status_code, bytes(body))
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise OAuthClientError(f"cannot reach {url}: {type(exc).__name__}") from None
+
+
+def _auth_method(named: Any, secret: Any) -> AuthMethod:
+    """How a client authenticates: as registered; with a secret and no method named, RFC 7591's default."""
+    if named in ("client_secret_basic", "client_secret_post", "none"):
+        return named  # type: ignore[no-any-return]
+    return "client_secret_basic" if isinstance(secret, str) and secret else "none"
 
 
 def _authenticated(client: ClientIdentity, form: dict[str, str]) -> dict[str, Any]:

@@ -86,6 +86,8 @@ class Authorization:
         self._lock = asyncio.Lock()
         self._servers: dict[str, ServerMetadata] = {}
         self._stepped_up: frozenset[str] | None = None
+        self._attempt = 0  # logins started
+        self._failed: OAuthClientError | None = None  # how the last one failed, if it did
         stored = store.get(self.key)
         self.grant = Grant.from_json(stored) if stored is not None else None
 
@@ -95,7 +97,7 @@ class Authorization:
         if grant is None or not grant.tokens.expiring(self._clock()):
             return None if grant is None else grant.tokens.access_token
         async with self._lock:
-            grant = self.grant
+            grant = self._reloaded()
             if grant is not None and grant.tokens.expiring(self._clock()) and grant.tokens.refresh_token:
                 try:
                     await self._refresh(grant)
@@ -104,25 +106,32 @@ class Authorization:
             return None if self.grant is None else self.grant.tokens.access_token
 
     async def unauthorized(self, challenge: Mapping[str, str], sent: str | None) -> None:
-        """A 401 to a request sent with `sent`: refresh once, else log in again (unless another task already did)."""
+        """A 401 to a request sent with `sent`: refresh once, else log in again (unless another task already did,
+        or a login failed while this request waited: then its error, not another browser window)."""
+        attempt = self._attempt
         async with self._lock:
-            grant = self.grant
+            grant = self._reloaded()
             if grant is not None and grant.tokens.access_token != sent:
                 return  # replaced while this request was out: retry with the new one
+            if self._attempt != attempt and self._failed is not None:
+                raise self._failed
             if grant is not None and grant.tokens.refresh_token is not None:
                 try:
                     await self._refresh(grant)
                     return
                 except TokenRefused as exc:
                     log.info("%s: logging in again", exc)
-            await self._login(challenge, frozenset())
+            await self._login(challenge, self._stepped_up or frozenset())
 
     async def insufficient_scope(self, challenge: Mapping[str, str], sent: str | None) -> None:
         """A 403 insufficient_scope: log in once more asking for the union of the scopes (step-up), once."""
+        attempt = self._attempt
         async with self._lock:
-            grant = self.grant
+            grant = self._reloaded()
             if grant is not None and grant.tokens.access_token != sent:
                 return
+            if self._attempt != attempt and self._failed is not None:
+                raise self._failed
             held = grant.tokens.scope if grant is not None else frozenset()
             wanted = held | scopes(challenge.get("scope")) | self._choice.scopes
             if self._stepped_up is not None and wanted <= self._stepped_up:
@@ -148,13 +157,34 @@ class Authorization:
             self.grant = None
         return done
 
+    def _reloaded(self) -> Grant | None:
+        """The grant as the store has it now: another `connect` may have refreshed it (rotating the refresh
+        token this one holds), or `logout` removed it."""
+        stored = self._store.get(self.key)
+        self.grant = Grant.from_json(stored) if stored is not None else None
+        return self.grant
+
     async def _refresh(self, grant: Grant) -> None:
         server = await self._server(grant.issuer)
-        tokens = await self._http.refresh(server, grant.client, grant.tokens, grant.resource)
+        try:
+            tokens = await self._http.refresh(server, grant.client, grant.tokens, grant.resource)
+        except TokenRefused as exc:
+            if exc.error == "invalid_grant":  # dead: never sent again
+                self._save(replace(grant, tokens=replace(grant.tokens, refresh_token=None)))
+            raise
         self._save(replace(grant, tokens=tokens))
         log.info("access token for %s refreshed", self._server_url)
 
     async def _login(self, challenge: Mapping[str, str], wanted: frozenset[str]) -> None:
+        self._attempt += 1
+        try:
+            await self._log_in(challenge, wanted)
+        except OAuthClientError as exc:
+            self._failed = exc
+            raise
+        self._failed = None
+
+    async def _log_in(self, challenge: Mapping[str, str], wanted: frozenset[str]) -> None:
         resource, server = await self._http.discover(self._server_url, challenge)
         asked = wanted or scopes(challenge.get("scope")) or frozenset(resource.scopes_supported)
         asked |= self._choice.scopes

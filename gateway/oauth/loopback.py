@@ -75,7 +75,10 @@ class RedirectReceiver:
         parts = head.split(b"\r\n", 1)[0].split(b" ")
         if len(parts) != 3 or parts[0] != b"GET":
             return 404, b"Not found."
-        target = urlsplit(parts[1].decode("latin-1"))
+        try:
+            target = urlsplit(parts[1].decode("latin-1"))
+        except ValueError:
+            return 404, b"Not found."
         if target.path != _PATH or self._arrived.done():
             return 404, b"Not found."
         pairs = parse_qsl(target.query, keep_blank_values=True)

@@ -64,17 +64,28 @@ def scopes(value: str | None) -> frozenset[str]:
 
 def trusted_url(url: str) -> bool:
     """An endpoint the client may send a credential to: HTTPS, or plain HTTP on a loopback address only."""
-    parts = urlsplit(url)
-    if parts.username is not None or parts.password is not None or not parts.hostname or parts.fragment:
+    try:
+        parts = urlsplit(url)
+        hostname = parts.hostname
+    except ValueError:  # an unreadable authority ("https://[x/"): not a URL to trust
         return False
-    return parts.scheme == "https" or (parts.scheme == "http" and parts.hostname in _LOOPBACK_HOSTS)
+    if parts.username is not None or parts.password is not None or not hostname or parts.fragment:
+        return False
+    return parts.scheme == "https" or (parts.scheme == "http" and hostname in _LOOPBACK_HOSTS)
+
+
+_DEFAULT_PORTS = {"http": ":80", "https": ":443"}
 
 
 def canonical_url(url: str) -> str:
-    """A server URL as a resource identifier (RFC 8707): lowercase scheme and host, no fragment, no trailing /."""
+    """A server URL as a resource identifier (RFC 8707): lowercase scheme and host, no default port, no
+    fragment, no trailing /."""
     parts = urlsplit(url)
-    path = parts.path.rstrip("/")
-    return urlunsplit((parts.scheme.lower(), parts.netloc.lower(), path, parts.query, ""))
+    scheme, netloc = parts.scheme.lower(), parts.netloc.lower()
+    default = _DEFAULT_PORTS.get(scheme)
+    if default is not None:
+        netloc = netloc.removesuffix(default)
+    return urlunsplit((scheme, netloc, parts.path.rstrip("/"), parts.query, ""))
 
 
 def _with_well_known(url: str, name: str) -> str:

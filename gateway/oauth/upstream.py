@@ -4,9 +4,12 @@ Owns getting, caching and dropping them: `client_credentials` gives one token
 for the gateway; `token_exchange` (RFC 8693) exchanges each caller's validated
 token for one whose audience is the upstream, cached per caller token. A token
 is fetched once and reused until a tenth of its life (at most a minute) is
-left; callers arriving while it is fetched wait for that one fetch. The token
+left; callers arriving while it is fetched wait for that one fetch, which runs
+as its own task so that a caller going away cancels nobody else's. The token
 endpoint is the configured one, or discovered from the upstream's RFC 9728
-metadata (named by its 401 challenge, else at the well-known URL). A token the
+metadata at its well-known URL, and then only from the configured `issuer`
+when one is set (config requires `token_url` or `issuer` for token exchange:
+an upstream must not choose where callers' tokens are sent). A token the
 upstream answered 401 to is dropped, so the next call fetches a fresh one.
 """
 
@@ -15,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import httpx
 from cachetools import TTLCache
@@ -53,10 +56,9 @@ class UpstreamCredential:
         self._http_client = httpx.AsyncClient(timeout=settings.timeout_s)
         self._http = OAuthHttp(self._http_client, clock)
         self._token_url = settings.token_url
-        self._challenge: dict[str, str] = {}
         self._own: Tokens | None = None
         self._exchanged: TTLCache[str, Tokens] = TTLCache(_EXCHANGED_MAX, _EXCHANGED_TTL_S)
-        self._fetching: dict[str | None, asyncio.Future[Tokens]] = {}
+        self._fetching: dict[str | None, asyncio.Task[Tokens]] = {}
 
     @property
     def needs_caller_token(self) -> bool:
@@ -72,37 +74,31 @@ class UpstreamCredential:
             held = await self._single_flight(key)
         return f"Bearer {held.access_token}"
 
-    def drop(self, authorization: str, challenge: Mapping[str, str]) -> None:
-        """The upstream answered 401 to `authorization`: forget that token (and learn where its metadata is)."""
+    def drop(self, authorization: str) -> None:
+        """The upstream answered 401 to `authorization`: forget that token."""
         token = authorization.removeprefix("Bearer ")
         if self._own is not None and self._own.access_token == token:
             self._own = None
         for key, held in list(self._exchanged.items()):
             if held.access_token == token:
                 self._exchanged.pop(key, None)
-        if challenge.get("resource_metadata"):
-            self._challenge = dict(challenge)
         log.warning("upstream %s refused the gateway's token; a new one is fetched for the next call", self._name)
 
     async def close(self) -> None:
         await self._http_client.aclose()
 
     async def _single_flight(self, key: str | None) -> Tokens:
-        pending = self._fetching.get(key)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[Tokens] = asyncio.get_running_loop().create_future()
-        self._fetching[key] = future
-        try:
-            tokens = await self._fetch(key)
-            future.set_result(tokens)
-            return tokens
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved here: waiters get it too, and nobody is told it was never read
-            raise
-        finally:
-            del self._fetching[key]
+        fetch = self._fetching.get(key)
+        if fetch is None:
+            fetch = asyncio.get_running_loop().create_task(self._fetch(key))
+            self._fetching[key] = fetch
+            fetch.add_done_callback(lambda done: self._fetched(key, done))
+        return await asyncio.shield(fetch)
+
+    def _fetched(self, key: str | None, fetch: asyncio.Task[Tokens]) -> None:
+        self._fetching.pop(key, None)
+        if not fetch.cancelled():
+            fetch.exception()  # read here, so a fetch whose every waiter left is not reported as never read
 
     async def _fetch(self, caller_token: str | None) -> Tokens:
         settings = self._settings
@@ -125,6 +121,10 @@ class UpstreamCredential:
         return tokens
 
     async def _discover(self) -> str:
-        _, server = await self._http.discover(self._url, self._challenge)
+        _, server = await self._http.discover(self._url, {})
+        wanted = self._settings.issuer
+        if wanted is not None and server.issuer != wanted:
+            raise OAuthClientError(f"the upstream names the authorization server {server.issuer}, not the "
+                                   f"configured issuer {wanted}: refused")
         self._token_url = server.token_endpoint
         return server.token_endpoint
