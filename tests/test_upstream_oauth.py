@@ -69,7 +69,8 @@ def client_credentials(oidc: OidcProvider, **extra: Any) -> dict[str, Any]:
 
 @pytest.mark.parametrize("era", ["auto", "legacy"])
 async def test_the_gateway_fetches_one_token_for_many_calls_and_the_caller_token_never_reaches_the_upstream(
-        tmp_path: Path, oidc: OidcProvider, era: str) -> None:
+        tmp_path: Path, oidc: OidcProvider, era: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("DEBUG")
     upstream = SdkAuthServer(oidc.url)
     deployment = behind_gateway(tmp_path, upstream, client_credentials(oidc))
     try:
@@ -84,6 +85,7 @@ async def test_the_gateway_fetches_one_token_for_many_calls_and_the_caller_token
         held = introspect(oidc, seen[0])
         assert (held["active"], held["client_id"], held["aud"]) == (True, "mcp-client", upstream.url)
         assert fetches(deployment) == {"ok": 1.0}
+        assert not [secret for secret in ("mcp-client-secret", seen[0], caller) if secret in caplog.text]
     finally:
         deployment.stop()
 
