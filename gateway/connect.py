@@ -17,15 +17,14 @@ answer the host gives to a server request made during it. JSON and SSE answers
 are written to the host one message per line. A 401 or a 403
 `insufficient_scope` goes to `oauth.login.Authorization` (refresh, login,
 step-up) and the request is sent once more; what still fails reaches the host
-as a JSON-RPC error that says why. stdout is the protocol channel and nothing
-else: the process's own fd 1 is pointed at stderr, so a browser command or a
-stray print cannot corrupt it.
+as a JSON-RPC error that says why. stdin and stdout are the protocol channel
+and nothing else: fd 0 becomes /dev/null and fd 1 stderr, so a browser command
+cannot read the host's messages and a stray print cannot corrupt them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 import os
@@ -38,7 +37,7 @@ import orjson
 
 from gateway import errors, mcp
 from gateway.exceptions import GatewayError
-from gateway.mcp_headers import params_protocol_version
+from gateway.mcp_headers import encode_header_value, params_protocol_version
 from gateway.oauth.login import Authorization
 from gateway.oauth.metadata import OAuthClientError, bearer_challenge
 from gateway.sse import Decoder
@@ -47,7 +46,6 @@ log = logging.getLogger("gateway.connect")
 
 _MAX_LINE = 16 * 1024 * 1024
 _SHUTDOWN_GRACE_S = 5.0
-_MODERN = "2026-07-28"
 
 
 class Host:
@@ -242,10 +240,8 @@ class Bridge:
             self._note_handshake(answer)
             await self._host.write(answer)
             return
-        for request_id in ids:
-            await self._host.write(_error(request_id, errors.UPSTREAM_UNAVAILABLE.code,
-                                          f"{self._url} answered HTTP {response.status_code} without a JSON-RPC "
-                                          "message"))
+        await self._fail(ids, errors.UPSTREAM_UNAVAILABLE.code,
+                         f"{self._url} answered HTTP {response.status_code} without a JSON-RPC message")
 
     async def _relay_events(self, response: httpx.Response) -> None:
         decoder = Decoder()
@@ -323,11 +319,7 @@ def _mirrored_name(method: str, message: Mapping[str, Any] | None) -> str | None
     member = mcp.mirrored_param(method)
     params = message.get("params") if message is not None else None
     value = params.get(member) if member is not None and isinstance(params, dict) else None
-    if not isinstance(value, str):
-        return None
-    if value.isascii() and value.isprintable() and value == value.strip():
-        return value
-    return f"=?base64?{base64.b64encode(value.encode()).decode('ascii')}?="
+    return encode_header_value(value) if isinstance(value, str) else None
 
 
 def _error(request_id: Any, code: int, message: str) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import orjson
 
 from gateway import errors, jsonrpc
+from gateway.auth.authenticator import bearer_token
 from gateway.inspect import ResponseInspector
 from gateway.policy.engine import roles_for
 from gateway.response_rules import Gateway, ResponseRules
@@ -170,10 +171,7 @@ def _rewritten(ex: Exchange, forwarded: list[int], body: bytes, headers: list[tu
 def _bearer_token(scope: ASGIScope) -> str | None:
     """The caller's token (the authenticator has checked there is exactly one, and verified it)."""
     value = next((v for n, v in scope["headers"] if n == b"authorization"), None)
-    if value is None:
-        return None
-    scheme, _, token = value.decode("latin-1").partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+    return None if value is None else bearer_token(value.decode("latin-1"))
 
 
 def _replay(body: bytes, receive: ASGIReceive) -> ASGIReceive:

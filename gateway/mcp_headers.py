@@ -46,6 +46,14 @@ def params_protocol_version(params: object) -> str | None:
 _SENTINEL = re.compile(r"^=\?base64\?(?P<payload>[A-Za-z0-9+/=]*)\?=$")
 
 
+def encode_header_value(value: str) -> str:
+    """A value as a client puts it in a routing header: as it is when plain printable ASCII without edge
+    spaces, else in the `=?base64?…?=` sentinel (the inverse of `decode_header_value`)."""
+    if value.isascii() and value.isprintable() and value == value.strip() and not value.startswith("=?base64?"):
+        return value
+    return f"=?base64?{base64.b64encode(value.encode()).decode('ascii')}?="
+
+
 def decode_header_value(value: str) -> str | None:
     """Undo the `=?base64?…?=` sentinel; None when the sentinel is malformed (so it never matches)."""
     match = _SENTINEL.fullmatch(value)

@@ -236,11 +236,17 @@ async def test_logout_revokes_so_the_old_token_is_refused_and_forgets_it(gateway
     assert answer.status_code == 401
 
 
+def operator_by_scope(tmp_path: Path, oidc: OidcProvider, scope: str) -> Deployment:
+    """A gateway whose metadata offers mcp:tools only, and whose policy makes `scope` an operator: what a
+    reader needs to call delete_file is a step-up to `scope`."""
+    policy = {**DEFAULT_POLICY, "bindings": [*DEFAULT_POLICY["bindings"],
+                                             {"when": {"scope": scope}, "roles": ["operator"]}]}
+    return gateway_behind(tmp_path, oidc, policy, scopes_supported=["mcp:tools"])
+
+
 async def test_insufficient_scope_steps_up_to_the_union_of_the_scopes(
         tmp_path: Path, oidc: OidcProvider, user: User) -> None:
-    policy = {**DEFAULT_POLICY, "bindings": [*DEFAULT_POLICY["bindings"],
-                                             {"when": {"scope": "mcp:admin"}, "roles": ["operator"]}]}
-    deployment = gateway_behind(tmp_path, oidc, policy, scopes_supported=["mcp:tools"])
+    deployment = operator_by_scope(tmp_path, oidc, "mcp:admin")
     try:
         async with user.connect(deployment.url, "auto") as session:
             await session.call_tool("echo", {"text": "a reader"})
@@ -257,9 +263,7 @@ async def test_insufficient_scope_steps_up_to_the_union_of_the_scopes(
 async def test_step_up_that_does_not_get_the_scope_is_tried_once(tmp_path: Path, oidc: OidcProvider,
                                                                  user: User) -> None:
     # mcp:root is a scope the policy grants by but the authorization server does not issue
-    policy = {**DEFAULT_POLICY, "bindings": [*DEFAULT_POLICY["bindings"],
-                                             {"when": {"scope": "mcp:root"}, "roles": ["operator"]}]}
-    deployment = gateway_behind(tmp_path, oidc, policy, scopes_supported=["mcp:tools"])
+    deployment = operator_by_scope(tmp_path, oidc, "mcp:root")
     try:
         async with user.connect(deployment.url, "auto") as session:
             await session.call_tool("echo", {"text": "a reader"})

@@ -160,3 +160,12 @@ def test_base64_sentinel_carries_non_ascii_names() -> None:
     assert mcp_headers.decode_header_value(B64) == "ünï"
     assert mcp_headers.decode_header_value("=?base64?ZWNobw?=") is None  # non-canonical padding
     assert mcp_headers.decode_header_value("plain") == "plain"
+
+
+@pytest.mark.parametrize(("value", "sent"), [
+    ("echo", "echo"), ("", ""), ("ünï", B64), (" x", "=?base64?IHg=?="),
+    ("=?base64?ZWNobw==?=", "=?base64?PT9iYXNlNjQ/WldOb2J3PT0/PQ==?="),  # a plain value that looks encoded
+])
+def test_a_routing_header_value_is_encoded_so_it_decodes_to_itself(value: str, sent: str) -> None:
+    assert mcp_headers.encode_header_value(value) == sent
+    assert mcp_headers.decode_header_value(sent) == value

@@ -164,9 +164,8 @@ class Authenticator:
         if len(values) > 1:
             raise AuthFailed("one Authorization header, please", self.challenge(upstream_path, "invalid_request"),
                              reason="malformed_header")
-        scheme, _, token = values[0].partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token or " " in token:
+        token = bearer_token(values[0])
+        if token is None:
             raise AuthFailed("expected 'Authorization: Bearer <token>'",
                              self.challenge(upstream_path, "invalid_request"), reason="malformed_header")
         return await self._verify(token, resource, upstream_path)
@@ -384,6 +383,13 @@ def _check_claims(claims: Mapping[str, Any], source: str, *, issuer: str | None,
         raise refused("token expired", "expired")
     if any(claims[claim] > now + leeway for claim in ("nbf", "iat") if claim in claims):
         raise refused("token not valid yet", "not_yet_valid")
+
+
+def bearer_token(authorization: str) -> str | None:
+    """The token of an `Authorization: Bearer <token>` value; None for any other form."""
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token and " " not in token else None
 
 
 def _quoted(value: str) -> str:

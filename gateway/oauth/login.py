@@ -110,11 +110,9 @@ class Authorization:
         or a login failed while this request waited: then its error, not another browser window)."""
         attempt = self._attempt
         async with self._lock:
-            grant = self._reloaded()
-            if grant is not None and grant.tokens.access_token != sent:
-                return  # replaced while this request was out: retry with the new one
-            if self._attempt != attempt and self._failed is not None:
-                raise self._failed
+            if self._settled(sent, attempt):
+                return
+            grant = self.grant
             if grant is not None and grant.tokens.refresh_token is not None:
                 try:
                     await self._refresh(grant)
@@ -127,11 +125,9 @@ class Authorization:
         """A 403 insufficient_scope: log in once more asking for the union of the scopes (step-up), once."""
         attempt = self._attempt
         async with self._lock:
-            grant = self._reloaded()
-            if grant is not None and grant.tokens.access_token != sent:
+            if self._settled(sent, attempt):
                 return
-            if self._attempt != attempt and self._failed is not None:
-                raise self._failed
+            grant = self.grant
             held = grant.tokens.scope if grant is not None else frozenset()
             wanted = held | scopes(challenge.get("scope")) | self._choice.scopes
             if self._stepped_up is not None and wanted <= self._stepped_up:
@@ -156,6 +152,16 @@ class Authorization:
             self._store.delete(self.key)
             self.grant = None
         return done
+
+    def _settled(self, sent: str | None, attempt: int) -> bool:
+        """Under the lock, for a refusal of `sent`: True when another task has replaced the token meanwhile (the
+        request is sent again with the new one); raises how a login started meanwhile failed."""
+        grant = self._reloaded()
+        if grant is not None and grant.tokens.access_token != sent:
+            return True
+        if self._attempt != attempt and self._failed is not None:
+            raise self._failed
+        return False
 
     def _reloaded(self) -> Grant | None:
         """The grant as the store has it now: another `connect` may have refreshed it (rotating the refresh
