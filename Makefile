@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml tests/node/package.json tests/node/package-lock.json
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
 	cd tests/node && npm ci --no-audit --no-fund --loglevel=error
+	@# The console's browser tests drive Debian's chromium with Playwright (executable_path, no downloaded browser)
+	command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,13 +1,21 @@
-"""The admin API: the audit trail and token sessions, as JSON, for principals holding the right scope.
+"""The admin API: the audit trail, token sessions, approvals and role assignments, as JSON, for principals
+holding the right scope.
 
-    GET    /admin/audit?...          the audit trail (scope: audit.read_scope)
-    GET    /admin/sessions           token sessions that have not expired (scope: sessions.admin_scope)
-    DELETE /admin/sessions/<jti>     revoke that token: refused on its next request (same scope)
+    GET    /admin/audit?...                   the audit trail                      audit.read_scope
+    GET    /admin/sessions                    token sessions that have not expired sessions.admin_scope
+    DELETE /admin/sessions/<jti>              revoke that token: refused on its next request
+    GET    /admin/approvals                   approvals pending and recently decided  admin.approvals_scope
+    POST   /admin/approvals/<id>/approve      {"reason": ...}: as an approver the policy names
+    POST   /admin/approvals/<id>/deny         {"reason": ...}
+    GET    /admin/roles[?subject=S]           runtime role assignments             admin.roles_scope
+    POST   /admin/roles                       {"subject", "role", "client_id"?, "expires_in_s"?, "reason"?}
+    DELETE /admin/roles/<id>                  withdraw an assignment
 
 Owns those endpoints: authentication (a token for the gateway's admin
 resource, `{public_url}/admin`, or for any of its upstreams), the scope
-check, the work itself, and an audit event for every access, refused or not.
-`mcp-gateway sessions list|revoke` are clients of the sessions endpoints.
+check, reading the request, and an audit event for every access, refused or
+not, naming the operator; the actions themselves are `operators`'.
+`mcp-gateway sessions|approvals|roles` are clients of these endpoints.
 """
 
 from __future__ import annotations
@@ -15,60 +23,95 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 import orjson
 
-from gateway import errors
+from gateway import errors, operators
 from gateway.audit.event import AuditEvent
-from gateway.audit.reading import BadQuery, query_from, reader_for
 from gateway.audit.writer import AuditUnavailable
 from gateway.auth.authenticator import AuthFailed
-from gateway.runtime import Runtime
-from gateway.types import ASGIScope, ASGISend, header_values, send_json
+from gateway.exchange import read_body
+from gateway.types import ASGIReceive, ASGIScope, ASGISend, header_values, send_json
 
-AUDIT_PATH = "/admin/audit"
-SESSIONS_PATH = "/admin/sessions"
+if TYPE_CHECKING:
+    from gateway.config import Config
+    from gateway.principal import Principal
+    from gateway.runtime import Runtime
+
+PREFIX = "/admin/"
+_MAX_BODY = 64 * 1024
+Handler = Callable[["Runtime", "Principal", str, dict[str, Any], dict[str, str]], Awaitable[operators.Done]]
+
+
+def _scope_of(config: Config, resource: str) -> str:
+    return {"audit": config.audit.read_scope, "sessions": config.sessions.admin_scope,
+            "approvals": config.admin.approvals_scope, "roles": config.admin.roles_scope}[resource]
+
+
+# (resource, has an id, action after the id, method) -> handler(runtime, operator, id, body, query)
+_ROUTES: dict[tuple[str, bool, str, str], Handler] = {
+    ("audit", False, "", "GET"): lambda rt, _p, _i, _b, q: operators.read_audit(rt, q),
+    ("sessions", False, "", "GET"): lambda rt, _p, _i, _b, _q: operators.list_sessions(rt),
+    ("sessions", True, "", "DELETE"): lambda rt, _p, i, _b, _q: operators.revoke_session(rt, i),
+    ("approvals", False, "", "GET"): lambda rt, _p, _i, _b, _q: operators.list_approvals(rt),
+    ("approvals", True, "approve", "POST"): lambda rt, p, i, b, _q: operators.decide_approval(
+        rt, p, i, approve=True, reason=_text(b, "reason")),
+    ("approvals", True, "deny", "POST"): lambda rt, p, i, b, _q: operators.decide_approval(
+        rt, p, i, approve=False, reason=_text(b, "reason")),
+    ("roles", False, "", "GET"): lambda rt, _p, _i, _b, q: operators.list_roles(rt, q.get("subject")),
+    ("roles", False, "", "POST"): lambda rt, p, _i, b, _q: operators.assign_role(
+        rt, p, subject=_text(b, "subject"), role=_text(b, "role"), client_id=_text(b, "client_id") or None,
+        ttl_s=_seconds(b, "expires_in_s"), reason=_text(b, "reason")),
+    ("roles", True, "", "DELETE"): lambda rt, _p, i, _b, _q: operators.revoke_role(rt, i),
+}
+
+
+def _route(path: str) -> tuple[str, str | None, str] | None:
+    """(resource, id, action) of an API path, or None when it is none of the API's."""
+    parts = path[len(PREFIX):].split("/") if path.startswith(PREFIX) else []
+    if not parts or parts[0] not in ("audit", "sessions", "approvals", "roles") or len(parts) > 3:
+        return None
+    if len(parts) == 1:
+        return parts[0], None, ""
+    return (parts[0], parts[1], parts[2] if len(parts) == 3 else "") if parts[1] else None
 
 
 def serves(path: str) -> bool:
-    return path in (AUDIT_PATH, SESSIONS_PATH) or path.startswith(SESSIONS_PATH + "/")
+    return _route(path) is not None
 
 
-async def serve(runtime: Runtime, scope: ASGIScope, send: ASGISend) -> None:
-    path, method = scope["path"], scope.get("method", "")
-    if path == AUDIT_PATH:
-        await _guarded(runtime, scope, send, "admin/audit", runtime.config.audit.read_scope,
-                       {"GET": lambda: _audit(runtime, scope)})
-    elif path == SESSIONS_PATH:
-        await _guarded(runtime, scope, send, "admin/sessions", runtime.config.sessions.admin_scope,
-                       {"GET": lambda: _sessions(runtime)})
-    else:
-        token_id = path[len(SESSIONS_PATH) + 1:]
-        await _guarded(runtime, scope, send, f"admin/sessions:{method.lower()}",
-                       runtime.config.sessions.admin_scope, {"DELETE": lambda: _revoke(runtime, token_id)})
-
-
-async def _guarded(runtime: Runtime, scope: ASGIScope, send: ASGISend, operation: str, needed: str,
-                   handlers: dict[str, Callable[[], Awaitable[tuple[bytes, str]]]]) -> None:
-    """Authenticate, check `needed`, run the handler for the method; answer and audit whatever happens."""
+async def serve(runtime: Runtime, scope: ASGIScope, receive: ASGIReceive, send: ASGISend) -> None:
+    """Authenticate, check the scope, run the action; answer and audit whatever happens."""
     config = runtime.config
     started = time.perf_counter()
     method = scope.get("method", "")
-    event = AuditEvent(result="allowed", reason="", operation=operation, http_method=method,
-                       source_ip=(scope.get("client") or [None])[0])
+    route = _route(scope["path"])
+    assert route is not None
+    resource, item, action = route
+    event = AuditEvent(result="allowed", reason="", operation=f"admin/{resource}" + (
+        f":{method.lower()}" if item is not None or method != "GET" else ""), http_method=method,
+        source_ip=(scope.get("client") or [None])[0])
     status, payload, challenge = 200, b"", None
     try:
-        handler = handlers.get(method)
+        handler = _ROUTES.get((resource, item is not None, action, method))
         if handler is None:
-            raise errors.GatewayRefusal(errors.METHOD_NOT_ALLOWED, method)
+            raise errors.GatewayRefusal(errors.METHOD_NOT_ALLOWED, f"{method} {scope['path']}")
+        needed = _scope_of(config, resource)
         audiences = (f"{config.public_url}/admin", *(config.resource_url(u) for u in config.upstreams))
         principal = await runtime.authenticator.authenticate(header_values(scope), b"", audiences, "/admin")
         event.user_id, event.client_id = principal.subject, principal.client_id
+        if principal.claims.get("purpose") == "console-login":  # a sign-in link, good once, for the console only
+            raise errors.GatewayRefusal(errors.FORBIDDEN, "a console sign-in link is not an API token",
+                                        reason="admin:login_token")
         if needed not in principal.scopes:
             challenge = runtime.authenticator.challenge("/admin", "insufficient_scope", scope=needed)
             raise errors.GatewayRefusal(errors.FORBIDDEN, f"needs scope {needed}", reason=f"admin:no_scope:{needed}")
-        payload, event.reason = await handler()
+        body = await _json_body(receive, config.limits.client_body_timeout_s) if method == "POST" else {}
+        query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
+        done = await handler(runtime, principal, item or "", body, query)
+        payload, event.reason = orjson.dumps(done.result), done.reason
     except AuthFailed as failed:
         status, challenge = failed.refusal.http_status, failed.challenge
         event.result, event.reason = "auth_failed", failed.reason
@@ -85,29 +128,31 @@ async def _guarded(runtime: Runtime, scope: ASGIScope, send: ASGISend, operation
     await send_json(send, status, payload, headers)
 
 
-async def _audit(runtime: Runtime, scope: ASGIScope) -> tuple[bytes, str]:
-    params = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
+async def _json_body(receive: ASGIReceive, timeout_s: float) -> dict[str, Any]:
+    body = await read_body(receive, limit=_MAX_BODY, timeout_s=timeout_s)
     try:
-        query = query_from(params)
-        reader = reader_for(runtime.config.audit, params.get("sink"))
-    except BadQuery as exc:
-        raise errors.GatewayRefusal(errors.INVALID_PARAMS, str(exc), reason="admin:bad_query") from None
-    try:
-        events = await reader.query(query)
-    finally:
-        await reader.close()
-    return orjson.dumps({"sink": reader.name, "count": len(events), "events": events}), "admin:audit_read"
+        parsed = orjson.loads(body or b"{}")
+    except orjson.JSONDecodeError:
+        raise errors.GatewayRefusal(errors.PARSE_ERROR, reason="admin:bad_body") from None
+    if not isinstance(parsed, dict):
+        raise errors.GatewayRefusal(errors.INVALID_PARAMS, "the body must be a JSON object", reason="admin:bad_body")
+    return parsed
 
 
-async def _sessions(runtime: Runtime) -> tuple[bytes, str]:
-    tokens = sorted(await runtime.sessions.tokens(), key=lambda t: t.issued_at)
-    return orjson.dumps({"count": len(tokens), "sessions": [t.as_dict() for t in tokens]}), "admin:sessions_list"
+def _text(body: dict[str, Any], key: str) -> str:
+    value = body.get(key)
+    if value is None:  # absent, or null: not given
+        return ""
+    if not isinstance(value, str):
+        raise errors.GatewayRefusal(errors.INVALID_PARAMS, f"{key} must be a string", reason=f"admin:bad_{key}")
+    return value
 
 
-async def _revoke(runtime: Runtime, token_id: str) -> tuple[bytes, str]:
-    known = {t.token_id: t for t in await runtime.sessions.tokens()}.get(token_id)
-    if known is None:
-        raise errors.GatewayRefusal(errors.NOT_FOUND, f"no token session {token_id!r}", reason="admin:no_such_session")
-    await runtime.sessions.revoke(token_id, known.expires_at)
-    runtime.metrics.revocations.inc()
-    return orjson.dumps({"revoked": token_id}), f"admin:revoked:{token_id}"
+def _seconds(body: dict[str, Any], key: str) -> float | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise errors.GatewayRefusal(errors.INVALID_PARAMS, f"{key} must be a number of seconds",
+                                    reason=f"admin:bad_{key}")
+    return float(value)

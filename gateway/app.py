@@ -7,6 +7,7 @@ goes through `MCPSecurityMiddleware`, exactly as it does around an in-process ap
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 from collections.abc import AsyncIterator
@@ -19,6 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway.config import Config, ConfigError, Upstream, load_config
+from gateway.errors import StateUnavailable
 from gateway.http_server import HeadDeadlineProtocol
 from gateway.middleware import MCPSecurityMiddleware
 from gateway.oauth.upstream import UpstreamCredential
@@ -68,6 +70,7 @@ def create_app(config: Config | str | Path) -> MCPSecurityMiddleware:
     proxies: dict[str, UpstreamProxy | StdioUpstream] = {
         u.path: UpstreamProxy(u, config.limits, config.public_url, _credential(u, runtime)) if u.url is not None
         else StdioUpstream(u, config.limits, config.sessions, runtime.metrics) for u in config.upstreams}
+    runtime.upstream_apps = {p.upstream.name: p for p in proxies.values()}
     stdio = [p for p in proxies.values() if isinstance(p, StdioUpstream)]
 
     async def healthz(_: Request) -> Response:
@@ -95,6 +98,8 @@ def create_app(config: Config | str | Path) -> MCPSecurityMiddleware:
 
     async def metrics(_: Request) -> Response:
         runtime.metrics.audit_queue_depth.set(runtime.audit.depth)
+        with contextlib.suppress(StateUnavailable):  # the store's own failure shows in /readyz and in requests
+            runtime.metrics.approvals_pending.set(await runtime.approvals.pending_count())
         return Response(runtime.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @asynccontextmanager

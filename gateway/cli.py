@@ -1,5 +1,6 @@
 """The `mcp-gateway` command: serve, check-config, issue-token, hash-secret, policy explain|test,
-audit query|verify, sessions list|revoke; and the client side (`cli_connect`): connect, logout, tokens list.
+audit query|verify; the operator's commands (`cli_admin`): sessions, approvals, roles, admin-login; and the
+client side (`cli_connect`): connect, logout, tokens list.
 
 Owns argument parsing and exit codes: 0 success, 2 invalid configuration
 (each problem printed as `FILE: key.path: why`), 1 anything else.
@@ -13,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from gateway import cli_connect
+from gateway import cli_admin, cli_connect
 from gateway.config import load_config
 from gateway.yamlfile import ProblemsError
 
@@ -122,12 +123,22 @@ def _issue_token(args: argparse.Namespace) -> int:
 
 
 def _policy_explain(args: argparse.Namespace) -> int:
+    import asyncio
     from pathlib import Path
 
+    from gateway.assignments import Assignment, open_assignments
+    from gateway.errors import StateUnavailable
     from gateway.policy import load_policy
     from gateway.policy.explain import explain, operation_for, principal_from
 
-    policy = load_policy(Path(args.policy))
+    config = load_config(args.config) if args.config else None
+    if args.policy is not None:
+        policy = load_policy(Path(args.policy))
+    elif config is not None:
+        policy = config.policy
+    else:
+        print("policy explain: give --policy FILE or --config FILE", file=sys.stderr)
+        return 2
     claims: dict[str, object] = {}
     if args.claims:
         try:
@@ -149,7 +160,23 @@ def _policy_explain(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"--claims {args.claims}: {exc}", file=sys.stderr)
         return 2
-    for line in explain(policy, principal, operation).lines():
+    assigned: list[Assignment] = []
+    if config is not None:
+        store = open_assignments(config.role_assignments)
+
+        async def read() -> list[Assignment]:
+            try:
+                return await store.of(principal.subject, principal.client_id)
+            finally:
+                await store.close()
+
+        try:
+            assigned = asyncio.run(read())
+        except StateUnavailable as exc:
+            print(f"{config.source}: role_assignments: the {config.role_assignments.backend} store cannot be "
+                  f"read ({exc.reason})", file=sys.stderr)
+            return 1
+    for line in explain(policy, principal, operation, assigned).lines():
         print(line)
     return 0
 
@@ -239,60 +266,23 @@ def _audit_verify(args: argparse.Namespace) -> int:
     return 1 if broken else 0
 
 
-def _sessions(args: argparse.Namespace) -> int:
-    """List or revoke token sessions through the running gateway's admin API, with a one-minute token the
-    command signs itself (it reads the gateway's key, as issue-token does: whoever can read the key is admin)."""
-    import urllib.error
-    import urllib.request
-
-    from gateway.audit.reading import utc_time
-    from gateway.auth.authenticator import Authenticator
-    from gateway.auth.keys import SigningKeyError, load_signing_key
-
-    config = load_config(args.config)
-    try:  # the running gateway's key: a key made here would sign a token the gateway refuses
-        signing_key = load_signing_key(config.auth.clients.signing_key_file)
-    except SigningKeyError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    authenticator = Authenticator(config, signing_key)
-    token = authenticator.issue_token(subject="mcp-gateway-cli", audience=f"{config.public_url}/admin",
-                                      scopes=[config.sessions.admin_scope], ttl_s=60)
-    base = (args.url or f"http://{config.listen.host}:{config.listen.port}").rstrip("/")
-    if args.action == "revoke":
-        request = urllib.request.Request(f"{base}/admin/sessions/{args.id}", method="DELETE")
-    else:
-        request = urllib.request.Request(f"{base}/admin/sessions")
-    request.add_header("authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            answer = json.loads(response.read())
-    except urllib.error.HTTPError as failed:
-        body = json.loads(failed.read() or b"{}")
-        print(f"{failed.code}: {body.get('error', {}).get('message', failed.reason)}", file=sys.stderr)
-        return 1
-    except (urllib.error.URLError, OSError) as failed:
-        print(f"cannot reach the gateway at {base}: {failed}", file=sys.stderr)
-        return 1
-    if args.action == "revoke":
-        print(f"revoked {answer['revoked']}")
-    elif args.format == "json":
-        print(json.dumps(answer["sessions"], indent=2))
-    else:
-        print(f"{'TOKEN ID':34} {'CLIENT':16} {'SUBJECT':16} {'ISSUED':20} {'LAST SEEN':20} {'EXPIRES':20} STATE")
-        for item in answer["sessions"]:
-            state = "revoked" if item["revoked"] else "active"
-            print(f"{item['token_id']:34} {item['client_id'] or '-':16} {item['subject']:16} "
-                  f"{utc_time(item['issued_at']):20} {utc_time(item['last_seen']) if item['last_seen'] else '-':20} "
-                  f"{utc_time(item['expires_at']):20} {state}")
-    return 0
-
-
 def _hash_secret(args: argparse.Namespace) -> int:
     import getpass
 
     from gateway.auth.secrets import hash_secret
+    from gateway.auth.totp import generate_secret, otpauth_uri
 
+    if args.totp:
+        totp_secret = generate_secret()
+        print(f"totp secret: {totp_secret}")
+        print(f"otpauth uri: {otpauth_uri(totp_secret, args.account or 'client', args.issuer or 'mcp-gateway')}")
+        print("Put the secret in the gateway's environment (CLIENT_TOTP, say) and write, in the client's entry "
+              "under auth.clients.registered: mfa: {totp_secret: ${CLIENT_TOTP}}. Give the URI (as a QR code) or "
+              "the secret to whatever makes the client's codes.")
+        return 0
+    if args.account or args.issuer:
+        print("--account and --issuer go with --totp", file=sys.stderr)
+        return 2
     secret = sys.stdin.readline().rstrip("\n") if not sys.stdin.isatty() else getpass.getpass("client secret: ")
     if len(secret) < 16:
         print("a client secret must be at least 16 characters", file=sys.stderr)
@@ -331,12 +321,18 @@ def build_parser() -> argparse.ArgumentParser:
     token.set_defaults(func=_issue_token)
 
     hashing = commands.add_parser("hash-secret", help="print the scrypt hash of a client secret read from stdin")
+    hashing.add_argument("--totp", action="store_true",
+                         help="instead: print a new TOTP secret for a client's mfa, and its otpauth:// URI")
+    hashing.add_argument("--account", help="with --totp: the account the URI names, usually the client_id")
+    hashing.add_argument("--issuer", help="with --totp: the issuer the URI names (default: mcp-gateway)")
     hashing.set_defaults(func=_hash_secret)
 
     policy = commands.add_parser("policy", help="explain and test policies").add_subparsers(dest="action",
                                                                                            required=True)
     explain = policy.add_parser("explain", help="why a principal may or may not do something, and what changes it")
-    explain.add_argument("--policy", required=True)
+    explain.add_argument("--policy", help="the policy file; default: the one --config names")
+    explain.add_argument("--config", help="the gateway's config: add the roles its role_assignments store "
+                         "assigns to the principal")
     explain.add_argument("--claims", help="a JSON file of token claims (sub, scope, client_id, groups, amr, acr, ...)")
     explain.add_argument("--method", required=True, help="e.g. tools/call, resources/read, sampling/createMessage")
     explain.add_argument("--name", help="tool or prompt name")
@@ -370,16 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--sink", help="index or type of one sink (default: all)")
     verify.set_defaults(func=_audit_verify)
 
-    sessions = commands.add_parser("sessions", help="list and revoke token sessions (via the running gateway)")
-    session_actions = sessions.add_subparsers(dest="action", required=True)
-    listing = session_actions.add_parser("list", help="tokens that have not expired: who, issued, last seen")
-    revoke = session_actions.add_parser("revoke", help="revoke a token: refused on its next request")
-    revoke.add_argument("id", help="the token id (jti), as `sessions list` shows it")
-    listing.add_argument("--format", choices=["table", "json"], default="table")
-    for action in (listing, revoke):
-        action.add_argument("--config", required=True)
-        action.add_argument("--url", help="the gateway's address; default: http://listen.host:listen.port")
-        action.set_defaults(func=_sessions)
+    cli_admin.register(commands)
     cli_connect.register(commands)
     return parser
 

@@ -171,6 +171,41 @@ class Sessions(StrictModel):
         return self
 
 
+class RoleAssignmentsStore(StrictModel):
+    """Where roles granted at run time (`mcp-gateway roles assign`) live: every replica must share one store."""
+
+    backend: Literal["sqlite", "postgres", "redis"] = "sqlite"
+    path: Path = Path("state.db")  # sqlite (created 0600); beside the config file unless absolute
+    dsn: str | None = None  # postgres, e.g. postgresql://127.0.0.1/test
+    # postgres; `<table>_generation` beside it: short enough that both are PostgreSQL identifiers (63 bytes)
+    table: str = Field("role_assignments", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,51}$")
+    url: str | None = None  # redis://127.0.0.1:6379/0
+
+    @model_validator(mode="after")
+    def _where(self) -> RoleAssignmentsStore:
+        if self.backend == "postgres" and not self.dsn:
+            raise ValueError("the postgres backend needs dsn")
+        if self.backend == "redis" and not (self.url or "").startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("the redis backend needs url: redis://host:port/db")
+        owners = {"path": "sqlite", "dsn": "postgres", "table": "postgres", "url": "redis"}
+        foreign = [k for k in sorted(self.model_fields_set)
+                   if owners.get(k, self.backend) != self.backend and getattr(self, k) is not None]
+        if foreign:
+            raise ValueError(f"{', '.join(foreign)}: not a setting of the {self.backend} backend")
+        return self
+
+
+class Admin(StrictModel):
+    """The admin API and console: the scope each part needs (the audit and sessions endpoints keep theirs, in
+    audit.read_scope and sessions.admin_scope) and how long a console sign-in lasts."""
+
+    scope: str = "gateway:admin"  # opens a console session (the one-time URL `mcp-gateway admin-login` prints)
+    approvals_scope: str = "approvals:decide"  # list approvals, and decide them (as an approver the policy names)
+    roles_scope: str = "roles:admin"  # assign and revoke roles at runtime
+    login_ttl_s: int = Field(300, gt=0, le=3600)  # the one-time URL is good for this long, and once
+    console_session_ttl_s: int = Field(1800, gt=0, le=43200)
+
+
 class Config(StrictModel):
     """The whole gateway configuration. `policy` is the compiled policy the `policy:` key names."""
 
@@ -185,6 +220,8 @@ class Config(StrictModel):
     policy: Policy
     audit: Audit = Audit()
     sessions: Sessions = Sessions()
+    admin: Admin = Admin()
+    role_assignments: RoleAssignmentsStore = RoleAssignmentsStore()
     policy_reload_interval_s: float = Field(2.0, ge=0)  # how often the policy file is checked; 0: SIGHUP only
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
@@ -322,6 +359,13 @@ def _resolve_relative_paths(data: dict[str, Any], base: Path) -> None:
         key_file = audit.get("chain_key_file", str(Audit.model_fields["chain_key_file"].default))
         if isinstance(key_file, str):
             audit["chain_key_file"] = str(base / key_file)
+    if data.get("role_assignments") is None:
+        data["role_assignments"] = {}
+    assignments = data["role_assignments"]
+    if isinstance(assignments, dict) and assignments.get("backend", "sqlite") == "sqlite":
+        store = assignments.get("path", str(RoleAssignmentsStore.model_fields["path"].default))
+        if isinstance(store, str):
+            assignments["path"] = str(base / store)
     upstreams = data.get("upstreams")
     for upstream in upstreams if isinstance(upstreams, list) else ():
         if isinstance(upstream, dict) and isinstance(upstream.get("cwd"), str):

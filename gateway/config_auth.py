@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
+from gateway.auth.totp import secret_key
 from gateway.oauth.metadata import trusted_url
 from gateway.principal import check_claim_types
 from gateway.yamlfile import StrictModel
@@ -32,6 +33,18 @@ def http_url(value: str) -> str:
     return value
 
 
+class ClientMfa(StrictModel):
+    """A registered client's second factor: a one-time code (TOTP) with each token request, as form field `otp`."""
+
+    totp_secret: str  # write ${VAR}: the value comes from the environment (`mcp-gateway hash-secret --totp`)
+
+    @field_validator("totp_secret")
+    @classmethod
+    def _base32(cls, value: str) -> str:
+        secret_key(value)
+        return value
+
+
 class RegisteredClient(StrictModel):
     """A machine client that may get tokens from POST /oauth/token (client_credentials)."""
 
@@ -40,11 +53,14 @@ class RegisteredClient(StrictModel):
     scopes: tuple[str, ...] = ()
     claims: dict[str, Any] = Field(default_factory=dict)
     security_level: Literal["low", "standard", "high", "critical"] = "standard"  # the most this client reaches
+    mfa: ClientMfa | None = None  # its tokens then carry amr ["pwd", "otp"]
 
     @field_validator("claims")
     @classmethod
     def _claims_of_their_types(cls, value: dict[str, Any]) -> dict[str, Any]:
         check_claim_types(value)  # a token the gateway signs with them would be refused by the gateway itself
+        if "amr" in value:  # a configured amr would reach the levels that a second factor is meant to reach
+            raise ValueError("amr is not configured: the gateway sets it from what the client proves (mfa)")
         return value
 
 

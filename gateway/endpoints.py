@@ -2,9 +2,10 @@
 
 Owns which paths the gateway answers itself rather than guarding or passing
 on: RFC 9728 protected-resource metadata (built from `public_url`, never from
-the request's Host), the OAuth authorization server (`auth.server`), and the
-admin API (`admin`). The middleware asks `serves(path)` and hands the request
-over; everything else is an MCP endpoint or the wrapped app's.
+the request's Host), the OAuth authorization server (`auth.server`), the
+admin API (`admin`) and the admin console (`console`). The middleware asks
+`serves(path)` and hands the request over; everything else is an MCP endpoint
+or the wrapped app's.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from gateway import admin
+from gateway import admin, console
 from gateway.auth import server
 from gateway.auth.server import AuthorizationServer
 from gateway.types import ASGIReceive, ASGIScope, ASGISend, send_json
@@ -33,9 +34,11 @@ class Endpoints:
         self._runtime = runtime
         self._routes = {u.path: u for u in config.upstreams}
         self._authorization_server = AuthorizationServer(runtime)
+        self._console = console.Console(runtime)
 
     def serves(self, path: str) -> bool:
-        return path.startswith(_METADATA_PREFIX) or path in server.PATHS or admin.serves(path)
+        return (path.startswith(_METADATA_PREFIX) or path in server.PATHS or admin.serves(path)
+                or console.serves(path))
 
     async def __call__(self, scope: ASGIScope, receive: ASGIReceive, send: ASGISend) -> None:
         path: str = scope.get("path", "")
@@ -45,8 +48,10 @@ class Endpoints:
         self._runtime.start()
         if path in server.PATHS:
             await self._authorization_server(scope, receive, send)
+        elif console.serves(path):
+            await self._console(scope, receive, send)
         else:
-            await admin.serve(self._runtime, scope, send)
+            await admin.serve(self._runtime, scope, receive, send)
 
     async def _protected_resource_metadata(self, path: str, send: ASGISend) -> None:
         """RFC 9728 metadata for the upstream the path names (or the only one)."""

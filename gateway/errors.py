@@ -23,6 +23,11 @@ reader sees the whole catalogue in one screen:
                       UNKNOWN_SESSION       404  -32013  legacy session id the gateway never bound, or ended
                       UNKNOWN_TARGET        400  -32602  refused target hidden from the caller (deny_detail:
                                                            minimal); 200 in the legacy era, as upstreams answer there
+                      APPROVAL_REQUIRED     403  -32014  a call that needs a person's approval, not yet given (mode
+                                                           retry; error.data.approval_id names the request)
+                      APPROVAL_DENIED       403  -32015  an approver denied this very call
+                      APPROVAL_EXPIRED      403  -32016  nobody decided in time, or the approved call was not made
+                                                           again before the approval ran out
                       METHOD_NOT_FOUND      404  -32601  unknown method refused by policy
                       UNKNOWN_TASK          400  -32602  a task of another principal, or none: answered as an
                                                            upstream answers an unknown task; 200 in the legacy era
@@ -87,6 +92,9 @@ FORBIDDEN = Refusal("forbidden", 403, -32011, "denied", "Forbidden")
 SECURITY_LEVEL = Refusal("security_level", 401, -32012, "denied", "Stronger authentication required")
 INVALID_SESSION = Refusal("invalid_session", 403, -32013, "denied", "Invalid session")
 UNKNOWN_SESSION = Refusal("unknown_session", 404, -32013, "denied", "Session not found")
+APPROVAL_REQUIRED = Refusal("approval_required", 403, -32014, "denied", "Approval required")
+APPROVAL_DENIED = Refusal("approval_denied", 403, -32015, "denied", "Approval denied")
+APPROVAL_EXPIRED = Refusal("approval_expired", 403, -32016, "denied", "Approval expired")
 # The message is the upstream's own wording for a missing item ("Unknown tool: X"), filled in per call.
 UNKNOWN_TARGET = Refusal("unknown_target", 400, -32602, "denied", "Unknown")
 METHOD_NOT_FOUND = Refusal("method_not_found", 404, -32601, "denied", "Method not found")
@@ -120,6 +128,9 @@ CATALOGUE: tuple[Refusal, ...] = (
     SECURITY_LEVEL,
     INVALID_SESSION,
     UNKNOWN_SESSION,
+    APPROVAL_REQUIRED,
+    APPROVAL_DENIED,
+    APPROVAL_EXPIRED,
     UNKNOWN_TARGET,
     METHOD_NOT_FOUND,
     UNKNOWN_TASK,

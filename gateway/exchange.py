@@ -19,6 +19,7 @@ from gateway.audit.event import new_id
 from gateway.types import ASGIReceive, ASGIScope, RequestState
 
 if TYPE_CHECKING:
+    from gateway.approvals import Verdict
     from gateway.config import Upstream
     from gateway.jsonrpc import JsonRpcId, Message
     from gateway.mcp import Era, Operation
@@ -54,6 +55,8 @@ class Exchange:
     # forward: shared with the forwarding hop in scope["mcp_gateway"], which reports upstream failures in it
     # (the forwarder too, when the wrapped app raises)
     state: RequestState = field(default_factory=RequestState)
+    # the approval gate: per message index that needed a person's approval, what became of it
+    approvals: dict[int, Verdict] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.http_method = self.scope["method"]

@@ -121,6 +121,22 @@ class Metrics:
             "mcp_gateway_jwks_refreshes_total", "Fetches of the external issuer's JWKS, by outcome.",
             ["outcome"], registry=self.registry,
         )
+        self.approvals_pending = Gauge(
+            "mcp_gateway_approvals_pending", "Tool calls waiting for a person's approval (read from the state store).",
+            registry=self.registry, multiprocess_mode="livemax",
+        )
+        self.approval_decisions = Counter(
+            "mcp_gateway_approval_decisions_total", "Approval requests decided, by outcome (approved, denied, "
+            "expired).", ["outcome"], registry=self.registry,
+        )
+        self.approval_seconds = Histogram(
+            "mcp_gateway_approval_decision_seconds", "Time from an approval request to its decision or expiry.",
+            registry=self.registry, buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 86400),
+        )
+        self.role_changes = Counter(
+            "mcp_gateway_role_assignment_changes_total", "Runtime role assignments made or withdrawn, by action.",
+            ["action"], registry=self.registry,
+        )
         self.policy_reloads = Counter(
             "mcp_gateway_policy_reloads_total", "Policy reloads, by outcome (ok, invalid).",
             ["outcome"], registry=self.registry,

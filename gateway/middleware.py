@@ -1,12 +1,12 @@
 """`MCPSecurityMiddleware`: the order of the request path, as a pure ASGI callable.
 
     guards -> authenticate -> read the MCP request -> sessions -> decide -> state handles
-           -> refuse | forward -> inspect the answer -> record
+           -> approvals -> refuse | forward -> inspect the answer -> record
 
 Owns only that order, which paths are guarded (the gateway's own routes are
 `endpoints`, every other path is the wrapped app's), and the mapping of a
 stage's exception to a refusal. Each stage is one module: `guards`, `auth`,
-`exchange.read_body` + `mcp.read_request`, `handles`, `policy`, `refusals`,
+`exchange.read_body` + `mcp.read_request`, `handles`, `policy`, `approvals`, `refusals`,
 `forwarding` (+ `inspect`, `response_rules`), `audit.recording`.
 
 A new request-side stage is one call in `_handle`; a new rule on answers is a
@@ -20,6 +20,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from gateway import errors, guards, mcp, refusals
+from gateway.approvals.stream import HeldAnswer, progress_token
 from gateway.audit.recording import Recorder
 from gateway.auth.authenticator import AuthFailed
 from gateway.config import Config, Upstream, load_config
@@ -91,8 +92,9 @@ class MCPSecurityMiddleware:
                                             reason="audit_unavailable")
             headers = header_values(ex.scope)
             guards.check_edge(ex, headers, self.config)
-            ex.principal = await self.runtime.authenticator.authenticate(
+            principal = await self.runtime.authenticator.authenticate(
                 headers, ex.scope.get("query_string", b""), self.config.resource_url(upstream), upstream.path)
+            ex.principal = await self.runtime.assignments.apply(principal)  # roles assigned at runtime
             if ex.http_method == "POST":
                 guards.check_body(headers, limits.max_body_bytes)
                 body = await read_body(receive, limit=limits.max_body_bytes, timeout_s=limits.client_body_timeout_s)
@@ -104,6 +106,11 @@ class MCPSecurityMiddleware:
             ex.policy = self.runtime.policy
             ex.decisions = tuple(self.decide(ex, op) if op is not None else None for op in ex.operations)
             await self.handles.check_handles(ex)
+            if any(d is not None and d.allowed and d.approval is not None for d in ex.decisions):
+                token = progress_token(ex)
+                held = HeldAnswer(send, token) if token is not None else None
+                send = held or send  # a held client's answer may be carried in the SSE answer started for it
+                await self.runtime.approvals.check(ex, held.progress if held is not None else None)
         except errors.GatewayRefusal as refusal:
             await self._refuse(ex, send, refusal)
             return
@@ -132,8 +139,10 @@ class MCPSecurityMiddleware:
         """For each refused message, by index: how it is answered."""
         assert ex.policy is not None
         explain = ex.policy.deny_detail == "explain"
-        return {index: refusals.denial(op, decision, era=ex.era, explain=explain, upstream_path=ex.upstream.path,
-                                       challenger=self.runtime.authenticator)
+        # the approval gate runs last: a message it has a verdict for and that is refused, it refused
+        return {index: refusals.approval_denial(op, ex.approvals[index]) if index in ex.approvals else
+                refusals.denial(op, decision, era=ex.era, explain=explain, upstream_path=ex.upstream.path,
+                                challenger=self.runtime.authenticator)
                 for index, (op, decision) in enumerate(zip(ex.operations, ex.decisions, strict=True))
                 if op is not None and decision is not None and not decision.allowed}
 

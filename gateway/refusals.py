@@ -18,6 +18,7 @@ import orjson
 from gateway import errors
 
 if TYPE_CHECKING:
+    from gateway.approvals import Verdict
     from gateway.jsonrpc import JsonRpcId
     from gateway.mcp import Era, Invalid, Operation
     from gateway.policy.engine import Decision
@@ -99,6 +100,27 @@ def denial(op: Operation, decision: Decision, *, era: Era | None, explain: bool,
     answered = None if op.kind == "client_response" else op.request_id
     body = orjson.dumps({"jsonrpc": "2.0", "id": answered, "error": error})
     return Denial(status, body, challenge, answerable=answered is not None)
+
+
+def approval_denial(op: Operation, verdict: Verdict) -> Denial:
+    """How a call the approval gate held back is answered: waiting for an approval (retry later with the same
+    arguments), denied by an approver, or expired. `error.data` names the approval, so a client (and the person
+    asked to approve) can refer to it."""
+    approval = verdict.approval
+    data: dict[str, object] = {"approval_id": approval.id, "tool": approval.tool}
+    if verdict.outcome == "pending":
+        refusal = errors.APPROVAL_REQUIRED
+        why = (f"{op.name} needs a person's approval (id {approval.id}); once approved, make the same call again "
+               "with the same arguments")
+        data["expires_at"] = approval.expires_at
+    elif verdict.outcome == "denied":
+        refusal, why = errors.APPROVAL_DENIED, f"an approver denied this call of {op.name}"
+        data["reason"] = approval.reason
+    else:
+        refusal = errors.APPROVAL_EXPIRED
+        why = f"the approval of this call of {op.name} ran out; call again to ask anew"
+    error = {**errors.error_object(refusal, why), "data": data}
+    return Denial(refusal.http_status, orjson.dumps({"jsonrpc": "2.0", "id": op.request_id, "error": error}))
 
 
 def answer_denials(denied: list[Denial], message_count: int) -> tuple[int, bytes, Headers]:

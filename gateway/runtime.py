@@ -1,4 +1,5 @@
-"""What one running gateway holds between requests: policy, authenticator, audit log, metrics, tool schemas.
+"""What one running gateway holds between requests: policy, authenticator, audit log, metrics, tool schemas,
+role assignments and approvals.
 
 Owns the start and stop of those resources, so that the reverse proxy
 (`create_app`) and the ASGI middleware around an in-process app share one
@@ -15,10 +16,12 @@ import signal
 import threading
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cachetools import LRUCache
 
+from gateway.approvals import ApprovalGate, definition_hash, open_approvals
+from gateway.assignments import RoleAssignments, open_assignments
 from gateway.audit.writer import AuditLog
 from gateway.auth.authenticator import Authenticator
 from gateway.auth.keys import load_or_create_signing_key
@@ -26,6 +29,10 @@ from gateway.config import Config
 from gateway.metrics import Metrics
 from gateway.policy import Policy, PolicyError, load_policy
 from gateway.sessions import SessionStore, open_sessions
+
+if TYPE_CHECKING:
+    from gateway.proxy import UpstreamProxy
+    from gateway.stdio.upstream import StdioUpstream
 
 log = logging.getLogger("gateway.policy")
 
@@ -46,6 +53,16 @@ class Runtime:
         self._tool_schemas: dict[str, LRUCache[str, Mapping[str, Any]]] = {
             u.name: LRUCache(maxsize=10_000) for u in config.upstreams
         }
+        # ... and the hash of each tool's whole definition, which an approval is bound to.
+        self._tool_definitions: dict[str, LRUCache[str, str]] = {
+            u.name: LRUCache(maxsize=10_000) for u in config.upstreams
+        }
+        self.assignments: RoleAssignments = open_assignments(config.role_assignments)
+        self.approvals = ApprovalGate(open_approvals(config.sessions), self.audit, self.metrics, config.audit,
+                                      self.tool_definition)
+        # The reverse proxy's forwarding app per upstream name (`create_app` fills it; none around an in-process
+        # app), read by the console's health page.
+        self.upstream_apps: dict[str, UpstreamProxy | StdioUpstream] = {}
         self.started = False
         self._watcher: asyncio.Task[None] | None = None
         self._policy_stamp = _stamp(Path(self.policy.source))
@@ -74,6 +91,8 @@ class Runtime:
         await self.audit.close()
         await self.authenticator.close()
         await self.sessions.close()
+        await self.approvals.store.close()
+        await self.assignments.close()
         self.started = False
 
     def reload_policy(self) -> bool:
@@ -103,17 +122,22 @@ class Runtime:
     def tool_schema(self, upstream: str, tool: str) -> Mapping[str, Any] | None:
         return self._tool_schemas[upstream].get(tool)
 
+    def tool_definition(self, upstream: str, tool: str) -> str | None:
+        return self._tool_definitions[upstream].get(tool)
+
     def learn_tools(self, upstream: str, result: Mapping[str, Any]) -> None:
         tools = result.get("tools")
         if not isinstance(tools, list):
             return
-        cache = self._tool_schemas[upstream]
+        cache, definitions = self._tool_schemas[upstream], self._tool_definitions[upstream]
         for tool in tools:
             if not isinstance(tool, dict):
                 continue
             name, schema = tool.get("name"), tool.get("inputSchema")
             if isinstance(name, str) and isinstance(schema, dict):
                 cache[name] = schema
+            if isinstance(name, str):
+                definitions[name] = definition_hash(tool)
 
 
 def _stamp(path: Path) -> tuple[float, int] | None:

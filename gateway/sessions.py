@@ -1,5 +1,5 @@
 """State handles bound to the principal they belong to: legacy sessions, tasks, server requests awaiting an
-answer; and token sessions and revoked tokens.
+answer; token sessions and revoked tokens; and one-time claims (a TOTP code used once across replicas).
 
 Owns the store of all of them, in memory or in Redis, so replicas share them.
 A handle is never authentication: each names the principal (issuer, subject,
@@ -26,7 +26,8 @@ DELETE and expiry end a binding.
     redis    shared by every replica: `mcpgw:session:<id>` with a TTL, and a sorted
              set of expiries for counting the active ones; `mcpgw:token:<jti>` hashes
              and the `mcpgw:tokens` sorted set; `mcpgw:revoked:<jti>` until the token expires;
-             `mcpgw:task:<upstream>:<task id>` and `mcpgw:pending:<key>` with their TTLs
+             `mcpgw:task:<upstream>:<task id>` and `mcpgw:pending:<key>` with their TTLs;
+             `mcpgw:once:<key>`, set only if absent (SET NX), for the claim's TTL
 
 A store that cannot be reached raises `StateUnavailable` (a 503 for the
 request): a session, task or revocation that cannot be checked is refused,
@@ -36,6 +37,7 @@ never assumed. The Redis client reconnects by itself once the server is back.
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import asdict, dataclass, replace
@@ -105,6 +107,9 @@ class SessionStore(Protocol):
     async def take_answer(self, key: str) -> tuple[Identity, str] | None:
         """The principal and kind of the awaited request `key`, forgotten as it is taken; None if none."""
 
+    async def claim_once(self, key: str, ttl_s: float) -> bool:
+        """Claim `key` for `ttl_s` seconds: True for the first claim, False while it stands (whoever made it)."""
+
     async def ping(self) -> bool:
         """Whether the store answers."""
 
@@ -122,6 +127,8 @@ class MemorySessions:
             maxsize=config.max_sessions, ttu=lambda _k, v, _now: v[1], timer=time.time)
         self._awaited: TLRUCache[str, tuple[tuple[Identity, str], float]] = TLRUCache(
             maxsize=config.max_sessions, ttu=lambda _k, v, _now: v[1], timer=time.time)
+        self._claimed: TLRUCache[str, float] = TLRUCache(  # key -> until
+            maxsize=config.max_sessions, ttu=lambda _k, v, _now: v, timer=time.time)
 
     async def bind(self, session_id: str, identity: Identity) -> None:
         self._bindings[session_id] = identity
@@ -177,6 +184,12 @@ class MemorySessions:
         found = self._awaited.pop(key, None)
         return None if found is None else found[0]
 
+    async def claim_once(self, key: str, ttl_s: float) -> bool:
+        if key in self._claimed:  # no await between the test and the claim: one event loop claims it once
+            return False
+        self._claimed[key] = time.time() + ttl_s
+        return True
+
     async def ping(self) -> bool:
         return True
 
@@ -186,21 +199,30 @@ class MemorySessions:
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
+_S = TypeVar("_S")
 
 
-def _reached(method: Callable[Concatenate[RedisSessions, _P], Coroutine[Any, Any, _T]]
-             ) -> Callable[Concatenate[RedisSessions, _P], Coroutine[Any, Any, _T]]:
-    """A Redis call whose connection or timeout error is `StateUnavailable`."""
+def reached(method: Callable[Concatenate[_S, _P], Coroutine[Any, Any, _T]]
+            ) -> Callable[Concatenate[_S, _P], Coroutine[Any, Any, _T]]:
+    """A Redis call whose connection or timeout error is `StateUnavailable` (every Redis-backed store's)."""
     from redis.exceptions import RedisError
 
     @functools.wraps(method)
-    async def call(self: RedisSessions, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+    async def call(self: _S, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
         try:
             return await method(self, *args, **kwargs)
         except (RedisError, OSError) as exc:
             raise StateUnavailable(type(exc).__name__) from None
 
     return call
+
+
+def redis_client(config: Sessions) -> Any:
+    """A client of the state store's Redis (`sessions.url`), which reconnects by itself once it is back."""
+    import redis.asyncio
+
+    assert config.url is not None
+    return redis.asyncio.from_url(config.url, socket_timeout=2, socket_connect_timeout=2)
 
 
 class RedisSessions:
@@ -210,20 +232,17 @@ class RedisSessions:
     _TOKENS = "mcpgw:tokens"
 
     def __init__(self, config: Sessions) -> None:
-        import redis.asyncio
-
-        assert config.url is not None
-        self._redis = redis.asyncio.from_url(config.url, socket_timeout=2, socket_connect_timeout=2)
+        self._redis = redis_client(config)
         self._ttl = int(config.ttl_s)
 
-    @_reached
+    @reached
     async def bind(self, session_id: str, identity: Identity) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.set(self._PREFIX + session_id, orjson.dumps(identity), ex=self._ttl)
             pipe.zadd(self._EXPIRIES, {session_id: time.time() + self._ttl})
             await pipe.execute()
 
-    @_reached
+    @reached
     async def owner(self, session_id: str) -> Identity | None:
         key = self._PREFIX + session_id
         async with self._redis.pipeline(transaction=True) as pipe:
@@ -236,35 +255,35 @@ class RedisSessions:
         issuer, subject, client = orjson.loads(raw)
         return (str(issuer), str(subject), str(client))
 
-    @_reached
+    @reached
     async def end(self, session_id: str) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.delete(self._PREFIX + session_id)
             pipe.zrem(self._EXPIRIES, session_id)
             await pipe.execute()
 
-    @_reached
+    @reached
     async def active(self) -> int:
         now = time.time()
         await self._redis.zremrangebyscore(self._EXPIRIES, "-inf", now)
         return int(await self._redis.zcard(self._EXPIRIES))
 
-    @_reached
+    @reached
     async def revoke(self, token_id: str, until: float) -> None:
         ttl = max(1, int(until - time.time()) + 1)
         await self._redis.set(f"mcpgw:revoked:{token_id}", b"1", ex=ttl)
 
-    @_reached
+    @reached
     async def revoked(self, token_id: str) -> bool:
         return bool(await self._redis.exists(f"mcpgw:revoked:{token_id}"))
 
-    @_reached
+    @reached
     async def open_token(self, session: TokenSession) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
             self._store_token(pipe, session)
             await pipe.execute()
 
-    @_reached
+    @reached
     async def token_used(self, session: TokenSession) -> bool:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.exists(f"mcpgw:revoked:{session.token_id}")
@@ -282,7 +301,7 @@ class RedisSessions:
         pipe.expireat(key, int(session.expires_at) + 1)
         pipe.zadd(self._TOKENS, {session.token_id: session.expires_at})
 
-    @_reached
+    @reached
     async def tokens(self) -> list[TokenSession]:
         await self._redis.zremrangebyscore(self._TOKENS, "-inf", time.time())
         ids = [i.decode() if isinstance(i, bytes) else str(i) for i in await self._redis.zrange(self._TOKENS, 0, -1)]
@@ -299,12 +318,12 @@ class RedisSessions:
                 found.append(TokenSession(**fields, revoked=bool(revoked)))
         return found
 
-    @_reached
+    @reached
     async def own_task(self, upstream: str, task_id: str, identity: Identity, ttl_s: float) -> None:
         await self._redis.set(f"mcpgw:task:{upstream}:{task_id}", orjson.dumps(identity),
                               ex=max(1, int(min(ttl_s, _MAX_HANDLE_TTL_S))))
 
-    @_reached
+    @reached
     async def owned_tasks(self, upstream: str, identity: Identity, task_ids: Iterable[str]) -> set[str]:
         wanted = list(dict.fromkeys(task_ids))
         if not wanted:
@@ -313,18 +332,22 @@ class RedisSessions:
         mine = orjson.dumps(identity)
         return {t for t, owner in zip(wanted, owners, strict=True) if owner == mine}
 
-    @_reached
+    @reached
     async def expect_answer(self, key: str, identity: Identity, kind: str, ttl_s: float) -> None:
         await self._redis.set(f"mcpgw:pending:{key}", orjson.dumps([identity, kind]),
                               ex=max(1, int(min(ttl_s, _MAX_HANDLE_TTL_S))))
 
-    @_reached
+    @reached
     async def take_answer(self, key: str) -> tuple[Identity, str] | None:
         raw = await self._redis.getdel(f"mcpgw:pending:{key}")
         if raw is None:
             return None
         (issuer, subject, client), kind = orjson.loads(raw)
         return (str(issuer), str(subject), str(client)), str(kind)
+
+    @reached
+    async def claim_once(self, key: str, ttl_s: float) -> bool:
+        return bool(await self._redis.set(f"mcpgw:once:{key}", b"1", nx=True, ex=max(1, math.ceil(ttl_s))))
 
     async def ping(self) -> bool:
         try:

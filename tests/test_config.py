@@ -32,6 +32,9 @@ BAD = [
     ({"upstreams": [UPSTREAM], "auth": {"clients": {"registered": [{
         "client_id": "bot", "secret_hash": "scrypt$16384$8$1$c2FsdA==$aGFzaA==", "claims": {"amr": "pwd"}}]}}},
      "auth.clients.registered.0.claims: claim amr must be a list of strings"),
+    ({"upstreams": [UPSTREAM], "auth": {"clients": {"registered": [{
+        "client_id": "bot", "secret_hash": "scrypt$16384$8$1$c2FsdA==$aGFzaA==", "claims": {"amr": ["otp"]}}]}}},
+     "auth.clients.registered.0.claims: amr is not configured"),
     ({"upstreams": [UPSTREAM, {**UPSTREAM, "name": "other"}]}, "share path"),
     ({"upstreams": [{**UPSTREAM, "headers": {"Host": "x"}}]}, "upstreams.0.headers: the gateway sets Host"),
     ({"upstreams": [UPSTREAM], "auth": {"anonymous_role": "nobody"}}, "anonymous_role 'nobody' is not a role"),

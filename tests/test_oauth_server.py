@@ -150,7 +150,7 @@ def test_hash_secret_prints_a_hash_that_matches_and_refuses_short_secrets() -> N
 
 def _cli(deployment: Deployment, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "gateway.cli", "sessions", *args, "--config",
-                           str(deployment.config_path), "--url", deployment.gateway.url],
+                           str(deployment.config_path), "--url", deployment.gateway.url, "--as", "olga"],
                           capture_output=True, text=True, cwd=ROOT, timeout=60)
 
 
@@ -163,7 +163,7 @@ def test_sessions_list_shows_issued_tokens_and_sessions_revoke_ends_one(gateway_
     listed = _cli(gateway_as, "list", "--format", "json")
     assert listed.returncode == 0, listed.stderr
     sessions = {s["token_id"]: s for s in json.loads(listed.stdout)}
-    assert {s["subject"] for s in sessions.values()} == {"ci-bot", "mcp-gateway-cli"}  # the command's own, too
+    assert {s["subject"] for s in sessions.values()} == {"ci-bot", "olga"}  # the command's own (--as), too
     assert {i for i, s in sessions.items() if s["subject"] == "ci-bot"} == {used_id, unused_id}
     assert sessions[used_id]["client_id"] == "ci-bot" and sessions[used_id]["scopes"] == ["mcp:tools"]
     assert sessions[used_id]["last_seen"] is not None and sessions[unused_id]["last_seen"] is None

@@ -68,6 +68,8 @@ class AuditEvent:
     prompt: str | None = None
     approval_required: bool = False
     approval_granted: bool | None = None
+    approval_id: str | None = None  # the approval this call needed (gateway.approvals)
+    approver: str | None = None  # who decided it
     roles: tuple[str, ...] = ()
     policy_version: str | None = None
     security_level: str | None = None

@@ -28,12 +28,19 @@ class BadQuery(GatewayError, ValueError):
     """A query parameter that cannot be understood; the message says which and why."""
 
 
+def parse_duration(value: str) -> float:
+    """`90s`, `15m`, `1h`, `2d` as seconds."""
+    relative = _RELATIVE.match(value.strip())
+    if relative is None:
+        raise BadQuery(f"{value!r} is not a duration (use 90s, 15m, 2h or 1d)")
+    return float(relative.group(1)) * _UNITS[relative.group(2)]
+
+
 def parse_time(value: str, now: float | None = None) -> float:
     """`90s`, `15m`, `1h`, `2d` (ago), an ISO 8601 time, or UNIX seconds."""
     now = time.time() if now is None else now
-    relative = _RELATIVE.match(value.strip())
-    if relative:
-        return now - float(relative.group(1)) * _UNITS[relative.group(2)]
+    if _RELATIVE.match(value.strip()):
+        return now - parse_duration(value)
     try:
         return float(value)
     except ValueError:

@@ -34,9 +34,10 @@ def message_events(ex: Exchange, status: int, upstream_error: str | None,
                    config: Audit) -> list[tuple[Operation, AuditEvent]]:
     """One event per message (or one for a GET/DELETE), with its own decision and what became of it."""
     events = []
-    for op, decision in zip(ex.operations, ex.decisions, strict=False):
+    for index, (op, decision) in enumerate(zip(ex.operations, ex.decisions, strict=False)):
         if op is None or decision is None:
             continue
+        verdict = ex.approvals.get(index)
         if not decision.allowed:
             result, reason = "denied", decision.reason
         elif upstream_error is not None or status in (502, 504):
@@ -58,8 +59,15 @@ def message_events(ex: Exchange, status: int, upstream_error: str | None,
             security_level=decision.required_level,
             status=status,
             arguments=redact_arguments(op.arguments, config.redact_keys, config.max_arguments_bytes),
+            approval_required=verdict is not None,
+            approval_granted=None if verdict is None else _GRANTED[verdict.outcome],
+            approval_id=None if verdict is None else verdict.approval.id,
+            approver=None if verdict is None else verdict.approval.decided_by,
         )))
     return events
+
+
+_GRANTED = {"granted": True, "pending": None, "denied": False, "expired": False}
 
 
 def refusal_event(ex: Exchange, refusal: GatewayRefusal) -> AuditEvent:

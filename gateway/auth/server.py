@@ -9,11 +9,18 @@ Owns four endpoints, served in both deployment modes:
     GET  /oauth/authorize                          there for clients that require the field; every
                                                    request is answered unsupported_response_type
 
-Secrets are checked against scrypt hashes in constant time. Failed attempts
-are counted per client and per source address; past `max_failures` every
-answer to that client or address is delayed, doubling up to 10 s. The token
-is a short-lived JWT for one protected resource (RFC 8707 `resource`), named
-by `jti` so it can be revoked; every issue and refusal is an audit event.
+Secrets are checked against scrypt hashes in constant time. A client with
+`mfa` must also send a one-time code (TOTP, `gateway.auth.totp`) as the form
+field `otp`, checked only once the secret is right; each code is good once
+(its time step is claimed in the state store, shared by replicas), and a
+missing, wrong or reused code is `invalid_grant`. Failed attempts (secrets
+and codes alike) are counted per client and per source address; past
+`max_failures` every answer to that client or address is delayed, doubling up
+to 10 s. The token is a short-lived JWT for one protected resource (RFC 8707
+`resource`), named by `jti` so it can be revoked, with `amr` ["pwd", "otp"]
+when a code was checked (policies' `authentication_levels` rules read it; the
+client's `security_level` still caps the level). Every issue and refusal is
+an audit event.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from gateway.audit.writer import AuditUnavailable
 from gateway.auth.authenticator import token_session
 from gateway.auth.keys import ALGORITHM
 from gateway.auth.secrets import secret_matches
+from gateway.auth.totp import DRIFT_STEPS, STEP_S, matching_step
 from gateway.errors import PAYLOAD_TOO_LARGE, GatewayRefusal
 from gateway.exceptions import GatewayError
 from gateway.exchange import read_body
@@ -47,12 +55,17 @@ if TYPE_CHECKING:
 PATHS = ("/.well-known/oauth-authorization-server", "/.well-known/jwks.json", "/oauth/token", "/oauth/revoke",
          "/oauth/authorize")
 _MAX_FORM = 64 * 1024
+_OTP_CLAIM_S = (2 * DRIFT_STEPS + 1) * STEP_S  # as long as any one code matches: 90 s
 
 
 class _OAuthError(GatewayError):
-    def __init__(self, status: int, error: str, description: str, *, basic_challenge: bool = False) -> None:
+    """A refusal, and how it is audited: `result` and `reason` oauth:ERROR[:CAUSE]."""
+
+    def __init__(self, status: int, error: str, description: str, *, basic_challenge: bool = False,
+                 result: str = "invalid_request", cause: str = "") -> None:
         super().__init__(description)
         self.status, self.error, self.description, self.basic_challenge = status, error, description, basic_challenge
+        self.result, self.reason = result, f"oauth:{error}:{cause}" if cause else f"oauth:{error}"
 
 
 class AuthorizationServer:
@@ -108,7 +121,7 @@ class AuthorizationServer:
             client = await self._client(scope, form, source)
             event.client_id = event.user_id = client.client_id
             if path == "/oauth/token":
-                status, body = 200, await self._issue(client, form)
+                status, body = 200, await self._issue(client, form, source)
                 event.reason = f"token_issued:{body['scope'] or '-'}"
             else:
                 status, body = 200, {}
@@ -116,8 +129,7 @@ class AuthorizationServer:
         except _OAuthError as failure:
             status = failure.status
             body = {"error": failure.error, "error_description": failure.description}
-            event.result = "auth_failed" if failure.error == "invalid_client" else "invalid_request"
-            event.reason = f"oauth:{failure.error}"
+            event.result, event.reason = failure.result, failure.reason
             extra = [(b"www-authenticate", b'Basic realm="mcp-gateway"')] if failure.basic_challenge else []
         else:
             extra = []
@@ -140,12 +152,33 @@ class AuthorizationServer:
         # A missing client costs the same scrypt as a wrong secret, so answers do not tell them apart.
         stored = client.secret_hash if client is not None else _DUMMY_HASH
         if client is None or secret is None or not await asyncio.to_thread(secret_matches, secret, stored):
-            for key in keys:
-                self._failures[key] = self._failures.get(key, 0) + 1
-            raise _OAuthError(401, "invalid_client", "client authentication failed", basic_challenge=basic)
+            self._failed(keys)
+            raise _OAuthError(401, "invalid_client", "client authentication failed", basic_challenge=basic,
+                              result="auth_failed")
         return client
 
-    async def _issue(self, client: RegisteredClient, form: dict[str, str]) -> dict[str, Any]:
+    def _failed(self, keys: list[str]) -> None:
+        for key in keys:
+            self._failures[key] = self._failures.get(key, 0) + 1
+
+    async def _second_factor(self, client: RegisteredClient, form: dict[str, str], source: str) -> None:
+        """Refuse unless `form` carries a current one-time code of `client`'s that was never used before."""
+        assert client.mfa is not None
+        code = form.get("otp")
+        if code is None:
+            cause, description = "otp_missing", "a one-time code (otp) is required"
+        else:
+            step = matching_step(client.mfa.totp_secret, code, time.time())
+            if step is None:
+                cause, description = "otp_invalid", "the one-time code is wrong or expired"
+            elif not await self._runtime.sessions.claim_once(f"otp:{client.client_id}:{step}", _OTP_CLAIM_S):
+                cause, description = "otp_reused", "this one-time code was already used"
+            else:
+                return
+        self._failed([f"ip:{source}", f"client:{client.client_id}"])
+        raise _OAuthError(400, "invalid_grant", description, result="auth_failed", cause=cause)
+
+    async def _issue(self, client: RegisteredClient, form: dict[str, str], source: str) -> dict[str, Any]:
         if form.get("grant_type") != "client_credentials":
             raise _OAuthError(400, "unsupported_grant_type", "only client_credentials is supported")
         requested = form.get("scope", "").split()
@@ -161,10 +194,14 @@ class AuthorizationServer:
             resource = resources[0]
         if resource.rstrip("/") not in resources:
             raise _OAuthError(400, "invalid_target", f"{resource} is not a resource of this gateway")
+        claims = {**client.claims, "gateway_level": client.security_level}
+        if client.mfa is not None:  # last: a request refused before spends no code
+            await self._second_factor(client, form, source)
+            claims["amr"] = ["pwd", "otp"]  # RFC 8176
         ttl = config.auth.clients.token_ttl_s
         token = self._runtime.authenticator.issue_token(
             subject=client.client_id, audience=resource.rstrip("/"), scopes=granted, client_id=client.client_id,
-            claims={**client.claims, "gateway_level": client.security_level}, ttl_s=ttl)
+            claims=claims, ttl_s=ttl)
         issued = principal_from_claims(jwt.decode(token, options={"verify_signature": False}))
         await self._runtime.sessions.open_token(token_session(issued))
         return {"access_token": token, "token_type": "Bearer", "expires_in": ttl, "scope": " ".join(granted)}

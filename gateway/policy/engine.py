@@ -14,6 +14,10 @@ the same `Decision`.
     tools/list, prompts/list, ...     any role (the results are filtered item by item)
     initialize, discover, ping, ...   nothing: protocol plumbing, open to every authenticated principal
 
+A tool whose requirement names an `approval` is allowed with `Decision.approval`
+set: whether a person approved this very call is the approval gate's question
+(`gateway.approvals`), asked after the decision and before forwarding.
+
 The effective level is min(the granting role's level, the authentication
 level). Short of the role's level: denied. Short of the authentication level
 only: `step_up` (RFC 9470). When a scope the principal lacks would bind a role
@@ -29,7 +33,7 @@ from typing import Any, Literal
 
 from gateway.mcp import Operation
 from gateway.policy.globs import GlobIndex
-from gateway.policy.model import LEVEL, LEVELS, Condition, Policy, Requirements, Role
+from gateway.policy.model import LEVEL, LEVELS, ApprovalSpec, Condition, Policy, Requirements, Role
 from gateway.policy.uri import InvalidUri, normalize_uri, template_probe
 from gateway.principal import Principal
 
@@ -67,6 +71,7 @@ class Decision:
     acr_values: tuple[str, ...] = ()
     scopes: tuple[str, ...] = ()
     uri: str | None = None  # the normalised URI the decision was taken on
+    approval: ApprovalSpec | None = None  # an allowed tool call that a person must approve before it is forwarded
 
     @property
     def visible(self) -> bool:
@@ -237,7 +242,8 @@ def _decide_target(
     if authentication_level(principal, policy) < level:
         return result(False, f"level:authentication<{LEVELS[level]}", outcome="step_up",
                       required_level=LEVELS[level], acr_values=_acr_values(policy, level))
-    return result(True, f"role:{sufficient[0].name}:{what}")
+    return result(True, f"role:{sufficient[0].name}:{what}",
+                  approval=requirements.approval(value) if what == "tool" else None)
 
 
 def _scopes_that_would_grant(

@@ -1,8 +1,8 @@
 """Policy tools for people: why a decision came out as it did, and policy test cases in YAML.
 
-Owns `explain()` (the decision, the roles and the bindings that gave them,
-what the item requires, and what would change the outcome) and the policy
-test-case file format run by `mcp-gateway policy test`:
+Owns `explain()` (the decision, the roles and the bindings or runtime
+assignments that gave them, what the item requires, and what would change the
+outcome) and the policy test-case file format run by `mcp-gateway policy test`:
 
     policy: default.yaml              # optional: default is the file this one sits beside (NAME.tests.yaml)
     cases:
@@ -16,13 +16,16 @@ test-case file format run by `mcp-gateway policy test`:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from gateway.assignments import Assignment
 from gateway.jsonrpc import Message
 from gateway.mcp import MalformedParams, Operation, classify, classify_server_request
 from gateway.policy.engine import Decision, authentication_level, decide, holds, roles_for
@@ -61,6 +64,7 @@ class Explanation:
     authentication_level: str
     requirement: str | None
     would_change: list[str] = field(default_factory=list)
+    ignored: dict[str, list[str]] = field(default_factory=dict)  # assigned roles this policy does not define
 
     def lines(self) -> list[str]:
         d, op = self.decision, self.operation
@@ -76,6 +80,8 @@ class Explanation:
             out.extend(f"  {role:<12} from {', '.join(sources)}" for role, sources in self.role_sources.items())
         else:
             out.append("roles:      none")
+        out.extend(f"  {role:<12} ignored, not a role of this policy: {', '.join(sources)}"
+                   for role, sources in self.ignored.items())
         out.append(f"auth level: {self.authentication_level}")
         if self.requirement:
             out.append(f"requires:   {self.requirement}")
@@ -85,9 +91,14 @@ class Explanation:
         return out
 
 
-def explain(policy: Policy, principal: Principal, operation: Operation) -> Explanation:
-    decision = decide(principal, operation, policy)
+def explain(policy: Policy, principal: Principal, operation: Operation,
+            assignments: Sequence[Assignment] = ()) -> Explanation:
+    """`assignments`: the principal's active runtime role assignments, whose roles it holds on top of its own."""
     sources: dict[str, list[str]] = {role: ["the authenticator"] for role in sorted(principal.roles)}
+    for a in assignments:
+        sources.setdefault(a.role, []).append(_assigned(a))
+    principal = replace(principal, roles=principal.roles | {a.role for a in assignments})
+    decision = decide(principal, operation, policy)
     for index, binding in enumerate(policy.bindings):
         if holds(binding.when, principal):
             test = ", ".join(f"{k}={v}" for k, v in binding.when.model_dump(exclude_none=True).items())
@@ -103,7 +114,16 @@ def explain(policy: Policy, principal: Principal, operation: Operation) -> Expla
     elif not decision.allowed:
         changes.extend(_roles_that_would_grant(policy, principal, operation))
     return Explanation(decision, operation, principal, {r: sources.get(r, []) for r in roles_for(principal, policy)},
-                       LEVELS[authentication_level(principal, policy)], requirement, changes)
+                       LEVELS[authentication_level(principal, policy)], requirement, changes,
+                       {a.role: sources[a.role] for a in assignments if a.role not in policy.roles})
+
+
+def _assigned(a: Assignment) -> str:
+    until = ("until revoked" if a.expires_at is None
+             else f"expires {datetime.fromtimestamp(a.expires_at, UTC).strftime('%Y-%m-%dT%H:%M:%SZ')}")
+    client = f", client {a.client_id}" if a.client_id is not None else ""
+    reason = f", reason {json.dumps(a.reason, ensure_ascii=False)}" if a.reason else ""
+    return f"assigned (id {a.id}, by {a.assigned_by}{client}, {until}{reason})"
 
 
 def _requirement(policy: Policy, operation: Operation) -> str | None:

@@ -66,11 +66,34 @@ class RoleSpec(StrictModel):
         return _known_capabilities(value)
 
 
+class ApprovalSpec(StrictModel):
+    """`tools: {NAME: {approval: ...}}`: a person must approve each call before it is forwarded.
+
+    `approvers` are `role:NAME` (a role the approver holds, from bindings or runtime assignments) or
+    `subject:NAME`. `hold`: the call waits up to `timeout_s` for the decision. `retry`: the call is refused at
+    once with the approval's id; once approved, the same call passes once before `timeout_s` has run out.
+    """
+
+    approvers: tuple[str, ...] = Field(min_length=1)
+    timeout_s: float = Field(600, gt=0, le=7 * 86400)
+    mode: Literal["hold", "retry"] = "hold"
+    allow_self_approval: bool = False
+
+    @field_validator("approvers")
+    @classmethod
+    def _approver_form(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [a for a in value if not (a.startswith(("role:", "subject:")) and a.partition(":")[2])]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: an approver is role:NAME or subject:NAME")
+        return value
+
+
 class Requirement(StrictModel):
     """What an item (tool, resource, prompt) demands beyond the permission to use it."""
 
     security_level: LevelName = "low"
     capabilities: tuple[str, ...] = ()
+    approval: ApprovalSpec | None = None  # tools only
 
     @field_validator("capabilities")
     @classmethod
@@ -130,6 +153,15 @@ class PolicySpec(StrictModel):
             for role_name in binding.roles:
                 if role_name not in self.roles:
                     raise ValueError(f"bindings[{index}] names unknown role {role_name!r}")
+        for kind, items in (("resources", self.resources), ("prompts", self.prompts)):
+            for name, requirement in items.items():
+                if requirement.approval is not None:
+                    raise ValueError(f"{kind}.{name}.approval: approvals are for tools only")
+        for name, requirement in self.tools.items():
+            for approver in requirement.approval.approvers if requirement.approval else ():
+                kind, _, value = approver.partition(":")
+                if kind == "role" and value not in self.roles:
+                    raise ValueError(f"tools.{name}.approval.approvers names unknown role {value!r}")
         return self
 
 
@@ -161,6 +193,13 @@ class Requirements:
 
     index: GlobIndex
     rules: tuple[Requirement, ...]
+
+    def approval(self, value: str) -> ApprovalSpec | None:
+        """The approval a call of `value` needs: that of the first pattern (in policy order) that asks for one."""
+        if not self.index:
+            return None
+        asking = [rule_id for rule_id in self.index.matching(value) if self.rules[rule_id].approval is not None]
+        return self.rules[min(asking)].approval if asking else None
 
     def of(self, value: str) -> tuple[int, frozenset[str]]:
         if not self.index:

@@ -67,6 +67,7 @@ class Channel:
         self.child = child
         self.initialize_result: dict[str, Any] = {}
         self.broken: Broken | None = None
+        self.started_at = time.time()  # wall clock, for people
         self.last_used = time.monotonic()
         self._ids = itertools.count(1)
         self._tag = secrets.token_hex(4)  # makes the ids of the child's requests unique across channels

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from gateway.exceptions import GatewayError
@@ -34,6 +35,17 @@ _LOOP_BREAKS, _LOOP_WINDOW_S = 3, 60.0
 
 class PoolFull(GatewayError):
     """Every process slot is taken by another key."""
+
+
+@dataclass(frozen=True, slots=True)
+class Running:
+    """One running process, as an operator sees it: whose it is (its isolation key), when it started (UNIX
+    seconds), and how long it has had nothing to do (None while it serves a call or a stream)."""
+
+    whose: str
+    pid: int
+    started_at: float
+    idle_s: float | None
 
 
 class Pool:
@@ -79,6 +91,11 @@ class Pool:
         self._starting.pop(key, None)
         if not task.cancelled():
             task.exception()  # retrieved here: every caller waiting on it may have gone away
+
+    def running(self) -> list[Running]:
+        now = time.monotonic()
+        return [Running(key, channel.child.pid, channel.started_at, now - channel.last_used if channel.idle else None)
+                for key, channel in self._channels.items() if channel.broken is None]
 
     def existing(self, key: str) -> Channel | None:
         channel = self._channels.get(key)

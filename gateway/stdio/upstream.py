@@ -28,6 +28,7 @@ would do with what it is forwarded, over the processes of `stdio.pool`:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import secrets
 from typing import TYPE_CHECKING, Any
 
@@ -39,7 +40,7 @@ from gateway.exchange import read_body
 from gateway.mcp_headers import PROTOCOL_VERSION_HEADER
 from gateway.stdio import modern
 from gateway.stdio.channel import HANDSHAKE_VERSION, Broken, Channel, Outlet
-from gateway.stdio.pool import Pool, PoolFull
+from gateway.stdio.pool import Pool, PoolFull, Running
 from gateway.types import RequestState, first_value, header_values, send_json
 
 if TYPE_CHECKING:
@@ -67,6 +68,11 @@ class StdioUpstream:
     @property
     def crash_looping(self) -> bool:
         return self._pool.crash_looping
+
+    def processes(self) -> list[Running]:
+        """Its running processes, each saying whose it is: a caller's subject (and client), a legacy session's,
+        or everyone's."""
+        return [dataclasses.replace(r, whose=_whose(r.whose)) for r in self._pool.running()]
 
     async def close(self) -> None:
         self._parking.close()
@@ -288,6 +294,16 @@ class _Reply:
             await self._send({"type": "http.response.body", "body": b"", "more_body": False})
         else:
             await send_json(self._send, 200 if batch else status, orjson.dumps(answers if batch else answers[0]))
+
+
+def _whose(key: str) -> str:
+    """An isolation key (`_key`) in words."""
+    kind, _, rest = key.partition(":")
+    if kind == "caller":
+        _issuer, _, subject_client = rest.partition("\0")
+        subject, _, client = subject_client.partition("\0")
+        return subject + (f" (client {client})" if client else "")
+    return f"session {rest[:8]}…" if kind == "session" else "everyone (shared)"
 
 
 def _is_request(message: dict[str, Any]) -> bool:

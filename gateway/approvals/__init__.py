@@ -1,0 +1,12 @@
+"""Approvals: a person approves one tool call before the gateway forwards it.
+
+`model` (the record and every pure decision about it), `store` (memory or
+Redis), `gate` (the request-path stage and an approver's decision), `stream`
+(progress notifications to a held client on a legacy SSE answer).
+"""
+
+from gateway.approvals.gate import ApprovalGate, ApprovalRefused, Verdict
+from gateway.approvals.model import Approval, definition_hash
+from gateway.approvals.store import open_approvals
+
+__all__ = ["Approval", "ApprovalGate", "ApprovalRefused", "Verdict", "definition_hash", "open_approvals"]
