@@ -21,6 +21,7 @@ not, naming the operator; the actions themselves are `operators`'.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -36,18 +37,13 @@ from gateway.exchange import read_body
 from gateway.types import ASGIReceive, ASGIScope, ASGISend, header_values, send_json
 
 if TYPE_CHECKING:
-    from gateway.config import Config
     from gateway.principal import Principal
     from gateway.runtime import Runtime
 
 PREFIX = "/admin/"
 _MAX_BODY = 64 * 1024
+log = logging.getLogger("gateway")
 Handler = Callable[["Runtime", "Principal", str, dict[str, Any], dict[str, str]], Awaitable[operators.Done]]
-
-
-def _scope_of(config: Config, resource: str) -> str:
-    return {"audit": config.audit.read_scope, "sessions": config.sessions.admin_scope,
-            "approvals": config.admin.approvals_scope, "roles": config.admin.roles_scope}[resource]
 
 
 # (resource, has an id, action after the id, method) -> handler(runtime, operator, id, body, query)
@@ -98,7 +94,7 @@ async def serve(runtime: Runtime, scope: ASGIScope, receive: ASGIReceive, send: 
         handler = _ROUTES.get((resource, item is not None, action, method))
         if handler is None:
             raise errors.GatewayRefusal(errors.METHOD_NOT_ALLOWED, f"{method} {scope['path']}")
-        needed = _scope_of(config, resource)
+        needed = operators.scope_for(config, resource)
         audiences = (f"{config.public_url}/admin", *(config.resource_url(u) for u in config.upstreams))
         principal = await runtime.authenticator.authenticate(header_values(scope), b"", audiences, "/admin")
         event.user_id, event.client_id = principal.subject, principal.client_id
@@ -120,6 +116,10 @@ async def serve(runtime: Runtime, scope: ASGIScope, receive: ASGIReceive, send: 
         status = refusal.refusal.http_status
         event.result, event.reason = refusal.refusal.audit_result, refusal.reason
         payload = errors.error_body(refusal.refusal, None, refusal.detail)
+    except Exception:  # a bug, or a store failing in a way it does not name: logged, answered, audited
+        log.exception("admin API error")
+        status, event.result, event.reason = 500, "error", "admin:exception"
+        payload = errors.error_body(errors.INTERNAL)
     headers = [(b"www-authenticate", challenge.encode())] if challenge is not None else []
     event.status = status
     event.duration_ms = round((time.perf_counter() - started) * 1000, 3)

@@ -85,6 +85,7 @@ def create_app(config: Config | str | Path) -> MCPSecurityMiddleware:
             "audit_sinks_writable": not runtime.audit.failing,
             "audit_accepting": runtime.audit.accepting(),
             "session_store": await runtime.sessions.ping(),
+            "role_assignments": await runtime.assignments.ready(),  # every request reads it
         }
         jwks = await runtime.authenticator.jwks_ready()
         if jwks is not None:

@@ -13,7 +13,7 @@ starts again when its row or key is lost (a FLUSHDB, a table recreated) and coul
 an idle replica remembers, which would then keep serving assignments that no longer exist.
 
 Expired assignments are never returned; they are deleted as the next assignment is added. A backend that
-cannot be reached (refused, timed out, connection lost, database locked past its timeout) raises
+cannot be reached (refused, timed out, connection lost, a SQLite file locked past its timeout or unreadable) raises
 `StateUnavailable`: the request that asked is refused (503), never decided with fewer or more roles.
 """
 
@@ -71,7 +71,7 @@ class SqliteAssignments:
 
     def __init__(self, path: Path) -> None:
         self.name = f"sqlite:{path}"
-        self.unreachable: tuple[type[Exception], ...] = (sqlite3.OperationalError, OSError)
+        self.unreachable: tuple[type[Exception], ...] = (sqlite3.DatabaseError, OSError)  # locked, corrupt, gone
         self._path = path
         self._db: sqlite3.Connection | None = None
         self._lock = threading.Lock()  # one statement at a time on the one connection

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from cachetools import LRUCache
 
+from gateway.errors import StateUnavailable
 from gateway.principal import Principal
 
 if TYPE_CHECKING:
@@ -156,6 +157,14 @@ class RoleAssignments:
         now = self._clock()
         return sorted((a for found in snapshot.by_subject.values() for a in found if a.active(now)),
                       key=lambda a: (a.assigned_at, a.id))
+
+    async def ready(self) -> bool:
+        """Whether the store answers (what `/readyz` reports)."""
+        try:
+            await self.store.generation()
+        except StateUnavailable:
+            return False
+        return True
 
     async def close(self) -> None:
         await self.store.close()

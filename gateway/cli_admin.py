@@ -119,13 +119,13 @@ def _run(args: argparse.Namespace) -> int:
             _print(args, _call(args, config, "GET", "/admin/sessions", config.sessions.admin_scope)["sessions"],
                    _SESSIONS)
         elif command == "sessions revoke":
-            answer = _call(args, config, "DELETE", f"/admin/sessions/{args.id}", config.sessions.admin_scope)
+            answer = _call(args, config, "DELETE", f"/admin/sessions/{_segment(args.id)}", config.sessions.admin_scope)
             print(f"revoked {answer['revoked']}")
         elif command == "approvals list":
             _print(args, _call(args, config, "GET", "/admin/approvals", config.admin.approvals_scope)["approvals"],
                    _APPROVALS)
         elif args.command == "approvals":
-            answer = _call(args, config, "POST", f"/admin/approvals/{args.id}/{args.action}",
+            answer = _call(args, config, "POST", f"/admin/approvals/{_segment(args.id)}/{args.action}",
                            config.admin.approvals_scope, {"reason": args.reason})
             approval = answer["approval"]
             print(f"{approval['status']} {approval['id']}: {approval['tool']} at {approval['upstream']} "
@@ -137,7 +137,8 @@ def _run(args: argparse.Namespace) -> int:
             print(f"assigned {assignment['role']} to {assignment['subject']} "
                   f"({_until(assignment['expires_at'])}): id {assignment['id']}")
         elif command == "roles revoke":
-            removed = _call(args, config, "DELETE", f"/admin/roles/{args.id}", config.admin.roles_scope)["revoked"]
+            path = f"/admin/roles/{_segment(args.id)}"
+            removed = _call(args, config, "DELETE", path, config.admin.roles_scope)["revoked"]
             print(f"revoked {removed['role']} from {removed['subject']} (id {removed['id']})")
         else:
             path = "/admin/roles" + (f"?{urllib.parse.urlencode({'subject': args.subject})}" if args.subject else "")
@@ -146,6 +147,11 @@ def _run(args: argparse.Namespace) -> int:
         print(refused, file=sys.stderr)
         return refused.code
     return 0
+
+
+def _segment(value: str) -> str:
+    """An id as one path segment: whatever it holds, it names nothing else."""
+    return urllib.parse.quote(value, safe="")
 
 
 def _duration(value: str | None) -> float | None:

@@ -172,7 +172,8 @@ class Sessions(StrictModel):
 
 
 class RoleAssignmentsStore(StrictModel):
-    """Where roles granted at run time (`mcp-gateway roles assign`) live: every replica must share one store."""
+    """Where roles granted at run time (`mcp-gateway roles assign`) live: every replica must share one store.
+    Default: a SQLite file, or the sessions' Redis when `sessions.backend` is redis."""
 
     backend: Literal["sqlite", "postgres", "redis"] = "sqlite"
     path: Path = Path("state.db")  # sqlite (created 0600); beside the config file unless absolute
@@ -360,7 +361,13 @@ def _resolve_relative_paths(data: dict[str, Any], base: Path) -> None:
         if isinstance(key_file, str):
             audit["chain_key_file"] = str(base / key_file)
     if data.get("role_assignments") is None:
-        data["role_assignments"] = {}
+        # Not given: where the other shared state lives. A gateway whose sessions are in Redis is one of several
+        # replicas or workers, and a role granted or withdrawn through one must hold on every other.
+        sessions = data.get("sessions")
+        if isinstance(sessions, dict) and sessions.get("backend") == "redis":
+            data["role_assignments"] = {"backend": "redis", "url": sessions.get("url")}
+        else:
+            data["role_assignments"] = {}
     assignments = data["role_assignments"]
     if isinstance(assignments, dict) and assignments.get("backend", "sqlite") == "sqlite":
         store = assignments.get("path", str(RoleAssignmentsStore.model_fields["path"].default))

@@ -13,7 +13,8 @@ reader sees the whole catalogue in one screen:
                       METHOD_NOT_ALLOWED    405  -32600  HTTP method other than POST, GET, DELETE
                       FORBIDDEN_ORIGIN      403  -32600  Origin not public_url's nor allowed
                       INVALID_PARAMS        400  -32602  known method, unreadable target (tools/call w/o name)
-                      NOT_FOUND             404  -32602  admin API: no such token session
+                      NOT_FOUND             404  -32602  admin API: no such token session, approval, assignment
+                      CONFLICT              409  -32600  admin API: an approval decided by someone else meanwhile
                       REQUEST_TIMEOUT       408  -32600  body not received within limits.client_body_timeout_s
     auth_failed       UNAUTHORIZED          401  -32001  no / bad / expired / revoked token
     denied            FORBIDDEN             403  -32011  policy refused (AuthorizationDenied); with an
@@ -86,6 +87,7 @@ METHOD_NOT_ALLOWED = Refusal("method_not_allowed", 405, -32600, "invalid_request
 FORBIDDEN_ORIGIN = Refusal("forbidden_origin", 403, -32600, "invalid_request", "Forbidden origin")
 INVALID_PARAMS = Refusal("invalid_params", 400, -32602, "invalid_request", "Invalid params")
 NOT_FOUND = Refusal("not_found", 404, -32602, "invalid_request", "Not found")
+CONFLICT = Refusal("conflict", 409, -32600, "invalid_request", "Conflict")
 REQUEST_TIMEOUT = Refusal("request_timeout", 408, -32600, "invalid_request", "Request body not received in time")
 UNAUTHORIZED = Refusal("unauthorized", 401, -32001, "auth_failed", "Unauthorized")
 FORBIDDEN = Refusal("forbidden", 403, -32011, "denied", "Forbidden")
@@ -122,6 +124,7 @@ CATALOGUE: tuple[Refusal, ...] = (
     FORBIDDEN_ORIGIN,
     INVALID_PARAMS,
     NOT_FOUND,
+    CONFLICT,
     REQUEST_TIMEOUT,
     UNAUTHORIZED,
     FORBIDDEN,

@@ -32,7 +32,6 @@ imports nothing from the package, so every module may import it.
   + OAuthClientError .......... oauth.metadata: the gateway's own OAuth flow (connect, an upstream's token) cannot go on
   | + TokenRefused ............ oauth.client: the token endpoint answered with an OAuth error (e.g. invalid_grant)
   + TokenStoreError ........... oauth.store: the token store of `connect` cannot be used as it is
-  + ApprovalRefused ........... approvals.gate: an approver's decision that may not be made (no such, not theirs)
   + _OAuthError ............... auth.server: an OAuth error answer (private)
   + _Violation ................ upstream_http: an answer breaking a rule of the client (private)
   + _Unreadable ............... inspect: an upstream answer (or an event of one) that cannot be inspected (private)

@@ -110,7 +110,15 @@ class MCPSecurityMiddleware:
                 token = progress_token(ex)
                 held = HeldAnswer(send, token) if token is not None else None
                 send = held or send  # a held client's answer may be carried in the SSE answer started for it
-                await self.runtime.approvals.check(ex, held.progress if held is not None else None)
+
+                async def recheck(op: mcp.Operation) -> Decision:
+                    """After a wait: the token once more, then `op` decided as of now."""
+                    again = await self.runtime.authenticator.authenticate(
+                        headers, ex.scope.get("query_string", b""), self.config.resource_url(upstream), upstream.path)
+                    ex.principal, ex.policy = await self.runtime.assignments.apply(again), self.runtime.policy
+                    return self.decide(ex, op)
+
+                await self.runtime.approvals.check(ex, receive, recheck, held.progress if held is not None else None)
         except errors.GatewayRefusal as refusal:
             await self._refuse(ex, send, refusal)
             return
@@ -139,8 +147,10 @@ class MCPSecurityMiddleware:
         """For each refused message, by index: how it is answered."""
         assert ex.policy is not None
         explain = ex.policy.deny_detail == "explain"
-        # the approval gate runs last: a message it has a verdict for and that is refused, it refused
-        return {index: refusals.approval_denial(op, ex.approvals[index]) if index in ex.approvals else
+        # the approval gate runs last: a refused message it has a verdict for it refused, unless the policy did
+        # once more after a wait (withdrawn)
+        return {index: refusals.approval_denial(op, ex.approvals[index])
+                if index in ex.approvals and ex.approvals[index].outcome != "withdrawn" else
                 refusals.denial(op, decision, era=ex.era, explain=explain, upstream_path=ex.upstream.path,
                                 challenger=self.runtime.authenticator)
                 for index, (op, decision) in enumerate(zip(ex.operations, ex.decisions, strict=True))

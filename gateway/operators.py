@@ -4,7 +4,8 @@ Owns each action on the running gateway's state (read the audit trail, list
 and revoke token sessions, list and decide approvals, list, assign and revoke
 roles) and what it is recorded as: each returns `Done`, its result and the
 audit reason of the event the channel records with the operator as its
-`user_id`. A refused action raises `GatewayRefusal`. Who the operator is and
+`user_id`. A refused action raises `GatewayRefusal`; a change is refused while
+the audit trail cannot take its event (`recordable`). Who the operator is and
 which scope each action needs is the channel's business.
 """
 
@@ -15,7 +16,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from gateway import errors
-from gateway.approvals import ApprovalRefused
 from gateway.assignments import Assignment
 from gateway.audit.reading import BadQuery, query_from, reader_for
 from gateway.policy.engine import roles_for
@@ -23,6 +23,7 @@ from gateway.policy.engine import roles_for
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
+    from gateway.config import Config
     from gateway.principal import Principal
     from gateway.runtime import Runtime
 
@@ -33,6 +34,21 @@ MAX_REASON = 500
 class Done:
     result: dict[str, Any]
     reason: str  # the audit event's reason
+
+
+def scope_for(config: Config, part: str) -> str:
+    """The scope an operator needs for a part of the gateway's state (admin: the console itself; audit, sessions,
+    approvals, roles), as configured: the admin API and the console ask the same."""
+    return {"admin": config.admin.scope, "audit": config.audit.read_scope, "sessions": config.sessions.admin_scope,
+            "approvals": config.admin.approvals_scope, "roles": config.admin.roles_scope}[part]
+
+
+def recordable(runtime: Runtime) -> None:
+    """Refuse a change while the audit trail cannot take its event: no grant, revocation or decision may go
+    unrecorded (the request path holds itself to the same rule)."""
+    if not runtime.audit.accepting():
+        runtime.metrics.requests_refused_for_audit.inc()
+        raise errors.GatewayRefusal(errors.AUDIT_UNAVAILABLE, "audit trail unavailable", reason="audit_unavailable")
 
 
 def _bad(why: str, reason: str) -> errors.GatewayRefusal:
@@ -58,6 +74,7 @@ async def list_sessions(runtime: Runtime) -> Done:
 
 
 async def revoke_session(runtime: Runtime, token_id: str) -> Done:
+    recordable(runtime)
     known = {t.token_id: t for t in await runtime.sessions.tokens()}.get(token_id)
     if known is None:
         raise errors.GatewayRefusal(errors.NOT_FOUND, f"no token session {token_id!r}", reason="admin:no_such_session")
@@ -74,22 +91,18 @@ async def roles_of(runtime: Runtime, principal: Principal) -> tuple[str, ...]:
 async def list_approvals(runtime: Runtime) -> Done:
     now = time.time()
     approvals = sorted(await runtime.approvals.store.listing(),
-                       key=lambda a: (a.status != "pending" or not a.live(now), -a.created_at))
-    items = [{**a.as_dict(), "status": a.status if a.live(now) or a.status != "pending" else "expired"}
-             for a in approvals]
+                       key=lambda a: (a.status_at(now) != "pending", -a.created_at))
+    items = [{**a.as_dict(), "status": a.status_at(now)} for a in approvals]
     return Done({"count": len(items), "approvals": items}, "admin:approvals_list")
 
 
 async def decide_approval(runtime: Runtime, operator: Principal, approval_id: str, *, approve: bool,
                           reason: str) -> Done:
     """An approver's decision: they must be one the policy names, and not the caller (unless it allows that)."""
-    try:
-        approval = await runtime.approvals.decide(
-            approval_id, approve=approve, by=operator.subject, roles=await roles_of(runtime, operator),
-            reason=reason[:MAX_REASON])
-    except ApprovalRefused as refused:
-        refusal = errors.NOT_FOUND if refused.status == 404 else errors.FORBIDDEN
-        raise errors.GatewayRefusal(refusal, refused.why, reason=f"approval:refused:{approval_id}") from None
+    recordable(runtime)
+    approval = await runtime.approvals.decide(
+        approval_id, approve=approve, by=operator.subject, roles=await roles_of(runtime, operator),
+        reason=reason[:MAX_REASON])
     return Done({"approval": approval.as_dict()}, f"approval:{approval.status}:{approval.id}")
 
 
@@ -101,6 +114,7 @@ async def list_roles(runtime: Runtime, subject: str | None = None) -> Done:
 
 async def assign_role(runtime: Runtime, operator: Principal, *, subject: str, role: str,
                       client_id: str | None = None, ttl_s: float | None = None, reason: str = "") -> Done:
+    recordable(runtime)
     if not subject or len(subject) > 256:
         raise _bad("subject is required (at most 256 characters)", "roles:bad_subject")
     if role not in runtime.policy.roles:
@@ -118,6 +132,7 @@ async def assign_role(runtime: Runtime, operator: Principal, *, subject: str, ro
 
 
 async def revoke_role(runtime: Runtime, assignment_id: str) -> Done:
+    recordable(runtime)
     removed = await runtime.assignments.remove(assignment_id)
     if removed is None:
         raise errors.GatewayRefusal(errors.NOT_FOUND, f"no role assignment {assignment_id!r}",

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 import orjson
 
 from gateway import errors
+from gateway.approvals.model import MAX_ARGUMENTS_BYTES
 
 if TYPE_CHECKING:
     from gateway.approvals import Verdict
@@ -107,6 +108,10 @@ def approval_denial(op: Operation, verdict: Verdict) -> Denial:
     arguments), denied by an approver, or expired. `error.data` names the approval, so a client (and the person
     asked to approve) can refer to it."""
     approval = verdict.approval
+    if approval is None:  # none was made
+        why = (f"arguments over {MAX_ARGUMENTS_BYTES // 1024} KiB cannot be put before an approver"
+               if verdict.outcome == "too_large" else "too many of your calls await an approval already")
+        return Denial(403, errors.error_body(errors.FORBIDDEN, op.request_id, f"{op.name}: {why}"))
     data: dict[str, object] = {"approval_id": approval.id, "tool": approval.tool}
     if verdict.outcome == "pending":
         refusal = errors.APPROVAL_REQUIRED

@@ -110,6 +110,10 @@ class SessionStore(Protocol):
     async def claim_once(self, key: str, ttl_s: float) -> bool:
         """Claim `key` for `ttl_s` seconds: True for the first claim, False while it stands (whoever made it)."""
 
+    async def tally(self, key: str, window_s: float, add: int = 1) -> int:
+        """Add `add` to the count of `key` and return it; a count starts at its first addition and lasts
+        `window_s` (a fixed window, shared by replicas)."""
+
     async def ping(self) -> bool:
         """Whether the store answers."""
 
@@ -129,6 +133,8 @@ class MemorySessions:
             maxsize=config.max_sessions, ttu=lambda _k, v, _now: v[1], timer=time.time)
         self._claimed: TLRUCache[str, float] = TLRUCache(  # key -> until
             maxsize=config.max_sessions, ttu=lambda _k, v, _now: v, timer=time.time)
+        self._tallies: TLRUCache[str, tuple[int, float]] = TLRUCache(  # key -> (count, until)
+            maxsize=config.max_sessions, ttu=lambda _k, v, _now: v[1], timer=time.time)
 
     async def bind(self, session_id: str, identity: Identity) -> None:
         self._bindings[session_id] = identity
@@ -189,6 +195,11 @@ class MemorySessions:
             return False
         self._claimed[key] = time.time() + ttl_s
         return True
+
+    async def tally(self, key: str, window_s: float, add: int = 1) -> int:
+        count, until = self._tallies.get(key, (0, time.time() + window_s))
+        self._tallies[key] = (count + add, until)
+        return count + add
 
     async def ping(self) -> bool:
         return True
@@ -348,6 +359,14 @@ class RedisSessions:
     @reached
     async def claim_once(self, key: str, ttl_s: float) -> bool:
         return bool(await self._redis.set(f"mcpgw:once:{key}", b"1", nx=True, ex=max(1, math.ceil(ttl_s))))
+
+    @reached
+    async def tally(self, key: str, window_s: float, add: int = 1) -> int:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.incrby(f"mcpgw:tally:{key}", add)
+            pipe.expire(f"mcpgw:tally:{key}", max(1, math.ceil(window_s)), nx=True)
+            count, _ = await pipe.execute()
+        return int(count)
 
     async def ping(self) -> bool:
         try:

@@ -61,6 +61,8 @@ async def shoot(gateway: Deployment, page_name: str, out: Path) -> None:
         browser = await launch(playwright)
         page = await (await browser.new_context(viewport={"width": 1280, "height": 800})).new_page()
         await page.goto(login_url(gateway.runtime.config, gateway.runtime.authenticator, "rita"))
+        async with page.expect_navigation():
+            await page.get_by_role("button", name="Sign in as rita").click()
         earlier = asyncio.ensure_future(olga.call_tool("delete_file", {"path": "/srv/build/cache"}))
         await wait_for_pending(gateway, 1)
         await page.goto(f"{base}/admin/ui/approvals")

@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 import httpx2
+import jwt
 import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
@@ -30,6 +31,7 @@ from gateway.approvals.model import Approval, approver_refusal, call_binding, de
 from gateway.policy import PolicyError, parse_policy
 from gateway.policy.model import ApprovalSpec
 from tests.harness import DEFAULT_POLICY, ROOT, Deployment, build_server, deploy, proxy_for
+from tests.test_bad_input import BASE_HEADERS, modern
 
 CALLER = ("https://gw", "alice", "")
 SPEC = ApprovalSpec(approvers=("role:release-managers",), timeout_s=60, mode="retry")
@@ -413,10 +415,220 @@ async def test_an_approved_call_is_taken_once_however_many_requests_race_for_it(
     approved = decided(replace(_approval(), id=uuid.uuid4().hex, created_at=now, expires_at=now + 60),
                        approve=True, by="rita", reason="", now=now)
     try:
-        await store.put(approved)
+        assert await store.create(approved) == approved
         taken = await asyncio.gather(*(store.swap(approved, replace(approved, status="used")) for _ in range(20)))
         assert taken.count(True) == 1
         assert (await store.get(approved.id)).status == "used"  # type: ignore[union-attr]
         assert (await store.for_call(approved.call)) == await store.get(approved.id)
     finally:
         await store.close()
+
+
+async def test_a_held_call_whose_client_leaves_stops_waiting_and_its_approval_stays_pending(tmp_path: Path) -> None:
+    gateway = deploy("proxy", tmp_path, policy=HOLD)
+    try:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(10, read=0.5)) as http:
+            with pytest.raises(httpx.ReadTimeout):  # the client gives up long before timeout_s (30 s)
+                await http.post(**_modern_call(gateway, gateway.token(), "echo", {"text": "bye"}))
+        deadline = time.monotonic() + 10
+        while not [e for e in gateway.audit_events() if e["operation"] == "tools/call"]:
+            assert time.monotonic() < deadline, "the held call was still waiting after its client left"
+            await asyncio.sleep(0.05)
+        [event] = [e for e in gateway.audit_events() if e["operation"] == "tools/call"]
+        assert (event["result"], event["reason"], event["approval_granted"]) == ("denied", "approval:pending", None)
+        [pending] = _admin(gateway, "GET", "/admin/approvals").json()["approvals"]
+        assert pending["status"] == "pending" and pending["id"] == event["approval_id"]
+        assert _calls_of(gateway, "echo") == []
+    finally:
+        gateway.stop()
+
+
+HOLD_DELETE = _policy(delete_file={"approval": {"approvers": ["role:release-managers"], "mode": "hold",
+                                                "timeout_s": 30}})
+
+
+def _modern_call(gateway: Deployment, token: str, tool: str, arguments: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of `httpx.post` for a 2026-07-28 tools/call (the status and body as the gateway answers)."""
+    headers, body = modern("tools/call", {"name": tool, "arguments": arguments})
+    return {"url": gateway.url, "json": body,
+            "headers": {**BASE_HEADERS, **headers, "authorization": f"Bearer {token}"}}
+
+
+async def test_a_held_call_is_decided_again_when_approved_a_withdrawn_role_refuses_it(tmp_path: Path) -> None:
+    gateway = deploy("proxy", tmp_path, policy=HOLD_DELETE)
+    runtime = gateway.runtime
+    try:
+        made = _admin(gateway, "POST", "/admin/roles", scope="roles:admin",
+                      body={"subject": "alice", "role": "operator"})
+        async with httpx.AsyncClient(timeout=20) as http:
+            call = asyncio.create_task(http.post(**_modern_call(gateway, gateway.token(), "delete_file",
+                                                                {"path": "/srv/a"})))
+            approval_id = await _pending(gateway, "delete_file")
+            withdrawn = await asyncio.to_thread(_admin, gateway, "DELETE",
+                                                f"/admin/roles/{made.json()['assignment']['id']}", scope="roles:admin")
+            assert withdrawn.status_code == 200
+            assert (await asyncio.to_thread(_admin, gateway, "POST",
+                                            f"/admin/approvals/{approval_id}/approve")).status_code == 200
+            answer = await asyncio.wait_for(call, 10)
+        assert answer.json()["error"]["code"] == -32602  # as the policy answers a tool the caller cannot see
+        assert _calls_of(gateway, "delete_file") == []
+        assert gateway.gateway.call(runtime.approvals.store.get(approval_id)).status == "approved"  # unused
+        [event] = [e for e in gateway.audit_events() if e["operation"] == "tools/call"]
+        assert (event["result"], event["reason"], event["approval_granted"]) == ("denied", "no-grant:tool", 1)
+    finally:
+        gateway.stop()
+
+
+async def test_a_held_call_whose_token_is_revoked_while_it_waits_is_refused(tmp_path: Path) -> None:
+    gateway = deploy("proxy", tmp_path, policy=HOLD_DELETE)
+    try:
+        token = _operator(gateway)
+        async with httpx.AsyncClient(timeout=20) as http:
+            call = asyncio.create_task(http.post(**_modern_call(gateway, token, "delete_file", {"path": "/srv/b"})))
+            approval_id = await _pending(gateway, "delete_file")
+            jti = jwt.decode(token, options={"verify_signature": False})["jti"]
+            revoked = await asyncio.to_thread(_admin, gateway, "DELETE", f"/admin/sessions/{jti}",
+                                              scope="sessions:admin")
+            assert revoked.status_code == 200
+            assert (await asyncio.to_thread(_admin, gateway, "POST",
+                                            f"/admin/approvals/{approval_id}/approve")).status_code == 200
+            answer = await asyncio.wait_for(call, 10)
+        assert answer.status_code == 401 and "revoked" in answer.json()["error"]["message"]
+        assert _calls_of(gateway, "delete_file") == []
+    finally:
+        gateway.stop()
+
+
+async def test_a_tool_redefined_while_its_call_waits_needs_an_approval_of_its_own(tmp_path: Path) -> None:
+    server = build_server()
+    gateway = deploy("proxy", tmp_path, upstream_app=server.streamable_http_app(), policy=HOLD_DELETE)
+    try:
+        token = _operator(gateway)
+        async with _client(gateway, "auto", token) as session, httpx.AsyncClient(timeout=20) as http:
+            await session.list_tools()
+            call = asyncio.create_task(http.post(**_modern_call(gateway, token, "delete_file", {"path": "/srv/c"})))
+            first = await _pending(gateway, "delete_file")
+
+            def delete_file(path: str) -> str:
+                return f"wiped {path}"
+
+            server.remove_tool("delete_file")
+            server.add_tool(delete_file, description="Delete a file, and its neighbours.")
+            await session.list_tools()  # the gateway sees the new definition
+            approved = await asyncio.to_thread(_admin, gateway, "POST", f"/admin/approvals/{first}/approve")
+            assert approved.status_code == 200
+            deadline = time.monotonic() + 10
+            while (second := await _pending(gateway, "delete_file")) == first:  # asked anew, for the new tool
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            assert not call.done() and _calls_of(gateway, "delete_file") == []
+            assert (await asyncio.to_thread(_admin, gateway, "POST",
+                                            f"/admin/approvals/{second}/approve")).status_code == 200
+            answer = await asyncio.wait_for(call, 10)
+        assert answer.json()["result"]["content"][0]["text"] == "wiped /srv/c"
+    finally:
+        gateway.stop()
+
+
+async def test_approvers_read_the_whole_arguments_while_the_audit_keeps_them_redacted(
+        retry_gateway: Deployment) -> None:
+    gateway = retry_gateway
+    async with _client(gateway, "auto", _operator(gateway)) as session:
+        with pytest.raises(MCPError) as asked:
+            await session.call_tool("delete_file", {"path": "/srv/x", "api_key": "k-123"})
+    [listed] = _admin(gateway, "GET", "/admin/approvals").json()["approvals"]
+    assert listed["arguments"] == '{"api_key":"k-123","path":"/srv/x"}'
+    _admin(gateway, "POST", f"/admin/approvals/{asked.value.error.data['approval_id']}/deny")
+    recorded = {e["operation"]: e["arguments"] for e in gateway.audit_events() if e["arguments"]}
+    assert recorded == {"tools/call": '{"path":"/srv/x","api_key":"[REDACTED]"}',
+                        "approvals/denied": '{"api_key":"[REDACTED]","path":"/srv/x"}'}
+
+
+async def test_a_caller_cannot_flood_approvers_nor_ask_about_what_cannot_be_shown(tmp_path: Path) -> None:
+    from gateway.approvals.store import MAX_PENDING_PER_CALLER
+
+    gateway = deploy("proxy", tmp_path, policy=RETRY, limits={"max_body_bytes": 1_000_000, "max_json_depth": 32})
+    try:
+        async with _client(gateway, "auto", _operator(gateway)) as session:
+            for n in range(MAX_PENDING_PER_CALLER):
+                with pytest.raises(MCPError) as asked:
+                    await session.call_tool("delete_file", {"path": f"/tmp/{n}"})
+                assert asked.value.error.code == -32014
+            with pytest.raises(MCPError) as flooded:
+                await session.call_tool("delete_file", {"path": "/tmp/one-more"})
+            assert flooded.value.error.code == -32011 and "too many" in flooded.value.error.message
+            with pytest.raises(MCPError) as huge:
+                await session.call_tool("delete_file", {"path": "/tmp/" + "x" * 300_000})
+            assert huge.value.error.code == -32011 and "cannot be put before an approver" in huge.value.error.message
+        assert len(_admin(gateway, "GET", "/admin/approvals").json()["approvals"]) == MAX_PENDING_PER_CALLER
+    finally:
+        gateway.stop()
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_requests_racing_for_a_new_call_make_one_approval(backend: str) -> None:
+    from gateway.approvals.store import open_approvals
+    from gateway.config import Sessions
+
+    store = open_approvals(Sessions(backend=backend, url="redis://127.0.0.1:6379/0" if backend == "redis" else None))
+    caller = ("https://gw", f"racer-{uuid.uuid4().hex}", "")
+    call, arguments_hash = call_binding(caller, "demo", "deploy", {"n": 1}, None)
+    now = time.time()
+    try:
+        made = await asyncio.gather(*(store.create(new_approval(
+            SPEC, call=call, caller=caller, upstream="demo", tool="deploy", arguments="{}",
+            arguments_hash=arguments_hash, definition=None, now=now)) for _ in range(20)))
+        assert len({a.id for a in made if a is not None}) == 1 and None not in made
+        assert (await store.for_call(call)) == made[0]
+    finally:
+        await store.close()
+
+
+def test_a_held_batch_puts_every_call_before_the_approvers_at_once(tmp_path: Path) -> None:
+    from tests.harness import ServerThread, free_port, write_config
+    from tests.node_peers import server_everything
+
+    policy = {"roles": {"echoer": {"permissions": {"can_execute_tools": ["echo"]}}},
+              "bindings": [{"when": {"scope": "mcp:tools"}, "roles": ["echoer"]}],
+              "tools": {"echo": {"approval": {"approvers": ["subject:rita"], "mode": "hold", "timeout_s": 30}}}}
+    from gateway import create_app
+
+    with server_everything() as upstream_url:
+        port = free_port()
+        app = create_app(write_config(tmp_path, upstream_url, policy=policy, public_url=f"http://127.0.0.1:{port}"))
+        server = ServerThread(app, port).start()
+        gateway = Deployment("proxy", server, None, app.runtime, tmp_path / "gateway.yaml")  # type: ignore[arg-type]
+        try:
+            config = app.runtime.config
+            token = app.runtime.authenticator.issue_token(
+                subject="bob", audience=config.resource_url(config.upstreams[0]), scopes=["mcp:tools"])
+            headers = {"Authorization": f"Bearer {token}", "Accept": "application/json, text/event-stream"}
+            url = f"{server.url}/mcp"
+            init = httpx.post(url, headers=headers, json={"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+                "protocolVersion": "2025-03-26", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}})
+            headers["Mcp-Session-Id"] = init.headers["mcp-session-id"]
+            httpx.post(url, headers=headers, json={"jsonrpc": "2.0", "method": "notifications/initialized"})
+            batch = [{"jsonrpc": "2.0", "id": i, "method": "tools/call",
+                      "params": {"name": "echo", "arguments": {"message": text}}} for i, text in ((2, "a"), (3, "b"))]
+
+            async def run() -> httpx.Response:
+                async with httpx.AsyncClient(timeout=20) as http:
+                    answer = asyncio.create_task(http.post(url, headers=headers, json=batch))
+                    deadline = time.monotonic() + 10
+                    while True:  # both asked before either is decided
+                        listed = (await asyncio.to_thread(_admin, gateway, "GET", "/admin/approvals")).json()
+                        if len(listed["approvals"]) == 2:
+                            break
+                        assert time.monotonic() < deadline, listed
+                        await asyncio.sleep(0.05)
+                    for approval in listed["approvals"]:
+                        path = f"/admin/approvals/{approval['id']}/approve"
+                        assert (await asyncio.to_thread(_admin, gateway, "POST", path)).status_code == 200
+                    return await asyncio.wait_for(answer, 10)
+
+            answered = asyncio.run(run())
+            texts = {m["id"]: m["result"]["content"][0]["text"] for m in (
+                json.loads(line[6:]) for line in answered.text.splitlines() if line.startswith("data: "))}
+            assert texts == {2: "Echo: a", 3: "Echo: b"}
+        finally:
+            server.stop()

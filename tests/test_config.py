@@ -219,3 +219,17 @@ def test_serve_requires_an_upstream_url(tmp_path: Path) -> None:
     done = cli("serve", "--config", str(path))
     assert done.returncode == 2
     assert f"{path}: upstreams[0].url: required to run as a reverse proxy" in done.stderr
+
+
+@pytest.mark.parametrize(("sessions", "given", "store"), [
+    ({}, None, ("sqlite", None)),
+    ({"backend": "redis", "url": "redis://10.0.0.5:6379/2"}, None, ("redis", "redis://10.0.0.5:6379/2")),
+    ({"backend": "redis", "url": "redis://10.0.0.5:6379/2"}, {"backend": "sqlite"}, ("sqlite", None)),
+])
+def test_runtime_roles_live_with_the_sessions_unless_told_otherwise(
+        tmp_path: Path, sessions: dict[str, str], given: dict[str, str] | None, store: tuple[str, str | None]) -> None:
+    """Replicas (sessions in Redis) share their role assignments by default: one granted or withdrawn through one
+    replica holds on the others."""
+    config = load_config(write(tmp_path, {"upstreams": [UPSTREAM], "sessions": sessions,
+                                          **({"role_assignments": given} if given else {})}))
+    assert (config.role_assignments.backend, config.role_assignments.url) == store

@@ -45,8 +45,15 @@ def test_around_an_in_process_app_the_console_serves_and_refuses_what_a_session_
         config = gateway.runtime.config
         only_admin = login_url(config, gateway.runtime.authenticator, "vera", scopes=[config.admin.scope])
         with httpx.Client(base_url=config.public_url) as browser:
-            signed_in = browser.get(only_admin)
-            assert signed_in.status_code == 200 and 'content="0;url=/admin/"' in signed_in.text
+            offered = browser.get(only_admin)
+            assert offered.status_code == 200 and "Sign in as vera" in offered.text
+            assert browser.get(only_admin).status_code == 200, "opening the link spends nothing"
+            token = only_admin.split("token=", 1)[1]
+            elsewhere = browser.post("/admin/login", data={"token": token},
+                                     headers={"origin": "http://127.0.0.1:1", "sec-fetch-site": "cross-site"})
+            assert elsewhere.status_code == 403 and browser.cookies.get("mcpgw_console") is None
+            signed_in = browser.post("/admin/login", data={"token": token}, headers={"origin": config.public_origin})
+            assert signed_in.status_code == 303 and signed_in.headers["location"] == "/admin/"
             upstreams = browser.get("/admin/ui/upstreams")
             assert upstreams.status_code == 200 and "in-process" in upstreams.text
             assert 'href="/admin/ui/roles"' not in upstreams.text, "no link to a page the session may not open"
@@ -104,9 +111,11 @@ def gateway(tmp_path: Path) -> Iterator[Deployment]:
 
 async def sign_in(tab: Tab, gateway: Deployment, subject: str = "rita") -> None:
     config = gateway.runtime.config
-    response = await tab.goto(login_url(config, gateway.runtime.authenticator, subject))
+    await tab.goto(login_url(config, gateway.runtime.authenticator, subject))
+    response = await tab.submit(tab.page.get_by_role("button", name=f"Sign in as {subject}"))
     assert tab.page.url == f"{config.public_url}/admin/", "the token must leave the address bar"
-    assert response.status == 200 and await tab.page.locator("h1").inner_text() == "Overview"
+    assert response is not None and response.status == 200
+    assert await tab.page.locator("h1").inner_text() == "Overview"
 
 
 def events(gateway: Deployment, operation_prefix: str) -> list[tuple[Any, ...]]:
@@ -124,6 +133,7 @@ async def test_sign_in_works_once_and_every_page_is_served_under_the_csp(
     url = capsys.readouterr().out.strip()
     assert url.startswith(f"{base}/admin/login?token=")
     await tab.goto(url)
+    await tab.submit(tab.page.get_by_role("button", name="Sign in as rita"))
     assert tab.page.url == f"{base}/admin/", "the token must leave the address bar"
     [cookie] = await tab.page.context.cookies()
     assert (cookie["name"], cookie["path"], cookie["httpOnly"], cookie["sameSite"], cookie["secure"]) == (
@@ -150,7 +160,8 @@ async def test_sign_in_works_once_and_every_page_is_served_under_the_csp(
     assert all(r.headers["content-security-policy"] == CSP for r in tab.responses) and len(tab.responses) > 10
     logins = events(gateway, "console/login")
     assert [(op, result, reason.split(" ")[0], user, status) for op, result, reason, user, status in logins] == [
-        ("console/login", "allowed", "console:login", "rita", 200),
+        ("console/login", "allowed", "console:login_offered", "rita", 200),
+        ("console/login", "allowed", "console:login", "rita", 303),
         ("console/login", "denied", "console:login:revoked", None, 403)]
     assert ("console/roles:view", "auth_failed", "console:session:no_session", None, 303) in events(gateway, "con")
 
@@ -286,7 +297,7 @@ async def test_a_form_posted_from_another_origin_or_without_the_token_is_refused
 
 async def test_a_sign_in_link_opened_from_another_site_signs_in(tab: Tab, gateway: Deployment) -> None:
     """SameSite=Strict withholds the cookie from navigations another site starts (a link in a web chat): the
-    sign-in answer moves on to the console by its own page's refresh, which is the gateway's own navigation."""
+    sign-in is the form of the page the link opens, so the cookie is set and sent by the gateway's own pages."""
     config = gateway.runtime.config
     link = login_url(config, gateway.runtime.authenticator, "rita")
     chat = ServerThread(site_app({"/": (b"text/html", f'<!doctype html><a href="{link}">console</a>'.encode())}))
@@ -295,6 +306,7 @@ async def test_a_sign_in_link_opened_from_another_site_signs_in(tab: Tab, gatewa
         port = chat.url.rsplit(":", 1)[1]
         await tab.goto(f"http://localhost:{port}/")  # localhost is another site than 127.0.0.1
         await tab.submit(tab.page.get_by_role("link", name="console"))
+        await tab.submit(tab.page.get_by_role("button", name="Sign in as rita"))
         await tab.page.wait_for_url(f"{config.public_url}/admin/")
         assert await tab.page.locator("h1").inner_text() == "Overview"
     finally:

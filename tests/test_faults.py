@@ -81,6 +81,7 @@ def test_redis_stopped_is_a_503_for_every_request_and_started_again_serves_witho
         assert len(deployment.recorder.requests) == seen  # nothing reached the upstream unchecked
         ready = httpx.get(f"{deployment.gateway.url}/readyz")
         assert ready.status_code == 503 and ready.json()["checks"]["session_store"] is False
+        assert ready.json()["checks"]["role_assignments"] is False  # the sessions' Redis holds them too
 
         redis_server.start()
         assert call(deployment.url, token).status_code == 200
@@ -89,6 +90,34 @@ def test_redis_stopped_is_a_503_for_every_request_and_started_again_serves_witho
         assert [(e["result"], e["status"]) for e in events] == [
             ("allowed", 200), *[("error", 503)] * 3, ("allowed", 200)]
         assert all(e["reason"].startswith("state_unavailable:") for e in events[1:4])
+    finally:
+        deployment.stop()
+
+
+def test_with_redis_stopped_the_token_endpoint_issues_nothing_and_says_why(
+        tmp_path: Path, redis_server: RedisServer) -> None:
+    """A token the gateway cannot record as a token session (nor a one-time code it cannot claim) is not issued:
+    503 temporarily_unavailable, audited, never a traceback."""
+    from gateway.auth.secrets import hash_secret
+
+    secret = "a-client-secret-long-enough"
+    deployment = deploy("proxy", tmp_path, sessions={"backend": "redis",
+                                                     "url": f"redis://127.0.0.1:{redis_server.port}/0"},
+                        auth={"clients": {"signing_key_file": str(tmp_path / "key.pem"), "registered": [
+                            {"client_id": "ci-bot", "secret_hash": hash_secret(secret), "scopes": ["mcp:tools"]}]}})
+    url = f"{deployment.gateway.url}/oauth/token"
+    form = {"grant_type": "client_credentials"}
+    try:
+        assert httpx.post(url, data=form, auth=("ci-bot", secret)).status_code == 200
+        redis_server.stop()
+        refused = httpx.post(url, data=form, auth=("ci-bot", secret))
+        assert (refused.status_code, refused.json()["error"]) == (503, "temporarily_unavailable")
+        redis_server.start()
+        assert httpx.post(url, data=form, auth=("ci-bot", secret)).status_code == 200
+        issued = [(e["result"], e["status"], e["reason"].split(":")[0]) for e in deployment.audit_events()
+                  if e["operation"] == "oauth/token"]
+        assert issued == [("allowed", 200, "token_issued"), ("error", 503, "state_unavailable"),
+                          ("allowed", 200, "token_issued")]
     finally:
         deployment.stop()
 

@@ -21,6 +21,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
 from tests.harness import ROOT, Deployment, Recorder, ServerThread, build_server, proxy_for
+from tests.test_bad_input import BASE_HEADERS, modern
 
 
 def _client(deployment: Deployment, token: str, url: str | None = None) -> Client:
@@ -150,3 +151,29 @@ async def test_two_gateways_sharing_postgresql_see_each_others_assignments(tmp_p
         connection = await asyncpg.connect("postgresql://127.0.0.1:5432/test")
         await connection.execute(f"DROP TABLE IF EXISTS {table}")
         await connection.close()
+
+
+def test_no_role_changes_while_the_audit_trail_cannot_record_them(tmp_path: Path) -> None:
+    from tests.harness import deploy
+
+    path = tmp_path / "audit.jsonl"
+    gateway = deploy("proxy", tmp_path, audit={"sinks": [{"type": "jsonl", "path": str(path)}],
+                                               "on_sink_failure": "fail_closed"})
+    headers, ping = modern("tools/call", {"name": "echo", "arguments": {"text": "x"}})
+    headers = {**BASE_HEADERS, **headers, "authorization": f"Bearer {gateway.token()}"}
+    try:
+        assert httpx.post(gateway.url, json=ping, headers=headers).status_code == 200
+        gateway.gateway.call(gateway.runtime.audit.flush())
+        path.rename(tmp_path / "kept.jsonl")
+        path.mkdir()  # a directory where the file was: every write fails (root ignores file modes)
+        deadline = time.monotonic() + 10
+        while httpx.post(gateway.url, json=ping, headers=headers).status_code != 503:
+            assert time.monotonic() < deadline, "the gateway never noticed its audit trail failing"
+            time.sleep(0.05)
+        refused = _admin(gateway, "POST", "/admin/roles", {"subject": "alice", "role": "operator"})
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == -32053
+        assert gateway.gateway.call(gateway.runtime.assignments.all()) == []
+        path.rmdir()  # the trail mended, so that stopping flushes what waited
+        (tmp_path / "kept.jsonl").rename(path)
+    finally:
+        gateway.stop()

@@ -151,6 +151,23 @@ async def test_claim_once_is_true_once_per_key_even_when_raced(backend: str) -> 
         await store.close()
 
 
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_a_tally_counts_within_its_window_for_every_replica_sharing_the_store(backend: str) -> None:
+    config = Sessions(**(REDIS if backend == "redis" else {}))
+    one = open_sessions(config)
+    two = open_sessions(config) if backend == "redis" else one
+    key = f"test:{uuid.uuid4().hex}"
+    try:
+        counts = await asyncio.gather(*(store.tally(key, 60) for store in (one, two, one)))
+        assert sorted(counts) == [1, 2, 3]
+        assert await two.tally(key, 60, add=-1) == 2
+        assert await one.tally(key, 60, add=0) == 2
+    finally:
+        await one.close()
+        if two is not one:
+            await two.close()
+
+
 async def test_a_memory_claim_lapses_after_its_ttl() -> None:
     store = open_sessions(Sessions())
     assert await store.claim_once("k", 0.2) is True
@@ -330,3 +347,28 @@ def test_hash_secret_totp_prints_a_working_secret_and_its_uri_without_reading_st
     stray = subprocess.run([sys.executable, "-m", "gateway.cli", "hash-secret", "--account", "ci-bot"],
                            input=SECRET + "\n", capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert stray.returncode == 2 and "--totp" in stray.stderr
+
+
+async def test_past_the_failure_limit_no_code_is_checked_however_many_guesses_race(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.auth.server import MAX_OTP_FAILURES
+
+    monkeypatch.setenv("MFA_BOT_TOTP", TOTP)
+    clients = [{"client_id": "mfa-bot", "secret_hash": HASH, "scopes": ["mcp:tools"], "security_level": "high",
+                "mfa": {"totp_secret": "${MFA_BOT_TOTP}"}}]
+    deployment = deploy("proxy", tmp_path, policy=POLICY, auth={"clients": {  # no slow-down: only the limit
+        "signing_key_file": str(tmp_path / "key.pem"), "max_failures": 10_000, "registered": clients}})
+    try:
+        async with httpx.AsyncClient(timeout=30) as http:
+            guesses = await asyncio.gather(*(http.post(
+                f"{deployment.gateway.url}/oauth/token", auth=("mfa-bot", SECRET),
+                data={"grant_type": "client_credentials", "otp": wrong_code()}) for _ in range(3 * MAX_OTP_FAILURES)))
+        assert {g.status_code for g in guesses} == {400}
+        right = token_request(deployment, otp=current_code())
+        assert (right.status_code, right.json()["error"]) == (400, "invalid_grant")
+        assert "try again later" in right.json()["error_description"]
+        reasons = [reason for _, reason, _, _ in token_events(deployment)]
+        assert reasons.count("oauth:invalid_grant:otp_invalid") == MAX_OTP_FAILURES  # only these were checked
+        assert reasons.count("oauth:invalid_grant:otp_locked") == 2 * MAX_OTP_FAILURES + 1
+    finally:
+        deployment.stop()

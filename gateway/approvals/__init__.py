@@ -2,11 +2,11 @@
 
 `model` (the record and every pure decision about it), `store` (memory or
 Redis), `gate` (the request-path stage and an approver's decision), `stream`
-(progress notifications to a held client on a legacy SSE answer).
+(a held client: progress notifications on a legacy SSE answer, its departure).
 """
 
-from gateway.approvals.gate import ApprovalGate, ApprovalRefused, Verdict
+from gateway.approvals.gate import ApprovalGate, Verdict
 from gateway.approvals.model import Approval, definition_hash
 from gateway.approvals.store import open_approvals
 
-__all__ = ["Approval", "ApprovalGate", "ApprovalRefused", "Verdict", "definition_hash", "open_approvals"]
+__all__ = ["Approval", "ApprovalGate", "Verdict", "definition_hash", "open_approvals"]

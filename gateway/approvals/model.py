@@ -13,6 +13,11 @@ it (`decided`), and what the gate does with what it finds (`next_step`).
     denied     the same call is refused as denied         decided_at + timeout_s, then forgotten
     used       the approved call passed: a new approval is needed for another
     expired    nobody decided in time, or the approval went unused in time
+
+The record keeps the call's whole arguments (canonical JSON, at most
+`MAX_ARGUMENTS_BYTES`): an approver decides on exactly what will be sent, never
+on the audit log's redacted, truncated rendering. A call whose arguments are
+larger is not put before anyone: it is refused.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from gateway.policy.model import ApprovalSpec
 Identity = tuple[str, str, str]  # issuer, subject, client
 Status = Literal["pending", "approved", "denied", "used", "expired"]
 Step = Literal["use", "wait", "create", "denied", "expired"]
+MAX_ARGUMENTS_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +47,7 @@ class Approval:
     caller: Identity
     upstream: str
     tool: str
-    arguments: str | None  # the redacted arguments, as the audit log keeps them: what the approver reads
+    arguments: str  # the whole arguments, canonical JSON: what the approver reads, and what will be sent
     arguments_hash: str
     definition_hash: str | None  # the tool's definition when the call was made (None: never listed)
     mode: Literal["hold", "retry"]
@@ -64,7 +70,8 @@ class Approval:
 
     @classmethod
     def from_json(cls, data: bytes | str) -> Approval:
-        raw = orjson.loads(data)
+        """The record `to_json` wrote; fields it does not know (a newer gateway's, mid-upgrade) are left out."""
+        raw = {k: v for k, v in orjson.loads(data).items() if k in _FIELDS}
         raw["caller"] = tuple(raw["caller"])
         raw["approvers"] = tuple(raw["approvers"])
         return cls(**raw)
@@ -72,16 +79,28 @@ class Approval:
     def live(self, now: float) -> bool:
         return now < self.expires_at
 
+    def status_at(self, now: float) -> Status:
+        """The status as of `now`: a pending or approved approval past its expiry has expired."""
+        return "expired" if self.status in ("pending", "approved") and not self.live(now) else self.status
+
+
+_FIELDS = frozenset(Approval.__dataclass_fields__)
+
 
 def _digest(value: Any) -> str:
     return hashlib.sha256(orjson.dumps(value, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
+def canonical_arguments(arguments: Any) -> bytes:
+    """A call's arguments as canonical JSON (sorted keys, as decoded): what is hashed and shown."""
+    return orjson.dumps(arguments if arguments is not None else {}, option=orjson.OPT_SORT_KEYS)
+
+
 def call_binding(caller: Identity, upstream: str, tool: str, arguments: Any,
                  definition_hash: str | None) -> tuple[str, str]:
-    """(call, arguments_hash): the arguments hashed in canonical JSON (sorted keys, as decoded), and the whole
-    binding hashed over them. Another caller, upstream, tool, argument set or tool definition is another call."""
-    arguments_hash = _digest(arguments if arguments is not None else {})
+    """(call, arguments_hash): the arguments hashed in canonical JSON, and the whole binding hashed over them.
+    Another caller, upstream, tool, argument set or tool definition is another call."""
+    arguments_hash = hashlib.sha256(canonical_arguments(arguments)).hexdigest()
     return _digest([*caller, upstream, tool, arguments_hash, definition_hash]), arguments_hash
 
 
@@ -91,7 +110,7 @@ def definition_hash(tool: Any) -> str:
 
 
 def new_approval(spec: ApprovalSpec, *, call: str, caller: Identity, upstream: str, tool: str,
-                 arguments: str | None, arguments_hash: str, definition: str | None, now: float) -> Approval:
+                 arguments: str, arguments_hash: str, definition: str | None, now: float) -> Approval:
     return Approval(
         id=secrets.token_hex(16), call=call, caller=caller, upstream=upstream, tool=tool, arguments=arguments,
         arguments_hash=arguments_hash, definition_hash=definition, mode=spec.mode, approvers=spec.approvers,
@@ -104,18 +123,18 @@ def next_step(found: Approval | None, now: float) -> Step:
     refuse until it comes (`wait`), answer its outcome (`denied`, `expired`), or ask anew (`create`)."""
     if found is None or found.status in ("used", "expired"):
         return "create"
-    live = found.live(now)
-    if found.status == "pending":
-        return "wait" if live else "expired"
-    if found.status == "approved":
-        return "use" if live else "expired"
-    return "denied" if live else "create"
+    if found.status == "denied":
+        return "denied" if found.live(now) else "create"
+    if found.status_at(now) == "expired":
+        return "expired"
+    return "use" if found.status == "approved" else "wait"
 
 
 def approver_refusal(approval: Approval, subject: str, roles: tuple[str, ...], now: float) -> str | None:
     """Why `subject` (holding `roles`) may not decide `approval`; None if they may."""
-    if approval.status != "pending" or not approval.live(now):
-        return f"approval {approval.id} is {approval.status if approval.live(now) else 'expired'}, not pending"
+    status = approval.status_at(now)
+    if status != "pending":
+        return f"approval {approval.id} is {status}, not pending"
     if subject == approval.caller[1] and not approval.allow_self_approval:
         return "an approver cannot approve their own call (the policy does not allow self-approval)"
     held = set(roles)

@@ -1,14 +1,17 @@
 """Where approvals live while they matter: in memory (one process), or in Redis so every replica sees them.
 
 Owns keeping each record until it stops mattering (its expiry plus an hour of
-history for the console), finding the latest record of a call, changing a
-record only if nobody changed it meanwhile (`swap`: this is what makes an
-approved call pass exactly once, however many requests race for it), and
-waiting for a record to change (a held call waits for its decision).
+history for the console), making a call's approval at most once however many
+requests for it race (`create`: the live approval of the call if there is one,
+else a new one, unless its caller already has `MAX_PENDING_PER_CALLER`
+waiting), changing a record only if nobody changed it meanwhile (`swap`: this
+is what makes an approved call pass exactly once), and waiting for a record to
+change (a held call waits for its decision).
 
-    redis   mcpgw:approval:<id>          the record (JSON), with a TTL
-            mcpgw:approval-call:<call>   the id of the latest record of that call
-            mcpgw:approvals              sorted set of ids by when they may be forgotten
+    redis   mcpgw:approval:<id>             the record (JSON), with a TTL
+            mcpgw:approval-call:<call>      the id of the latest record of that call, as long as it
+            mcpgw:approvals-of:<caller>     sorted set: the caller's pending approvals, by expiry
+            mcpgw:approvals                 sorted set of ids by when they may be forgotten
 
 A store that cannot be reached raises `StateUnavailable`: a call that needs an
 approval is refused (503) rather than passed unchecked.
@@ -17,6 +20,7 @@ approval is refused (503) rather than passed unchecked.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from typing import TYPE_CHECKING, Protocol
 
@@ -29,6 +33,7 @@ if TYPE_CHECKING:
     from gateway.config import Sessions
 
 HISTORY_S = 3600  # a decided or expired approval stays listed this long past its expiry
+MAX_PENDING_PER_CALLER = 50  # past it, a caller's next call that needs an approval is refused
 _POLL_S = 0.2  # how often a Redis-backed wait looks for a decision
 
 
@@ -36,9 +41,14 @@ def _keep_until(approval: Approval) -> float:
     return approval.expires_at + HISTORY_S
 
 
+def _caller_key(approval: Approval) -> str:
+    return hashlib.sha256("\0".join(approval.caller).encode()).hexdigest()[:32]
+
+
 class ApprovalStore(Protocol):
-    async def put(self, approval: Approval) -> None:
-        """Record a new approval as the latest of its call."""
+    async def create(self, approval: Approval) -> Approval | None:
+        """The call's live (pending or approved) approval if it has one, else `approval`, recorded as the
+        call's latest; None when the caller already has `MAX_PENDING_PER_CALLER` approvals pending."""
 
     async def get(self, approval_id: str) -> Approval | None: ...
 
@@ -59,27 +69,45 @@ class ApprovalStore(Protocol):
 
 class MemoryApprovals:
     def __init__(self, max_items: int = 100_000) -> None:
-        self._records: TLRUCache[str, Approval] = TLRUCache(
-            maxsize=max_items, ttu=lambda _k, v, _now: _keep_until(v), timer=time.time)
-        self._calls: dict[str, str] = {}
+        def until(_key: str, value: Approval, _now: float) -> float:
+            return _keep_until(value)
+
+        self._records: TLRUCache[str, Approval] = TLRUCache(maxsize=max_items, ttu=until, timer=time.time)
+        self._calls: TLRUCache[str, Approval] = TLRUCache(maxsize=max_items, ttu=until, timer=time.time)
+        self._pending: dict[str, set[str]] = {}  # caller -> ids of its approvals that were pending when last seen
         self._events: dict[str, asyncio.Event] = {}
 
-    async def put(self, approval: Approval) -> None:
+    async def create(self, approval: Approval) -> Approval | None:
+        # No await from here to the end: nothing else runs in between, so this is atomic in one process.
+        now = time.time()
+        latest = self._calls.get(approval.call)
+        current = None if latest is None else self._records.get(latest.id)
+        if current is not None and current.status_at(now) in ("pending", "approved"):
+            return current
+        caller = _caller_key(approval)
+        pending = {i for i in self._pending.get(caller, ())
+                   if (r := self._records.get(i)) is not None and r.status_at(now) == "pending"}
+        if len(pending) >= MAX_PENDING_PER_CALLER:
+            self._pending[caller] = pending
+            return None
+        self._pending[caller] = pending | {approval.id}
         self._records[approval.id] = approval
-        self._calls = {c: i for c, i in self._calls.items() if i in self._records}
-        self._calls[approval.call] = approval.id
+        self._calls[approval.call] = approval
+        return approval
 
     async def get(self, approval_id: str) -> Approval | None:
         return self._records.get(approval_id)
 
     async def for_call(self, call: str) -> Approval | None:
-        approval_id = self._calls.get(call)
-        return None if approval_id is None else self._records.get(approval_id)
+        latest = self._calls.get(call)
+        return None if latest is None else self._records.get(latest.id)
 
     async def swap(self, old: Approval, new: Approval) -> bool:
         if self._records.get(old.id) != old:
             return False
         self._records[old.id] = new
+        if self._calls.get(new.call) is not None:
+            self._calls[new.call] = new  # kept as long as the record it names
         event = self._events.pop(old.id, None)
         if event is not None:
             event.set()
@@ -104,33 +132,70 @@ class MemoryApprovals:
         return None
 
 
-# Replace the record only if it is byte for byte the one the caller read.
-_SWAP = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[2], 'PXAT', ARGV[3])
-  return 1
+# KEYS: call index, the new record, the caller's pending set, every approval.
+# ARGV: new JSON, new id, keep-until (ms), now (s), new expiry (s), limit, record prefix, keep-until (s).
+_CREATE = """
+local latest = redis.call('GET', KEYS[1])
+if latest then
+  local record = redis.call('GET', ARGV[7] .. latest)
+  if record then
+    local found = cjson.decode(record)
+    if (found.status == 'pending' or found.status == 'approved') and found.expires_at > tonumber(ARGV[4]) then
+      return record
+    end
+  end
 end
-return 0
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[4])
+if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[6]) then
+  return false
+end
+redis.call('SET', KEYS[2], ARGV[1], 'PXAT', ARGV[3])
+redis.call('SET', KEYS[1], ARGV[2], 'PXAT', ARGV[3])
+redis.call('ZADD', KEYS[3], ARGV[5], ARGV[2])
+redis.call('PEXPIREAT', KEYS[3], ARGV[3])
+redis.call('ZADD', KEYS[4], ARGV[8], ARGV[2])
+return ARGV[1]
+"""
+
+# Replace the record only if it is byte for byte the one the caller read; the call's index lives as long as
+# it, and a record no longer pending leaves its caller's pending set.
+# KEYS: the record, the call index, the caller's pending set. ARGV: old JSON, new JSON, keep-until (ms), id,
+# still pending (1 or 0).
+_SWAP = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[2], 'PXAT', ARGV[3])
+if redis.call('GET', KEYS[2]) == ARGV[4] then
+  redis.call('PEXPIREAT', KEYS[2], ARGV[3])
+end
+if ARGV[5] == '0' then
+  redis.call('ZREM', KEYS[3], ARGV[4])
+end
+return 1
 """
 
 
 class RedisApprovals:
     _RECORD = "mcpgw:approval:"
     _CALL = "mcpgw:approval-call:"
+    _OF = "mcpgw:approvals-of:"
     _ALL = "mcpgw:approvals"
 
     def __init__(self, config: Sessions) -> None:
         self._redis = redis_client(config)
+        self._create = self._redis.register_script(_CREATE)
         self._swap = self._redis.register_script(_SWAP)
 
     @reached
-    async def put(self, approval: Approval) -> None:
-        until_ms = int(_keep_until(approval) * 1000)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.set(self._RECORD + approval.id, approval.to_json(), pxat=until_ms)
-            pipe.set(self._CALL + approval.call, approval.id, pxat=until_ms)
-            pipe.zadd(self._ALL, {approval.id: _keep_until(approval)})
-            await pipe.execute()
+    async def create(self, approval: Approval) -> Approval | None:
+        until = _keep_until(approval)
+        kept = await self._create(
+            keys=[self._CALL + approval.call, self._RECORD + approval.id, self._OF + _caller_key(approval),
+                  self._ALL],
+            args=[approval.to_json(), approval.id, int(until * 1000), time.time(), approval.expires_at,
+                  MAX_PENDING_PER_CALLER, self._RECORD, until])
+        return None if kept is None else Approval.from_json(kept)
 
     @reached
     async def get(self, approval_id: str) -> Approval | None:
@@ -144,10 +209,12 @@ class RedisApprovals:
 
     @reached
     async def swap(self, old: Approval, new: Approval) -> bool:
-        until_ms = int(_keep_until(new) * 1000)
-        swapped = await self._swap(keys=[self._RECORD + old.id], args=[old.to_json(), new.to_json(), until_ms])
+        until = _keep_until(new)
+        swapped = await self._swap(
+            keys=[self._RECORD + old.id, self._CALL + old.call, self._OF + _caller_key(old)],
+            args=[old.to_json(), new.to_json(), int(until * 1000), old.id, int(new.status == "pending")])
         if swapped:
-            await self._redis.zadd(self._ALL, {new.id: _keep_until(new)})
+            await self._redis.zadd(self._ALL, {new.id: until})
         return bool(swapped)
 
     @reached

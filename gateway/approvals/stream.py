@@ -1,4 +1,5 @@
-"""Keeping a held client informed: progress notifications on an SSE answer the gateway starts itself.
+"""A held client: keeping it informed (progress notifications on an SSE answer the gateway starts itself), and
+noticing when it leaves.
 
 Owns `HeldAnswer`, the `send` a held legacy-era request is answered through
 when its client sent a progress token and accepts `text/event-stream`. Until
@@ -7,15 +8,19 @@ SSE answer (HTTP 200), whatever comes after (the upstream's inspected answer,
 or the gateway's refusal) is carried in that stream: an SSE answer event by
 event, a JSON answer as one `message` event. Nothing is carried uninspected:
 it sits after the response inspector, never before it.
+
+Also owns `Departure`: whether the client of a held request has left.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from gateway.types import ASGIMessage, ASGISend
+from gateway.types import ASGIMessage, ASGIReceive, ASGISend
 
 if TYPE_CHECKING:
     from gateway.exchange import Exchange
@@ -84,3 +89,34 @@ class HeldAnswer:
             data = b"".join(self._buffer).strip()
             await self._send({"type": "http.response.body", "body": _event(data) if data else b"",
                               "more_body": False})
+
+
+class Departure:
+    """Whether the client of a held request has left (its connection's `http.disconnect`), watched only while
+    a call is held, and never past the gate: the forwarding hop reads `receive` after it."""
+
+    def __init__(self, receive: ASGIReceive) -> None:
+        self._receive = receive
+        self._watch: asyncio.Task[None] | None = None
+
+    async def _disconnect(self) -> None:
+        try:
+            while (await self._receive())["type"] != "http.disconnect":
+                pass
+        except Exception:  # a connection that cannot say more is gone too
+            return
+
+    async def before(self, waiting: Awaitable[object]) -> bool:
+        """Await `waiting` unless the client leaves first; True if it left."""
+        if self._watch is None:
+            self._watch = asyncio.ensure_future(self._disconnect())
+        wait = asyncio.ensure_future(waiting)
+        done, _ = await asyncio.wait({wait, self._watch}, return_when=asyncio.FIRST_COMPLETED)
+        if wait not in done:
+            wait.cancel()
+            return True
+        return False
+
+    def stop_watching(self) -> None:
+        if self._watch is not None and not self._watch.done():
+            self._watch.cancel()

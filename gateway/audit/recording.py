@@ -61,13 +61,15 @@ def message_events(ex: Exchange, status: int, upstream_error: str | None,
             arguments=redact_arguments(op.arguments, config.redact_keys, config.max_arguments_bytes),
             approval_required=verdict is not None,
             approval_granted=None if verdict is None else _GRANTED[verdict.outcome],
-            approval_id=None if verdict is None else verdict.approval.id,
-            approver=None if verdict is None else verdict.approval.decided_by,
+            approval_id=None if verdict is None or verdict.approval is None else verdict.approval.id,
+            approver=None if verdict is None or verdict.approval is None else verdict.approval.decided_by,
         )))
     return events
 
 
-_GRANTED = {"granted": True, "pending": None, "denied": False, "expired": False}
+# approval_granted by what became of the call (withdrawn: a person approved it, the policy then refused it)
+_GRANTED = {"granted": True, "pending": None, "denied": False, "expired": False, "withdrawn": True,
+            "too_many": None, "too_large": None}
 
 
 def refusal_event(ex: Exchange, refusal: GatewayRefusal) -> AuditEvent:

@@ -13,7 +13,9 @@ Secrets are checked against scrypt hashes in constant time. A client with
 `mfa` must also send a one-time code (TOTP, `gateway.auth.totp`) as the form
 field `otp`, checked only once the secret is right; each code is good once
 (its time step is claimed in the state store, shared by replicas), and a
-missing, wrong or reused code is `invalid_grant`. Failed attempts (secrets
+missing, wrong or reused code is `invalid_grant`. Past `MAX_OTP_FAILURES` wrong
+codes of a client within `OTP_WINDOW_S`, no code of it is checked until the
+window ends (the count is kept in the state store, shared by replicas). Failed attempts (secrets
 and codes alike) are counted per client and per source address; past
 `max_failures` every answer to that client or address is delayed, doubling up
 to 10 s. The token is a short-lived JWT for one protected resource (RFC 8707
@@ -56,6 +58,10 @@ PATHS = ("/.well-known/oauth-authorization-server", "/.well-known/jwks.json", "/
          "/oauth/authorize")
 _MAX_FORM = 64 * 1024
 _OTP_CLAIM_S = (2 * DRIFT_STEPS + 1) * STEP_S  # as long as any one code matches: 90 s
+# Past this many wrong codes of one client in the window, none is checked until the window ends: with three
+# codes of a million valid at once, a holder of the stolen secret needs about a year on average.
+MAX_OTP_FAILURES = 10
+OTP_WINDOW_S = 900
 
 
 class _OAuthError(GatewayError):
@@ -131,6 +137,10 @@ class AuthorizationServer:
             body = {"error": failure.error, "error_description": failure.description}
             event.result, event.reason = failure.result, failure.reason
             extra = [(b"www-authenticate", b'Basic realm="mcp-gateway"')] if failure.basic_challenge else []
+        except GatewayRefusal as refusal:  # the state store cannot be reached: nothing is issued unchecked
+            status, extra = refusal.refusal.http_status, []
+            body = {"error": "temporarily_unavailable", "error_description": refusal.refusal.message}
+            event.result, event.reason = refusal.refusal.audit_result, refusal.reason
         else:
             extra = []
         event.status = status
@@ -164,16 +174,22 @@ class AuthorizationServer:
     async def _second_factor(self, client: RegisteredClient, form: dict[str, str], source: str) -> None:
         """Refuse unless `form` carries a current one-time code of `client`'s that was never used before."""
         assert client.mfa is not None
+        sessions, attempts = self._runtime.sessions, f"otp-attempts:{client.client_id}"
         code = form.get("otp")
         if code is None:
             cause, description = "otp_missing", "a one-time code (otp) is required"
+        elif await sessions.tally(attempts, OTP_WINDOW_S) > MAX_OTP_FAILURES:  # counted before it is checked:
+            # concurrent guesses cannot all slip in under the limit; replicas share the count
+            cause, description = "otp_locked", (f"more than {MAX_OTP_FAILURES} wrong one-time codes in "
+                                                f"{OTP_WINDOW_S // 60} minutes: try again later")
         else:
             step = matching_step(client.mfa.totp_secret, code, time.time())
             if step is None:
                 cause, description = "otp_invalid", "the one-time code is wrong or expired"
-            elif not await self._runtime.sessions.claim_once(f"otp:{client.client_id}:{step}", _OTP_CLAIM_S):
+            elif not await sessions.claim_once(f"otp:{client.client_id}:{step}", _OTP_CLAIM_S):
                 cause, description = "otp_reused", "this one-time code was already used"
             else:
+                await sessions.tally(attempts, OTP_WINDOW_S, add=-1)  # a right code is not a failure
                 return
         self._failed([f"ip:{source}", f"client:{client.client_id}"])
         raise _OAuthError(400, "invalid_grant", description, result="auth_failed", cause=cause)

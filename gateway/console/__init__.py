@@ -1,7 +1,8 @@
 """The admin console: web pages the gateway serves under /admin/ for people operating it.
 
-    GET  /admin/login?token=...              a one-time sign-in URL (`login_url`, `mcp-gateway admin-login`)
-                                             -> session cookie, on to /admin/; without a token: signed out
+    GET  /admin/login?token=...              a one-time sign-in URL (`login_url`, `mcp-gateway admin-login`):
+                                             a page asking to sign in; without a token: signed out
+    POST /admin/login                        its form: the token spent for a session cookie, 303 to /admin/
     POST /admin/logout                       end the session
     GET  /admin/                             overview: decisions per minute over the last hour, pending approvals
     GET  /admin/ui/audit[?user&client&tool&result&since&until&limit]   the audit trail, with a live tail

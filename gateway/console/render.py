@@ -22,6 +22,7 @@ from urllib.parse import urlencode
 import jinja2
 import orjson
 
+from gateway import operators
 from gateway.audit.reading import utc_time
 
 if TYPE_CHECKING:
@@ -49,13 +50,6 @@ NAV = (
     ("/admin/ui/upstreams", "Upstreams", "admin"),
     ("/admin/ui/policy", "Policy", "admin"),
 )
-
-
-def needed_scope(runtime: Runtime, part: str) -> str:
-    """The scope a part of the console (admin, audit, sessions, approvals, roles) needs, as configured."""
-    config = runtime.config
-    return {"admin": config.admin.scope, "audit": config.audit.read_scope, "sessions": config.sessions.admin_scope,
-            "approvals": config.admin.approvals_scope, "roles": config.admin.roles_scope}[part]
 
 
 @dataclass(slots=True)
@@ -119,7 +113,7 @@ def page(request: Page, template: str, status: int = 200, *, reason: str = "", *
     """A console page for a signed-in operator: the nav bar (pages whose scope they hold), their forms' CSRF
     token, and the flash message the URL carries, if the console sealed it."""
     runtime, scopes = request.runtime, request.operator.scopes
-    nav = [(href, label) for href, label, part in NAV if needed_scope(runtime, part) in scopes]
+    nav = [(href, label) for href, label, part in NAV if operators.scope_for(runtime.config, part) in scopes]
     body = _templates().get_template(template).render(
         nav=nav, operator=request.operator, csrf=request.csrf, flash=_flash(request), here=request.path,
         policy_version=runtime.policy.version, **context)
@@ -150,11 +144,13 @@ def json_answer(value: Any, status: int = 200, *, reason: str = "") -> Answer:
     return Answer(status, orjson.dumps(value), "application/json", reason=reason)
 
 
-@functools.cache
 def static_file(name: str) -> Answer | None:
-    """A file of the console's `static/` directory, read once; None for any name not shipped."""
-    content_type = _STATIC.get(name)
-    if content_type is None:
-        return None
+    """A file of the console's `static/` directory, read once; None for any name not shipped (and nothing is
+    remembered of it: only shipped names are cached)."""
+    return _shipped(name) if name in _STATIC else None
+
+
+@functools.cache
+def _shipped(name: str) -> Answer:
     body = importlib.resources.files("gateway.console").joinpath("static", name).read_bytes()
-    return Answer(200, body, content_type)
+    return Answer(200, body, _STATIC[name])

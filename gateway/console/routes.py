@@ -1,9 +1,9 @@
 """The console as one ASGI app: which path is which page or form, and what every request goes through.
 
     static    /admin/static/<file>    the stylesheet and the script, no session needed
-    sign-in   GET /admin/login?token= a one-time login token for a session cookie, then on to /admin/ (by a
-              refresh of the answer's own page, so that a link opened from another site works too);
-              without a token, the signed-out page
+    sign-in   GET /admin/login?token= a page asking to sign in (opening the link spends nothing); its form,
+              POST /admin/login, exchanges the one-time token for a session cookie, then 303 to
+              /admin/; without a token, the signed-out page
               POST /admin/logout      revoke the session, clear the cookie
     pages     GET /admin/, /admin/ui/<page>[/...]     (`pages`)
     forms     POST /admin/ui/<page>/[<id>/]<action>  (`actions`)
@@ -27,12 +27,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl
 
-from gateway import errors
+from gateway import errors, operators
 from gateway.audit.event import AuditEvent
 from gateway.audit.writer import AuditUnavailable
 from gateway.auth.authenticator import AuthFailed
 from gateway.console import actions, pages, session
-from gateway.console.render import Answer, Page, document, json_answer, needed_scope, redirect, static_file
+from gateway.console.render import Answer, Page, document, json_answer, redirect, static_file
 from gateway.exchange import read_body
 from gateway.types import header_values
 
@@ -53,7 +53,7 @@ Handler = Callable[[Page], Awaitable[Answer]]
 @dataclass(frozen=True, slots=True)
 class Route:
     handler: Handler
-    part: str  # whose scope it needs: admin, audit, sessions, approvals, roles (`render.needed_scope`)
+    part: str  # whose scope it needs: admin, audit, sessions, approvals, roles (`operators.scope_for`)
     operation: str  # the audit event's
     json: bool = False  # answers (and refusals) as JSON
     quiet: bool = False  # audited only when refused
@@ -151,10 +151,12 @@ class Console:
         headers = header_values(scope)
         if path in (session.LOGIN_PATH, LOGOUT):
             event.operation = "console/login" if path == session.LOGIN_PATH else "console/logout"
-            if method != ("GET" if path == session.LOGIN_PATH else "POST"):
+            if method not in (("GET", "POST") if path == session.LOGIN_PATH else ("POST",)):
                 raise errors.GatewayRefusal(errors.METHOD_NOT_ALLOWED, f"{method} {path}", reason="console:no_route")
+            if path == session.LOGIN_PATH and method == "GET":
+                return await self._offer(_fields(scope.get("query_string", b"").decode("latin-1")), event), False
             if path == session.LOGIN_PATH:
-                return await self._sign_in(_fields(scope.get("query_string", b"").decode("latin-1")), event), False
+                return await self._sign_in(await self._form(headers, receive, None), event), False
             operator = await self._operator(headers, event)
             await self._form(headers, receive, operator)
             return await self._sign_out(operator), False
@@ -170,7 +172,7 @@ class Console:
         form = await self._form(headers, receive, operator) if method == "POST" else {}
         if item and not _ID.fullmatch(item):
             raise errors.GatewayRefusal(errors.NOT_FOUND, f"no such item {item!r}", reason="console:bad_id")
-        needed = needed_scope(runtime, route.part)
+        needed = operators.scope_for(runtime.config, route.part)
         if needed not in operator.scopes:
             raise errors.GatewayRefusal(errors.FORBIDDEN, f"this page needs the scope {needed}",
                                         reason=f"console:no_scope:{needed}")
@@ -183,9 +185,10 @@ class Console:
         event.user_id, event.client_id = operator.subject, operator.client_id
         return operator
 
-    async def _form(self, headers: Mapping[str, list[str]], receive: ASGIReceive, operator: Principal
+    async def _form(self, headers: Mapping[str, list[str]], receive: ASGIReceive, operator: Principal | None
                     ) -> Mapping[str, str]:
-        """A POST's form, once it is known to come from the console's own page (of `operator`'s session)."""
+        """A POST's form, once it is known to come from the console's own page (of `operator`'s session: its
+        CSRF token; the sign-in form, sent before there is a session, carries the one-time token instead)."""
         why = session.cross_site(headers, self._runtime.config.public_origin)
         content_type = (headers.get("content-type") or [""])[0].split(";")[0].strip().lower()
         if why is None and content_type != "application/x-www-form-urlencoded":
@@ -198,25 +201,32 @@ class Console:
                 raise errors.GatewayRefusal(errors.INVALID_PARAMS, "the form is not urlencoded",
                                             reason="console:bad_fields")
             form = _fields(body.decode("ascii"))
-            if not self._key.csrf_ok(str(operator.token_id), form.get("csrf")):
+            if operator is not None and not self._key.csrf_ok(str(operator.token_id), form.get("csrf")):
                 why = "the form carries no valid CSRF token (reload the page and try again)"
         if why is not None:
             raise errors.GatewayRefusal(errors.FORBIDDEN, f"refused: {why}", reason="console:csrf")
         return form
 
-    async def _sign_in(self, query: Mapping[str, str], event: AuditEvent) -> Answer:
+    async def _offer(self, query: Mapping[str, str], event: AuditEvent) -> Answer:
+        """The sign-in link opened: a page that asks to sign in. Opening a link spends nothing (a chat's link
+        preview or a mail scanner fetches it too); the sign-in is the form it sends."""
         token = query.get("token")
         if not token:
             return document("signed_out.html")
-        token_value, principal = await session.sign_in(self._runtime, token)
+        login = await session.login_of(self._runtime, token)
+        event.user_id = login.subject
+        answer = document("sign_in.html", subject=login.subject, token=token)
+        answer.reason = "console:login_offered"
+        return answer
+
+    async def _sign_in(self, form: Mapping[str, str], event: AuditEvent) -> Answer:
+        token_value, principal = await session.sign_in(self._runtime, form.get("token", ""))
         event.user_id, event.client_id = principal.subject, principal.client_id
         config = self._runtime.config
         cookie = session.session_cookie(token_value, config.admin.console_session_ttl_s,
                                         config.public_url.startswith("https:"))
-        signed_in = document("signed_in.html", subject=principal.subject)
-        signed_in.headers.append((b"set-cookie", cookie.encode()))
-        signed_in.reason = f"console:login session={principal.token_id}"
-        return signed_in
+        return redirect(ROOT, [(b"set-cookie", cookie.encode())],
+                        reason=f"console:login session={principal.token_id}")
 
     async def _sign_out(self, operator: Principal) -> Answer:
         await session.sign_out(self._runtime, operator)

@@ -31,7 +31,7 @@ from urllib.parse import urlencode
 import jwt
 from cryptography.hazmat.primitives import serialization
 
-from gateway import errors
+from gateway import errors, operators
 from gateway.auth.authenticator import AuthFailed, token_session
 from gateway.principal import principal_from_claims
 from gateway.types import first_value
@@ -83,9 +83,9 @@ def _refused(detail: str, reason: str) -> errors.GatewayRefusal:
     return errors.GatewayRefusal(errors.FORBIDDEN, detail, reason=f"console:login:{reason}")
 
 
-async def sign_in(runtime: Runtime, login_token: str) -> tuple[str, Principal]:
-    """The session token (and its principal) a one-time login token is exchanged for; GatewayRefusal (403),
-    with a reason a person can act on, when the token is not a usable login token or was used already."""
+async def login_of(runtime: Runtime, login_token: str) -> Principal:
+    """Who a one-time login token would sign in, checked but not spent; GatewayRefusal (403), with a reason a
+    person can act on, when the token is not a usable login token or was used already."""
     config = runtime.config
     try:
         login = await _verified(runtime, login_token)
@@ -93,10 +93,20 @@ async def sign_in(runtime: Runtime, login_token: str) -> tuple[str, Principal]:
         why = {"revoked": "it has been used already", "expired": "it has expired"}.get(
             failed.reason, f"it is not valid ({failed.detail})")
         raise _refused(f"this sign-in link cannot be used: {why}", failed.reason) from None
-    if login.claims.get("purpose") != LOGIN_PURPOSE or login.token_id is None:
+    if login.claims.get("purpose") != LOGIN_PURPOSE or login.token_id is None or login.issuer != config.public_url:
         raise _refused("this is not a console sign-in link", "not_a_login_token")
     if config.admin.scope not in login.scopes:
         raise _refused(f"this sign-in link does not carry the scope {config.admin.scope}", "no_scope")
+    return login
+
+
+async def sign_in(runtime: Runtime, login_token: str) -> tuple[str, Principal]:
+    """The session token (and its principal) a one-time login token is exchanged for, spending it; refused as
+    `login_of` refuses."""
+    config = runtime.config
+    operators.recordable(runtime)  # a sign-in that could not be recorded does not happen
+    login = await login_of(runtime, login_token)
+    assert login.token_id is not None  # login_of refuses a token without one
     expires = login.expires_at or time.time() + config.admin.login_ttl_s
     if not await runtime.sessions.claim_once(f"console-login:{login.token_id}",
                                              max(1.0, expires - time.time()) + _CLAIM_MARGIN_S):
@@ -118,7 +128,8 @@ async def operator(runtime: Runtime, headers: Mapping[str, list[str]]) -> Princi
     if token is None:
         raise AuthFailed("no console session", "", reason="no_session")
     principal = await _verified(runtime, token)
-    if principal.claims.get("purpose") != SESSION_PURPOSE or principal.token_id is None:
+    if principal.claims.get("purpose") != SESSION_PURPOSE or principal.token_id is None \
+            or principal.issuer != runtime.config.public_url:  # only the gateway itself opens console sessions
         raise AuthFailed("not a console session", "", reason="not_a_session")
     return principal
 
