@@ -38,9 +38,16 @@ from gateway.policy.model import PolicySpec, compile_policy
 from gateway.principal import Principal
 from gateway.sessions import MemorySessions
 
+CONSTRAINED = {"path": {"kind": "path", "within": ["/data/**"]}, "limit": {"range": [1, 100], "optional": True},
+               "mode": {"in": ["fast", "safe"], "optional": True}}
+ARGUMENTS = {"path": "/data/7/a/b.txt", "limit": 5, "mode": "safe"}
 
-def policy_with(rules: int) -> Any:
-    tools = [f"tool_{i}" if i % 2 else f"family_{i}_*" for i in range(rules)]
+
+def policy_with(rules: int, constrained: bool = False) -> Any:
+    """`rules` rules of each kind; with `constrained`, every tool grant also constrains three arguments."""
+    tools: list[Any] = [f"tool_{i}" if i % 2 else f"family_{i}_*" for i in range(rules)]
+    if constrained:
+        tools = [{"name": tool, "arguments": CONSTRAINED} for tool in tools]
     doc = {
         "roles": {
             "worker": {"security_level": "high", "capabilities": ["process:create"],
@@ -58,9 +65,10 @@ def policy_with(rules: int) -> Any:
 
 def workload(rules: int) -> list[Operation]:
     middle = rules // 2 | 1
+    arguments = ARGUMENTS  # read only where the policy constrains arguments
     return [
-        Operation("tool_call", "tools/call", 1, name=f"tool_{middle}"),          # exact hit
-        Operation("tool_call", "tools/call", 1, name=f"family_{middle - 1}_x"),  # glob hit
+        Operation("tool_call", "tools/call", 1, name=f"tool_{middle}", arguments=arguments),          # exact hit
+        Operation("tool_call", "tools/call", 1, name=f"family_{middle - 1}_x", arguments=arguments),  # glob hit
         Operation("tool_call", "tools/call", 1, name="not_a_tool"),              # miss -> scope hint
         Operation("resource_read", "resources/read", 1, uri=f"file:///data/{middle}/a/b.txt"),
         Operation("resource_read", "resources/read", 1, uri="file:///elsewhere/x"),
@@ -114,21 +122,26 @@ def main() -> None:
     args = parser.parse_args()
     sizes = (10, 1_000, 10_000)
     principal = Principal("bench", "bench", scopes=frozenset({"scope:3"}))
-    cases = {n: (policy_with(n), workload(n)) for n in sizes}
-    samples: dict[int, list[float]] = {n: [] for n in sizes}
+    variants = ("plain", "constrained")
+    cases = {(v, n): (policy_with(n, v == "constrained"), workload(n)) for v in variants for n in sizes}
+    samples: dict[tuple[str, int], list[float]] = {case: [] for case in cases}
     for _ in range(args.rounds):
+        for case, (policy, operations) in cases.items():
+            samples[case].append(measure(policy, principal, operations, args.loops))
+    results: dict[str, Any] = {}
+    for variant in variants:
+        base = statistics.median(samples[(variant, 10)])
+        plain = "" if variant == "plain" else f"  {'to plain':>8}"
+        print(f"B5 decide() against policy size: {variant} rules"
+              + (" (three argument constraints on every tool grant)" if variant != "plain" else ""))
+        print(f"{'rules':>8}  {'median µs/decide':>16}  {'ratio to 10':>11}  {'spread (min-max µs)':>20}{plain}")
+        results[f"decide_us_{variant}"], results[f"decide_ratio_{variant}"] = {}, {}
         for n in sizes:
-            policy, operations = cases[n]
-            samples[n].append(measure(policy, principal, operations, args.loops))
-    base = statistics.median(samples[10])
-    print("B5 decide() against policy size")
-    print(f"{'rules':>8}  {'median µs/decide':>16}  {'ratio to 10':>11}  {'spread (min-max µs)':>20}")
-    results: dict[str, Any] = {"decide_us": {}, "decide_ratio": {}}
-    for n in sizes:
-        median = statistics.median(samples[n])
-        spread = f"{min(samples[n]) * 1e6:.2f}-{max(samples[n]) * 1e6:.2f}"
-        print(f"{n:>8}  {median * 1e6:>16.2f}  {median / base:>11.2f}  {spread:>20}")
-        results["decide_us"][n], results["decide_ratio"][n] = median * 1e6, median / base
+            median = statistics.median(samples[(variant, n)])
+            spread = f"{min(samples[(variant, n)]) * 1e6:.2f}-{max(samples[(variant, n)]) * 1e6:.2f}"
+            versus = "" if variant == "plain" else f"  {median / statistics.median(samples[('plain', n)]):>7.2f}x"
+            print(f"{n:>8}  {median * 1e6:>16.2f}  {median / base:>11.2f}  {spread:>20}{versus}")
+            results[f"decide_us_{variant}"][n], results[f"decide_ratio_{variant}"][n] = median * 1e6, median / base
     cold, warm = asyncio.run(token_costs(max(3, args.rounds // 3)))
     ratios = [c / w for c, w in zip(cold, warm, strict=True)]
     print("\nB5 token verification (gateway ES256 token, revocation checked every time)")

@@ -1,5 +1,5 @@
-"""The admin API: the audit trail, token sessions, approvals and role assignments, as JSON, for principals
-holding the right scope.
+"""The admin API: the audit trail, token sessions, approvals, role assignments and tool pins, as JSON, for
+principals holding the right scope.
 
     GET    /admin/audit?...                   the audit trail                      audit.read_scope
     GET    /admin/sessions                    token sessions that have not expired sessions.admin_scope
@@ -10,12 +10,15 @@ holding the right scope.
     GET    /admin/roles[?subject=S]           runtime role assignments             admin.roles_scope
     POST   /admin/roles                       {"subject", "role", "client_id"?, "expires_in_s"?, "reason"?}
     DELETE /admin/roles/<id>                  withdraw an assignment
+    GET    /admin/tools[?upstream=U]          tool pins: pinned, last seen, status  admin.tools_scope
+    POST   /admin/tools/<upstream>/<tool>/approve  {"hash"?}: pin the definition last seen (if it is "hash")
+    POST   /admin/tools/<upstream>/pin        pin every definition last seen
 
 Owns those endpoints: authentication (a token for the gateway's admin
 resource, `{public_url}/admin`, or for any of its upstreams), the scope
 check, reading the request, and an audit event for every access, refused or
 not, naming the operator; the actions themselves are `operators`'.
-`mcp-gateway sessions|approvals|roles` are clients of these endpoints.
+`mcp-gateway sessions|approvals|roles|tools` are clients of these endpoints.
 """
 
 from __future__ import annotations
@@ -61,17 +64,29 @@ _ROUTES: dict[tuple[str, bool, str, str], Handler] = {
         rt, p, subject=_text(b, "subject"), role=_text(b, "role"), client_id=_text(b, "client_id") or None,
         ttl_s=_seconds(b, "expires_in_s"), reason=_text(b, "reason")),
     ("roles", True, "", "DELETE"): lambda rt, _p, i, _b, _q: operators.revoke_role(rt, i),
+    ("tools", False, "", "GET"): lambda rt, _p, _i, _b, q: operators.list_tools(rt, q.get("upstream")),
+    ("tools", True, "approve", "POST"): lambda rt, p, i, b, _q: operators.approve_tool(
+        rt, p, *_tool_of(i), expected=_text(b, "hash")),
+    ("tools", True, "pin", "POST"): lambda rt, p, i, _b, _q: operators.pin_tools(rt, p, i),
 }
 
 
 def _route(path: str) -> tuple[str, str | None, str] | None:
     """(resource, id, action) of an API path, or None when it is none of the API's."""
     parts = path[len(PREFIX):].split("/") if path.startswith(PREFIX) else []
-    if not parts or parts[0] not in ("audit", "sessions", "approvals", "roles") or len(parts) > 3:
+    if len(parts) > 3 and parts[0] == "tools":  # tools/<upstream>/<tool>/approve: the id is "<upstream>/<tool>"
+        parts = [parts[0], "/".join(parts[1:-1]), parts[-1]]
+    if not parts or parts[0] not in ("audit", "sessions", "approvals", "roles", "tools") or len(parts) > 3:
         return None
     if len(parts) == 1:
         return parts[0], None, ""
     return (parts[0], parts[1], parts[2] if len(parts) == 3 else "") if parts[1] else None
+
+
+def _tool_of(item: str) -> tuple[str, str]:
+    """(upstream, tool) of a tools/<upstream>/<tool>/approve path's id (a tool's name may hold "/")."""
+    upstream, _, tool = item.partition("/")
+    return upstream, tool
 
 
 def serves(path: str) -> bool:

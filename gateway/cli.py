@@ -1,6 +1,6 @@
 """The `mcp-gateway` command: serve, check-config, issue-token, hash-secret, policy explain|test,
-audit query|verify; the operator's commands (`cli_admin`): sessions, approvals, roles, admin-login; and the
-client side (`cli_connect`): connect, logout, tokens list.
+audit query|verify; the operator's commands (`cli_admin`): sessions, approvals, roles, admin-login, and
+(`cli_tools`) tools; and the client side (`cli_connect`): connect, logout, tokens list.
 
 Owns argument parsing and exit codes: 0 success, 2 invalid configuration
 (each problem printed as `FILE: key.path: why`), 1 anything else.
@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from gateway import cli_admin, cli_connect
+from gateway import cli_admin, cli_connect, cli_policy, cli_tools
 from gateway.config import load_config
 from gateway.yamlfile import ProblemsError
 
@@ -341,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     test = policy.add_parser("test", help="run the policy test cases in NAME.tests.yaml beside a policy")
     test.add_argument("file", help="the policy file or its .tests.yaml file")
     test.set_defaults(func=_policy_test)
+    cli_policy.register(policy)
 
     audit = commands.add_parser("audit", help="read and verify the audit trail").add_subparsers(dest="action",
                                                                                                required=True)
@@ -367,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.set_defaults(func=_audit_verify)
 
     cli_admin.register(commands)
+    cli_tools.register(commands)
     cli_connect.register(commands)
     return parser
 

@@ -3,8 +3,8 @@
 Owns: every config key, its default and its validation; `${VAR}` expansion
 from the environment; `load_config(path) -> Config`, which raises
 `ConfigError` listing every problem as `FILE: key.path: why` (the policy file
-it names included). Nothing else in the package reads YAML or the environment
-for settings.
+and the pins files it names included). Nothing else in the package reads YAML
+or the environment for settings.
 """
 
 from __future__ import annotations
@@ -83,6 +83,10 @@ class Upstream(StrictModel):
     # requests, which have no session, one per caller); shared: one for everyone (the operator's choice)
     isolation: Literal["per_principal", "per_session", "shared"] = "per_principal"
     process: StdioProcesses = StdioProcesses()
+    # Tool definitions (`pinning`): warn pins each on first use and reports one that changes; enforce hides a tool
+    # whose definition no operator approved and refuses its calls; off compares nothing.
+    pinning: Literal["off", "warn", "enforce"] = "warn"
+    pins_file: Path | None = None  # {tools: {NAME: HASH}} the operator commits: its pins win over the store's
 
     @model_validator(mode="after")
     def _one_transport(self) -> Upstream:
@@ -203,6 +207,7 @@ class Admin(StrictModel):
     scope: str = "gateway:admin"  # opens a console session (the one-time URL `mcp-gateway admin-login` prints)
     approvals_scope: str = "approvals:decide"  # list approvals, and decide them (as an approver the policy names)
     roles_scope: str = "roles:admin"  # assign and revoke roles at runtime
+    tools_scope: str = "tools:admin"  # list tool pins, approve tool definitions
     login_ttl_s: int = Field(300, gt=0, le=3600)  # the one-time URL is good for this long, and once
     console_session_ttl_s: int = Field(1800, gt=0, le=43200)
 
@@ -335,9 +340,19 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Confi
     _resolve_relative_paths(data, path.parent)
     data["source"] = path
     try:
-        return Config.model_validate(data)
+        config = Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_validation(str(path), exc)) from None
+    from gateway.pins import read_pins_file  # the format of a pins file is the pins'
+
+    for pins_file in (u.pins_file for u in config.upstreams if u.pins_file is not None):
+        try:
+            read_pins_file(pins_file)
+        except ProblemsError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise ConfigError(problems)
+    return config
 
 
 def _resolve_relative_paths(data: dict[str, Any], base: Path) -> None:
@@ -375,5 +390,6 @@ def _resolve_relative_paths(data: dict[str, Any], base: Path) -> None:
             assignments["path"] = str(base / store)
     upstreams = data.get("upstreams")
     for upstream in upstreams if isinstance(upstreams, list) else ():
-        if isinstance(upstream, dict) and isinstance(upstream.get("cwd"), str):
-            upstream["cwd"] = str(base / upstream["cwd"])
+        for key in ("cwd", "pins_file"):
+            if isinstance(upstream, dict) and isinstance(upstream.get(key), str):
+                upstream[key] = str(base / upstream[key])

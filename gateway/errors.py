@@ -29,6 +29,8 @@ reader sees the whole catalogue in one screen:
                       APPROVAL_DENIED       403  -32015  an approver denied this very call
                       APPROVAL_EXPIRED      403  -32016  nobody decided in time, or the approved call was not made
                                                            again before the approval ran out
+                      TOOL_UNAPPROVED       403  -32017  pinning enforce: the tool's definition is new or changed
+                                                           since an operator approved it (`pinning`)
                       METHOD_NOT_FOUND      404  -32601  unknown method refused by policy
                       UNKNOWN_TASK          400  -32602  a task of another principal, or none: answered as an
                                                            upstream answers an unknown task; 200 in the legacy era
@@ -97,6 +99,7 @@ UNKNOWN_SESSION = Refusal("unknown_session", 404, -32013, "denied", "Session not
 APPROVAL_REQUIRED = Refusal("approval_required", 403, -32014, "denied", "Approval required")
 APPROVAL_DENIED = Refusal("approval_denied", 403, -32015, "denied", "Approval denied")
 APPROVAL_EXPIRED = Refusal("approval_expired", 403, -32016, "denied", "Approval expired")
+TOOL_UNAPPROVED = Refusal("tool_unapproved", 403, -32017, "denied", "Tool definition not approved")
 # The message is the upstream's own wording for a missing item ("Unknown tool: X"), filled in per call.
 UNKNOWN_TARGET = Refusal("unknown_target", 400, -32602, "denied", "Unknown")
 METHOD_NOT_FOUND = Refusal("method_not_found", 404, -32601, "denied", "Method not found")
@@ -134,6 +137,7 @@ CATALOGUE: tuple[Refusal, ...] = (
     APPROVAL_REQUIRED,
     APPROVAL_DENIED,
     APPROVAL_EXPIRED,
+    TOOL_UNAPPROVED,
     UNKNOWN_TARGET,
     METHOD_NOT_FOUND,
     UNKNOWN_TASK,

@@ -32,6 +32,7 @@ imports nothing from the package, so every module may import it.
   + OAuthClientError .......... oauth.metadata: the gateway's own OAuth flow (connect, an upstream's token) cannot go on
   | + TokenRefused ............ oauth.client: the token endpoint answered with an OAuth error (e.g. invalid_grant)
   + TokenStoreError ........... oauth.store: the token store of `connect` cannot be used as it is
+  + ListingFailed ............. upstream_tools: an upstream could not be asked for its tools
   + _OAuthError ............... auth.server: an OAuth error answer (private)
   + _Violation ................ upstream_http: an answer breaking a rule of the client (private)
   + _Unreadable ............... inspect: an upstream answer (or an event of one) that cannot be inspected (private)

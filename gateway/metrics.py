@@ -133,6 +133,11 @@ class Metrics:
             "mcp_gateway_approval_decision_seconds", "Time from an approval request to its decision or expiry.",
             registry=self.registry, buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 86400),
         )
+        self.tool_definition_changes = Counter(
+            "mcp_gateway_tool_definition_changes_total", "Tool definitions listed that differ from their pin "
+            "(changed) or have none (new), by upstream; each definition counted once per process.",
+            ["upstream", "kind"], registry=self.registry,
+        )
         self.role_changes = Counter(
             "mcp_gateway_role_assignment_changes_total", "Runtime role assignments made or withdrawn, by action.",
             ["action"], registry=self.registry,

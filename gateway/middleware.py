@@ -1,12 +1,12 @@
 """`MCPSecurityMiddleware`: the order of the request path, as a pure ASGI callable.
 
     guards -> authenticate -> read the MCP request -> sessions -> decide -> state handles
-           -> approvals -> refuse | forward -> inspect the answer -> record
+           -> tool pins -> approvals -> refuse | forward -> inspect the answer -> record
 
 Owns only that order, which paths are guarded (the gateway's own routes are
 `endpoints`, every other path is the wrapped app's), and the mapping of a
 stage's exception to a refusal. Each stage is one module: `guards`, `auth`,
-`exchange.read_body` + `mcp.read_request`, `handles`, `policy`, `approvals`, `refusals`,
+`exchange.read_body` + `mcp.read_request`, `handles`, `policy`, `pinning`, `approvals`, `refusals`,
 `forwarding` (+ `inspect`, `response_rules`), `audit.recording`.
 
 A new request-side stage is one call in `_handle`; a new rule on answers is a
@@ -106,6 +106,7 @@ class MCPSecurityMiddleware:
             ex.policy = self.runtime.policy
             ex.decisions = tuple(self.decide(ex, op) if op is not None else None for op in ex.operations)
             await self.handles.check_handles(ex)
+            await self.runtime.pins.check(ex)  # a tool whose definition no operator approved is not called
             if any(d is not None and d.allowed and d.approval is not None for d in ex.decisions):
                 token = progress_token(ex)
                 held = HeldAnswer(send, token) if token is not None else None
@@ -116,7 +117,7 @@ class MCPSecurityMiddleware:
                     again = await self.runtime.authenticator.authenticate(
                         headers, ex.scope.get("query_string", b""), self.config.resource_url(upstream), upstream.path)
                     ex.principal, ex.policy = await self.runtime.assignments.apply(again), self.runtime.policy
-                    return self.decide(ex, op)
+                    return await self.runtime.pins.decided(ex, op, self.decide(ex, op))
 
                 await self.runtime.approvals.check(ex, receive, recheck, held.progress if held is not None else None)
         except errors.GatewayRefusal as refusal:
@@ -174,8 +175,9 @@ class MCPSecurityMiddleware:
     def server_request_withheld(self, ex: Exchange, op: mcp.Operation) -> None:
         self._forwarder.tell_upstream(ex, op)
 
-    def tools_listed(self, ex: Exchange, result: dict[str, Any]) -> None:
+    async def tools_listed(self, ex: Exchange, result: dict[str, Any]) -> frozenset[str]:
         self.runtime.learn_tools(ex.upstream.name, result)
+        return await self.runtime.pins.listed(ex, result)
 
     # ---- lifespan -------------------------------------------------------------------------------
 

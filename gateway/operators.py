@@ -2,11 +2,12 @@
 
 Owns each action on the running gateway's state (read the audit trail, list
 and revoke token sessions, list and decide approvals, list, assign and revoke
-roles) and what it is recorded as: each returns `Done`, its result and the
-audit reason of the event the channel records with the operator as its
-`user_id`. A refused action raises `GatewayRefusal`; a change is refused while
-the audit trail cannot take its event (`recordable`). Who the operator is and
-which scope each action needs is the channel's business.
+roles, list and approve tool definitions) and what it is recorded as: each
+returns `Done`, its result and the audit reason of the event the channel
+records with the operator as its `user_id`. A refused action raises
+`GatewayRefusal`; a change is refused while the audit trail cannot take its
+event (`recordable`). Who the operator is and which scope each action needs is
+the channel's business.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from gateway import errors
 from gateway.assignments import Assignment
 from gateway.audit.reading import BadQuery, query_from, reader_for
+from gateway.pins import short
 from gateway.policy.engine import roles_for
 
 if TYPE_CHECKING:
@@ -38,9 +40,10 @@ class Done:
 
 def scope_for(config: Config, part: str) -> str:
     """The scope an operator needs for a part of the gateway's state (admin: the console itself; audit, sessions,
-    approvals, roles), as configured: the admin API and the console ask the same."""
+    approvals, roles, tools), as configured: the admin API and the console ask the same."""
     return {"admin": config.admin.scope, "audit": config.audit.read_scope, "sessions": config.sessions.admin_scope,
-            "approvals": config.admin.approvals_scope, "roles": config.admin.roles_scope}[part]
+            "approvals": config.admin.approvals_scope, "roles": config.admin.roles_scope,
+            "tools": config.admin.tools_scope}[part]
 
 
 def recordable(runtime: Runtime) -> None:
@@ -140,3 +143,28 @@ async def revoke_role(runtime: Runtime, assignment_id: str) -> Done:
     runtime.metrics.role_changes.labels("revoke").inc()
     return Done({"revoked": removed.as_dict()},
                 f"roles:revoked:{removed.role} from={removed.subject} id={removed.id}")
+
+
+async def list_tools(runtime: Runtime, upstream: str | None = None) -> Done:
+    items = await runtime.pins.tools(upstream)
+    return Done({"count": len(items), "tools": items}, "admin:tools_list")
+
+
+async def approve_tool(runtime: Runtime, operator: Principal, upstream: str, tool: str,
+                       expected: str | None = None) -> Done:
+    """Pin the definition of `tool` last seen (only if it is still `expected`, a hash or its prefix, when given)."""
+    recordable(runtime)
+    if not tool:
+        raise errors.GatewayRefusal(errors.NOT_FOUND, "name the tool: /admin/tools/<upstream>/<tool>/approve",
+                                    reason="tools:no_tool")
+    old, new = await runtime.pins.approve(upstream, tool, operator.subject, expected or None)
+    return Done({"upstream": upstream, "tool": tool, "pinned": new, "previous": old},
+                f"tools:approved:{upstream}/{tool} {short(old)}->{short(new)}")
+
+
+async def pin_tools(runtime: Runtime, operator: Principal, upstream: str) -> Done:
+    """Pin every definition of `upstream` last seen; the answer holds every pin, as a pins file would."""
+    recordable(runtime)
+    pins, held = await runtime.pins.pin_all(upstream, operator.subject)
+    reason = f"tools:pinned:{upstream} tools={len(pins)}" + (f" held_by_file={','.join(held)}" if held else "")
+    return Done({"upstream": upstream, "pins": pins, "held_by_file": held}, reason[:500])

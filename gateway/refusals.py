@@ -71,12 +71,17 @@ def refusal_answer(refusal: errors.GatewayRefusal, request_id: JsonRpcId,
 def denial(op: Operation, decision: Decision, *, era: Era | None, explain: bool, upstream_path: str,
            challenger: Challenger) -> Denial:
     """How one message the policy (or a state-handle check) refused is answered."""
-    detail = f"{op.method} {op.target or ''}".strip() + f" refused by {decision.reason}" if explain else ""
+    detail = (f"{op.method} {op.target or ''}".strip() + f" refused by {decision.reason}"
+              + (f": {decision.detail}" if decision.detail else "")) if explain else ""
     challenge = None
     if op.kind == "client_response":
         refusal, error = errors.UNSOLICITED_RESPONSE, errors.error_object(errors.UNSOLICITED_RESPONSE)
     elif decision.reason == "task:not_owned":  # the same answer as for a task that does not exist
         refusal, error = errors.UNKNOWN_TASK, errors.error_object(errors.UNKNOWN_TASK)
+    elif decision.reason == "pin:unapproved":  # `pinning`: the caller may call the tool, once it is approved
+        refusal = errors.TOOL_UNAPPROVED
+        error = {**errors.error_object(refusal, f"{op.name} is new, or changed since an operator approved it"),
+                 "data": {"tool": op.name}}
     elif op.kind == "unknown":
         refusal, error = errors.METHOD_NOT_FOUND, errors.error_object(errors.METHOD_NOT_FOUND, op.method)
     elif decision.outcome == "step_up":

@@ -16,7 +16,8 @@ finds the messages, `inspect`):
 - a result that created a task makes the task the principal's; task status
   notifications about other principals' tasks are dropped;
 - the tools a `tools/list` result shows are learnt (their schemas check
-  `Mcp-Param-*` headers).
+  `Mcp-Param-*` headers; their definitions are compared with their pins), and
+  those whose definitions no operator approved are not shown (`pinning`).
 
 `ResponseRules` is built per request from the exchange (principal, policy
 snapshot, era) and the forwarded operations; what it needs of the running
@@ -59,8 +60,8 @@ class Gateway(Protocol):
     def server_request_withheld(self, ex: Exchange, op: mcp.Operation) -> None:
         """Answer the upstream on the client's behalf: a request on a stream that the client will not see."""
 
-    def tools_listed(self, ex: Exchange, result: dict[str, Any]) -> None:
-        """The tools a `tools/list` result shows (before filtering)."""
+    async def tools_listed(self, ex: Exchange, result: dict[str, Any]) -> frozenset[str]:
+        """The tools a `tools/list` result shows (before filtering); the names of those it must not show."""
 
 
 class ResponseRules:
@@ -97,9 +98,10 @@ class ResponseRules:
             method, listing = listed
             if listing.item_kind == "task":
                 return await self._own_tasks_only(message, result, listing)
+            unapproved: frozenset[str] = frozenset()
             if listing.item_kind == "tool_call":
-                self._gateway.tools_listed(self._ex, result)
-            return self._filtered_list(message, result, method, listing)
+                unapproved = await self._gateway.tools_listed(self._ex, result)
+            return self._filtered_list(message, result, method, listing, unapproved)
         if request_id in self._may_need_input and "input_required" in (result.get("resultType"),
                                                                        result.get("status")):
             return self._filtered_input(message, result)
@@ -145,11 +147,12 @@ class ResponseRules:
         return op is not None and self._gateway.decide(self._ex, op).visible
 
     def _filtered_list(self, message: dict[str, Any], result: dict[str, Any], method: str,
-                       listing: mcp.Listing) -> dict[str, Any]:
+                       listing: mcp.Listing, unapproved: frozenset[str]) -> dict[str, Any]:
         items = result.get(listing.items)
         if not isinstance(items, list):
             return message
-        kept = [item for item in items if isinstance(item, dict) and self._visible(listing, method, item)]
+        kept = [item for item in items if isinstance(item, dict) and self._visible(listing, method, item)
+                and item[listing.item_key] not in unapproved]  # visible: named by a string
         if len(kept) == len(items) and result.get("cacheScope") != "public":
             return message
         new_result = {**result, listing.items: kept}

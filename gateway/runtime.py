@@ -1,5 +1,5 @@
 """What one running gateway holds between requests: policy, authenticator, audit log, metrics, tool schemas,
-role assignments and approvals.
+role assignments, approvals and tool pins.
 
 Owns the start and stop of those resources, so that the reverse proxy
 (`create_app`) and the ASGI middleware around an in-process app share one
@@ -27,7 +27,10 @@ from gateway.auth.authenticator import Authenticator
 from gateway.auth.keys import load_or_create_signing_key
 from gateway.config import Config
 from gateway.metrics import Metrics
+from gateway.pinning import Pinning
+from gateway.pins import open_pins
 from gateway.policy import Policy, PolicyError, load_policy
+from gateway.policy.lint import schema_lint
 from gateway.sessions import SessionStore, open_sessions
 
 if TYPE_CHECKING:
@@ -35,6 +38,7 @@ if TYPE_CHECKING:
     from gateway.stdio.upstream import StdioUpstream
 
 log = logging.getLogger("gateway.policy")
+lint_log = logging.getLogger("gateway.policy.lint")
 
 
 class Runtime:
@@ -58,8 +62,10 @@ class Runtime:
             u.name: LRUCache(maxsize=10_000) for u in config.upstreams
         }
         self.assignments: RoleAssignments = open_assignments(config.role_assignments)
+        self._linted: LRUCache[tuple[str, str, str, str], bool] = LRUCache(maxsize=10_000)
         self.approvals = ApprovalGate(open_approvals(config.sessions), self.audit, self.metrics, config.audit,
                                       self.tool_definition)
+        self.pins = Pinning(config, open_pins(config.sessions), self.audit, self.metrics)
         # The reverse proxy's forwarding app per upstream name (`create_app` fills it; none around an in-process
         # app), read by the console's health page.
         self.upstream_apps: dict[str, UpstreamProxy | StdioUpstream] = {}
@@ -92,6 +98,7 @@ class Runtime:
         await self.authenticator.close()
         await self.sessions.close()
         await self.approvals.store.close()
+        await self.pins.store.close()
         await self.assignments.close()
         self.started = False
 
@@ -136,8 +143,22 @@ class Runtime:
             name, schema = tool.get("name"), tool.get("inputSchema")
             if isinstance(name, str) and isinstance(schema, dict):
                 cache[name] = schema
+                self._lint_arguments(upstream, name, schema)
             if isinstance(name, str):
                 definitions[name] = definition_hash(tool)
+
+    def _lint_arguments(self, upstream: str, tool: str, schema: Mapping[str, Any]) -> None:
+        """Say (once per policy, tool and schema) where the policy constrains an argument the tool does not have,
+        or has of another type: such a constraint refuses every call, or can never fail."""
+        policy = self.policy
+        if not policy.constrained_tools.matches(tool):
+            return
+        key = (policy.version, upstream, tool, definition_hash(schema))
+        if key in self._linted:
+            return
+        self._linted[key] = True
+        for problem in schema_lint(policy, tool, schema):
+            lint_log.warning("%s (upstream %s)", problem, upstream)
 
 
 def _stamp(path: Path) -> tuple[float, int] | None:

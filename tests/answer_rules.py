@@ -39,8 +39,9 @@ class FixedGateway:
     def server_request_withheld(self, ex: Exchange, op: Operation) -> None:
         self.seen.append(("withheld", op.request_id))
 
-    def tools_listed(self, ex: Exchange, result: dict[str, Any]) -> None:
+    async def tools_listed(self, ex: Exchange, result: dict[str, Any]) -> frozenset[str]:
         self.seen.append(("tools/list", result))
+        return frozenset()
 
 
 async def fixed_rules(seen: list[Any] | None = None, *, lists: dict[JsonRpcId, str] | None = None,

@@ -188,6 +188,18 @@ class Recorder:
                 out.append(message.get("method") or f"response:{message.get('id')}")
         return out
 
+    def tool_calls(self, tool: str) -> list[dict[str, Any]]:
+        """The tools/call messages of `tool` that reached the upstream."""
+        import json
+
+        found = []
+        for seen in self.requests:
+            if seen.method == "POST":
+                body = json.loads(seen.body)
+                found += [m for m in (body if isinstance(body, list) else [body])
+                          if m.get("method") == "tools/call" and m["params"]["name"] == tool]
+        return found
+
     def clear(self) -> None:
         self.requests.clear()
         self.response_types.clear()

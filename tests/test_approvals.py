@@ -149,16 +149,6 @@ def _admin(deployment: Deployment, method: str, path: str, *, subject: str = "ri
                          headers={"authorization": f"Bearer {token}"})
 
 
-def _calls_of(deployment: Deployment, tool: str) -> list[dict[str, Any]]:
-    """The tools/call messages of `tool` that reached the upstream."""
-    found = []
-    for seen in deployment.recorder.requests:
-        if seen.method == "POST":
-            body = json.loads(seen.body)
-            found += [m for m in (body if isinstance(body, list) else [body])
-                      if m.get("method") == "tools/call" and m["params"]["name"] == tool]
-    return found
-
 
 @pytest.fixture(params=["proxy", "middleware"])
 def retry_gateway(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
@@ -179,7 +169,7 @@ async def test_retry_mode_refuses_with_the_id_then_the_same_call_passes_exactly_
         with pytest.raises(MCPError) as again:  # asked again before a decision: the same request, not a new one
             await session.call_tool("delete_file", {"path": "/tmp/x"})
         assert again.value.error.data["approval_id"] == approval_id
-        assert _calls_of(gateway, "delete_file") == []
+        assert gateway.recorder.tool_calls("delete_file") == []
 
         listed = _admin(gateway, "GET", "/admin/approvals").json()["approvals"]
         assert [(a["id"], a["status"], a["tool"], a["caller"][1], a["arguments"]) for a in listed] == [
@@ -203,7 +193,7 @@ async def test_retry_mode_refuses_with_the_id_then_the_same_call_passes_exactly_
             await other.call_tool("delete_file", {"path": "/tmp/x"})
         assert other_caller.value.error.code == -32014
 
-    assert [c["params"]["arguments"] for c in _calls_of(gateway, "delete_file")] == [{"path": "/tmp/x"}]
+    assert [c["params"]["arguments"] for c in gateway.recorder.tool_calls("delete_file")] == [{"path": "/tmp/x"}]
     calls = [e for e in gateway.audit_events()
              if e["tool_executed"] == "delete_file" and e["operation"] == "tools/call"]
     assert [(e["result"], e["approval_required"], e["approval_granted"], e["approval_id"] == approval_id,
@@ -230,7 +220,7 @@ async def test_a_denied_call_is_refused_as_denied_and_the_approver_is_named_in_t
         assert (refused.value.error.code, refused.value.error.data["reason"]) == (-32015, "not in prod")
         again = _admin(gateway, "POST", f"/admin/approvals/{approval_id}/approve")  # a decision is final
         assert again.status_code == 403 and "not pending" in again.json()["error"]["message"]
-    assert _calls_of(gateway, "delete_file") == []
+    assert gateway.recorder.tool_calls("delete_file") == []
     events = gateway.audit_events()
     assert [(e["operation"], e["user_id"], e["approval_granted"]) for e in events
             if e["operation"].startswith("approvals/")] == [("approvals/denied", "rita", 0)]
@@ -281,7 +271,7 @@ async def test_an_approval_does_not_outlive_a_redefinition_of_the_tool(tmp_path:
                 await session.call_tool("delete_file", {"path": "/tmp/x"})
             assert redefined.value.error.code == -32014
             assert redefined.value.error.data["approval_id"] != approval_id
-        assert _calls_of(gateway, "delete_file") == []
+        assert gateway.recorder.tool_calls("delete_file") == []
     finally:
         gateway.stop()
 
@@ -312,14 +302,14 @@ async def test_hold_mode_waits_for_the_approver_and_then_completes(tmp_path: Pat
         async with _client(gateway, era, gateway.token()) as session:
             call = asyncio.create_task(session.call_tool("echo", {"text": "ship it"}, progress_callback=told))
             approval_id = await _pending(gateway, "echo")
-            assert not call.done() and _calls_of(gateway, "echo") == []
+            assert not call.done() and gateway.recorder.tool_calls("echo") == []
             approved = await asyncio.to_thread(_admin, gateway, "POST", f"/admin/approvals/{approval_id}/approve")
             assert approved.status_code == 200
             result = await asyncio.wait_for(call, 10)
             assert result.content[0].text == "ship it"  # type: ignore[union-attr]
         if era == "legacy":  # kept informed on the SSE answer while it waited
             assert progress and f"waiting for approval {approval_id} of echo" in str(progress[0])
-        assert len(_calls_of(gateway, "echo")) == 1
+        assert len(gateway.recorder.tool_calls("echo")) == 1
         held = [e for e in gateway.audit_events() if e["operation"] == "tools/call"]
         assert [(e["result"], e["approval_granted"], e["approval_id"], e["approver"]) for e in held] == [
             ("allowed", 1, approval_id, "rita")]
@@ -336,7 +326,7 @@ async def test_a_held_call_nobody_decides_expires_with_its_own_error(tmp_path: P
             with pytest.raises(MCPError) as expired:
                 await session.call_tool("echo", {"text": "too late"})
             assert expired.value.error.code == -32016
-        assert _calls_of(gateway, "echo") == []
+        assert gateway.recorder.tool_calls("echo") == []
         events = gateway.audit_events()
         assert [(e["operation"], e["result"]) for e in events if e["operation"].startswith("approvals/")] == [
             ("approvals/expired", "denied")]
@@ -438,7 +428,7 @@ async def test_a_held_call_whose_client_leaves_stops_waiting_and_its_approval_st
         assert (event["result"], event["reason"], event["approval_granted"]) == ("denied", "approval:pending", None)
         [pending] = _admin(gateway, "GET", "/admin/approvals").json()["approvals"]
         assert pending["status"] == "pending" and pending["id"] == event["approval_id"]
-        assert _calls_of(gateway, "echo") == []
+        assert gateway.recorder.tool_calls("echo") == []
     finally:
         gateway.stop()
 
@@ -471,7 +461,7 @@ async def test_a_held_call_is_decided_again_when_approved_a_withdrawn_role_refus
                                             f"/admin/approvals/{approval_id}/approve")).status_code == 200
             answer = await asyncio.wait_for(call, 10)
         assert answer.json()["error"]["code"] == -32602  # as the policy answers a tool the caller cannot see
-        assert _calls_of(gateway, "delete_file") == []
+        assert gateway.recorder.tool_calls("delete_file") == []
         assert gateway.gateway.call(runtime.approvals.store.get(approval_id)).status == "approved"  # unused
         [event] = [e for e in gateway.audit_events() if e["operation"] == "tools/call"]
         assert (event["result"], event["reason"], event["approval_granted"]) == ("denied", "no-grant:tool", 1)
@@ -494,7 +484,7 @@ async def test_a_held_call_whose_token_is_revoked_while_it_waits_is_refused(tmp_
                                             f"/admin/approvals/{approval_id}/approve")).status_code == 200
             answer = await asyncio.wait_for(call, 10)
         assert answer.status_code == 401 and "revoked" in answer.json()["error"]["message"]
-        assert _calls_of(gateway, "delete_file") == []
+        assert gateway.recorder.tool_calls("delete_file") == []
     finally:
         gateway.stop()
 
@@ -521,7 +511,7 @@ async def test_a_tool_redefined_while_its_call_waits_needs_an_approval_of_its_ow
             while (second := await _pending(gateway, "delete_file")) == first:  # asked anew, for the new tool
                 assert time.monotonic() < deadline
                 await asyncio.sleep(0.05)
-            assert not call.done() and _calls_of(gateway, "delete_file") == []
+            assert not call.done() and gateway.recorder.tool_calls("delete_file") == []
             assert (await asyncio.to_thread(_admin, gateway, "POST",
                                             f"/admin/approvals/{second}/approve")).status_code == 200
             answer = await asyncio.wait_for(call, 10)

@@ -257,7 +257,8 @@ async def test_a_role_assigned_in_the_console_lets_the_next_call_pass_until_revo
                for op, result, reason, user, _ in events(gateway, "console/roles:") if op != "console/roles:view"]
     assert changes == [("console/roles:assign", "allowed", ["roles", "assigned"], "rita"),
                        ("console/roles:revoke", "allowed", ["roles", "revoked"], "rita")]
-    assert [e["result"] for e in gateway.audit_events() if e["tool_executed"] == "delete_file"] == [
+    assert [e["result"] for e in gateway.audit_events() if e["operation"] == "tools/call"
+            and e["tool_executed"] == "delete_file"] == [
         "denied", "allowed", "denied"]
 
 

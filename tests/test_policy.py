@@ -131,6 +131,13 @@ TABLE: list[tuple[str, Principal, Operation, str, str]] = [
      "uri:'..' climbs above the root"),
     ("encoded slash", READER, read("file:///srv/docs/..%2f..%2fetc/passwd"), "denied", "uri:encoded slash in URI path"),
     ("NUL byte", READER, read("file:///srv/docs/a%00.md"), "denied", "uri:encoded NUL byte in URI"),
+    # a file system collapses `//`: /srv/docs//secret is /srv/docs/secret, whose level `//` would have dodged
+    ("an empty segment in a file URI", READER, read("file:///srv/docs//secret/keys"), "denied",
+     "uri:an empty segment in a file URI: a file system collapses it, a pattern does not"),
+    ("dot segments beside an empty one", READER, read("file:///srv/docs/a//../../etc/shadow"), "denied",
+     "uri:an empty segment in a file URI: a file system collapses it, a pattern does not"),
+    ("the same in another scheme", READER, read("db://reports/a//../../x"), "denied",
+     "uri:an empty segment with dot segments: readers disagree on where `..` leads"),
     ("backslash in a file URI", READER, read("file:///srv/docs/..\\..\\etc\\passwd"), "denied",
      "uri:backslash in file URI"),
     ("traversal that stays inside", READER, read("file:///srv/docs/a/../readme"), "allowed", "role:reader:resource"),

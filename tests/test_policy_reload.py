@@ -56,7 +56,8 @@ def test_a_changed_policy_file_takes_effect_and_an_invalid_one_is_refused(tmp_pa
         assert call(deployment.url, token, "delete_file").status_code == 200
         metrics = httpx.get(f"{deployment.gateway.url}/metrics").text
         assert 'mcp_gateway_policy_reloads_total{outcome="invalid"} 1.0' in metrics
-        versions = {e["policy_version"] for e in deployment.audit_events() if e["tool_executed"] == "delete_file"}
+        versions = {e["policy_version"] for e in deployment.audit_events()
+                    if e["tool_executed"] == "delete_file" and e["operation"] == "tools/call"}
         assert versions == {old_version, new_version}
     finally:
         deployment.stop()

@@ -77,7 +77,8 @@ async def test_a_role_assigned_while_running_takes_effect_on_the_next_call_and_r
     assigned_event = next(e for e in events if e["operation"] == "admin/roles:post")
     assert "roles:assigned:operator to=alice client=* until " in assigned_event["reason"]
     assert assigned_event["reason"].endswith(f"id={assignment_id}")
-    calls = [(e["result"], e["roles"]) for e in events if e["tool_executed"] == "delete_file"]
+    calls = [(e["result"], e["roles"]) for e in events if e["tool_executed"] == "delete_file"
+             and e["operation"] == "tools/call"]
     assert calls == [("denied", "reader"), ("allowed", "operator,reader"), ("denied", "reader")]
 
 

@@ -140,7 +140,7 @@ async def test_a_crash_fails_the_call_and_the_next_call_gets_a_fresh_process(std
         assert failed.value.error.code == -32050
         after = text(await session.call_tool("pid", {}))
     assert after != before
-    crashed = [e for e in stdio.audit() if e["tool_executed"] == "crash"]
+    crashed = [e for e in stdio.audit() if e["tool_executed"] == "crash" and e["operation"] == "tools/call"]
     assert [(e["result"], e["reason"]) for e in crashed] == [("upstream_error", "upstream:exited")]
 
 
@@ -152,7 +152,8 @@ async def test_a_child_that_breaks_the_stdio_framing_is_replaced(stdio: StdioGat
             await session.call_tool(tool, {"bytes": 4 << 20})
         assert failed.value.error.code == -32050
         assert text(await session.call_tool("count", {})) == "1"  # a new process
-    assert [e["reason"] for e in stdio.audit() if e["tool_executed"] == tool] == [reason]
+    assert [e["reason"] for e in stdio.audit() if e["tool_executed"] == tool and e["operation"] == "tools/call"] == [
+        reason]
 
 
 async def test_a_silent_child_times_out_with_the_upstream_timeout_error(tmp_path: Path) -> None:

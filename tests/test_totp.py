@@ -326,7 +326,7 @@ async def test_the_otp_token_reaches_a_high_tool_and_a_token_without_otp_is_aske
         assert after.content[0].text == "still fine"  # type: ignore[union-attr]
     assert b"/srv/y" not in b"".join(r.body for r in gateway_as.recorder.requests)
     calls = [(e["user_id"], e["result"], e["reason"]) for e in gateway_as.audit_events()
-             if e["tool_executed"] == "delete_file"]
+             if e["tool_executed"] == "delete_file" and e["operation"] == "tools/call"]
     assert calls == [("mfa-bot", "allowed", "role:bot:tool"), ("plain-bot", "denied", "level:authentication<high")]
 
 

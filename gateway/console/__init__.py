@@ -10,6 +10,7 @@
     GET  /admin/ui/approvals                 pending approvals; POST .../<id>/approve|deny
     GET  /admin/ui/sessions                  token sessions; POST .../<id>/revoke
     GET  /admin/ui/roles                     runtime role assignments; POST .../assign, .../<id>/revoke
+    GET  /admin/ui/tools                     tool pins and changed definitions; POST .../<upstream>/approve|pin
     GET  /admin/ui/upstreams                 upstream health
     GET  /admin/ui/policy                    the policy in force; POST .../explain
     GET  /admin/static/console.css|js        the stylesheet and the script

@@ -5,6 +5,8 @@ says what was done or why it was refused (redirect-after-POST; the audit event s
     /admin/ui/sessions/<id>/revoke          operators.revoke_session
     /admin/ui/roles/assign                  operators.assign_role (subject, client_id, role, expires, reason)
     /admin/ui/roles/<id>/revoke             operators.revoke_role
+    /admin/ui/tools/<upstream>/approve      operators.approve_tool (tool, and the hash the operator saw)
+    /admin/ui/tools/<upstream>/pin          operators.pin_tools
     /admin/ui/policy/explain                explain a call (renders the policy page with the answer)
 
 CSRF, the session and the scope were checked before any of these runs (`routes`).
@@ -69,6 +71,19 @@ async def assign_role(request: Page) -> Answer:
 async def revoke_role(request: Page) -> Answer:
     return await _done(request, "/admin/ui/roles", operators.revoke_role(request.runtime, request.item),
                        f"revoked assignment {request.item}")
+
+
+async def approve_tool(request: Page) -> Answer:
+    tool = request.form.get("tool", "")
+    action = operators.approve_tool(request.runtime, request.operator, request.item, tool,
+                                    expected=request.form.get("hash") or None)
+    return await _done(request, "/admin/ui/tools", action, f"approved {tool} at {request.item}")
+
+
+async def pin_tools(request: Page) -> Answer:
+    return await _done(request, "/admin/ui/tools", operators.pin_tools(request.runtime, request.operator,
+                                                                       request.item),
+                       f"pinned every definition of {request.item} last seen")
 
 
 async def explain(request: Page) -> Answer:

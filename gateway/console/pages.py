@@ -6,6 +6,7 @@
     /admin/ui/approvals      pending approvals with Approve / Deny forms; recently decided ones
     /admin/ui/sessions       token sessions, each with a Revoke form
     /admin/ui/roles          runtime role assignments with Revoke forms; the assign form
+    /admin/ui/tools          each upstream's tools: pinned, changed or new, with Approve forms and the definition
     /admin/ui/upstreams      each upstream's health (`health`)
     /admin/ui/policy         the policy in force (`policy_view`), and the explain form
 
@@ -109,6 +110,13 @@ async def roles(request: Page) -> Answer:
     listed = (await operators.list_roles(request.runtime)).result["assignments"]
     return page(request, "roles.html", reason="console:roles_list", assignments=listed,
                 roles=list(request.runtime.policy.roles))
+
+
+async def tools(request: Page) -> Answer:
+    listed = (await operators.list_tools(request.runtime)).result["tools"]
+    by_upstream = {u.name: [t for t in listed if t["upstream"] == u.name] for u in request.runtime.config.upstreams}
+    modes = {u.name: u.pinning for u in request.runtime.config.upstreams}
+    return page(request, "tools.html", reason="console:tools_list", upstreams=by_upstream, modes=modes)
 
 
 async def upstreams(request: Page) -> Answer:

@@ -47,6 +47,7 @@ NAV = (
     ("/admin/ui/approvals", "Approvals", "approvals"),
     ("/admin/ui/sessions", "Sessions", "sessions"),
     ("/admin/ui/roles", "Roles", "roles"),
+    ("/admin/ui/tools", "Tools", "tools"),
     ("/admin/ui/upstreams", "Upstreams", "admin"),
     ("/admin/ui/policy", "Policy", "admin"),
 )

@@ -53,7 +53,7 @@ Handler = Callable[[Page], Awaitable[Answer]]
 @dataclass(frozen=True, slots=True)
 class Route:
     handler: Handler
-    part: str  # whose scope it needs: admin, audit, sessions, approvals, roles (`operators.scope_for`)
+    part: str  # whose scope it needs: admin, audit, sessions, approvals, roles, tools (`operators.scope_for`)
     operation: str  # the audit event's
     json: bool = False  # answers (and refusals) as JSON
     quiet: bool = False  # audited only when refused
@@ -72,6 +72,9 @@ ROUTES: dict[tuple[str, str], Route] = {
     ("GET", "roles"): Route(pages.roles, "roles", "console/roles:view"),
     ("POST", "roles/assign"): Route(actions.assign_role, "roles", "console/roles:assign"),
     ("POST", "roles/*/revoke"): Route(actions.revoke_role, "roles", "console/roles:revoke"),
+    ("GET", "tools"): Route(pages.tools, "tools", "console/tools:view"),
+    ("POST", "tools/*/approve"): Route(actions.approve_tool, "tools", "console/tools:approve"),
+    ("POST", "tools/*/pin"): Route(actions.pin_tools, "tools", "console/tools:pin"),
     ("GET", "upstreams"): Route(pages.upstreams, "admin", "console/upstreams:view"),
     ("GET", "policy"): Route(pages.policy, "admin", "console/policy:view"),
     ("POST", "policy/explain"): Route(actions.explain, "admin", "console/policy:explain"),

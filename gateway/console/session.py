@@ -60,7 +60,7 @@ def admin_audience(config: Config) -> str:
 def console_scopes(config: Config) -> list[str]:
     """Every scope the console's pages need, the console's own first."""
     return list(dict.fromkeys((config.admin.scope, config.audit.read_scope, config.sessions.admin_scope,
-                               config.admin.approvals_scope, config.admin.roles_scope)))
+                               config.admin.approvals_scope, config.admin.roles_scope, config.admin.tools_scope)))
 
 
 def login_url(config: Config, authenticator: Authenticator, subject: str, scopes: list[str] | None = None) -> str:

@@ -26,7 +26,7 @@ that grants it all: `insufficient_scope`, naming the first such scope.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from operator import attrgetter
 from typing import Any, Literal
@@ -72,6 +72,7 @@ class Decision:
     scopes: tuple[str, ...] = ()
     uri: str | None = None  # the normalised URI the decision was taken on
     approval: ApprovalSpec | None = None  # an allowed tool call that a person must approve before it is forwarded
+    detail: str = ""  # why, in words, beyond `reason` (which argument broke which constraint), for explain
 
     @property
     def visible(self) -> bool:
@@ -161,9 +162,12 @@ def decide(principal: Principal, operation: Operation, policy: Policy) -> Decisi
     if kind in ("tool_call", "prompt_get") or (kind == "completion" and operation.name is not None):
         is_tool = kind == "tool_call"
         what = "tool" if is_tool else "prompt"
+        # Arguments are checked on a call; a list item stands for calling the tool with *some* arguments.
+        calling = is_tool and operation.method == "tools/call"
         return _decide_target(principal, policy, held, result, operation.name or "", what,
                               (lambda r: r.tools) if is_tool else (lambda r: r.prompts),
-                              policy.tools if is_tool else policy.prompts)
+                              policy.tools if is_tool else policy.prompts,
+                              arguments=operation.arguments if calling else _NOT_CALLING)
     if operation.uri is not None and kind in ("resource_read", "resource_subscribe", "resource_unsubscribe",
                                               "completion"):
         raw = template_probe(operation.uri) if kind == "completion" else operation.uri
@@ -180,7 +184,8 @@ def decide(principal: Principal, operation: Operation, policy: Policy) -> Decisi
 
 
 # Every field of an operation is part of the cache key but those `decide` does not read: a field added to
-# `Operation` later is in the key unless it is named here (a rule that reads `arguments` must take it out).
+# `Operation` later is in the key unless it is named here. `arguments` are read only for a tool with argument
+# constraints, whose decisions are never remembered.
 _NOT_READ_BY_DECIDE = frozenset({"request_id", "arguments"})
 _decided_fields = attrgetter(*(f.name for f in fields(Operation) if f.name not in _NOT_READ_BY_DECIDE))
 
@@ -199,6 +204,9 @@ class DecisionCache:
         self._answers: dict[tuple[Any, ...], tuple[Principal, Policy, Decision]] = {}
 
     def __call__(self, principal: Principal, operation: Operation, policy: Policy) -> Decision:
+        if operation.arguments is not None and operation.kind == "tool_call" \
+                and policy.constrained_tools.matches(operation.name or ""):
+            return decide(principal, operation, policy)  # its answer depends on the arguments: not remembered
         key = (id(principal), id(policy), _decided_fields(operation))
         found = self._answers.get(key)
         if found is not None and found[0] is principal and found[1] is policy:
@@ -214,6 +222,9 @@ def _with_uri(decision: Decision, uri: str) -> Decision:
     return replace(decision, uri=uri)
 
 
+_NOT_CALLING: Mapping[str, Any] = {}  # `arguments` of a decision on an item that is not being called
+
+
 def _decide_target(
     principal: Principal,
     policy: Policy,
@@ -223,9 +234,19 @@ def _decide_target(
     what: str,
     index_of: Callable[[Role], GlobIndex],
     requirements: Requirements,
+    arguments: Mapping[str, Any] | None = _NOT_CALLING,
 ) -> Decision:
     level, capabilities = requirements.of(value)
     granting = [role for role in held if index_of(role).matches(value)]
+    if arguments is not _NOT_CALLING and granting and policy.constrained_tools.matches(value):
+        violation = requirements.argument_violation(value, arguments)
+        if violation is None:  # a role grants the call only through a grant whose constraints hold
+            violations = [role.tool_violation(value, arguments) for role in granting]
+            if all(v is not None for v in violations):
+                violation = violations[0]
+            granting = [role for role, v in zip(granting, violations, strict=True) if v is None]
+        if violation is not None:
+            return result(False, f"argument:{violation.argument}:{violation.rule}", detail=violation.why)
     sufficient = [role for role in granting if capabilities <= role.capabilities and role.level >= level]
     if not sufficient:
         if not granting:

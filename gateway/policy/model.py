@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from gateway.policy.constraints import ArgumentConstraint, Constraints, Violation, compile_constraints
 from gateway.policy.globs import GlobIndex
 from gateway.yamlfile import ProblemsError, StrictModel, YamlFileError, format_validation, read_yaml
 
@@ -42,12 +43,20 @@ def _known_capabilities(values: tuple[str, ...]) -> tuple[str, ...]:
     return values
 
 
+class ToolGrant(StrictModel):
+    """`can_execute_tools: [{name: read_file, arguments: {path: {kind: path, within: [...]}}}]`: the tools
+    matching `name`, only with arguments for which every constraint holds."""
+
+    name: str
+    arguments: dict[str, ArgumentConstraint] = Field(min_length=1)
+
+
 class PermissionSpec(StrictModel):
     """The PermissionSet of a role. Unset keys are inherited; set ones replace the parent's."""
 
     can_list_resources: bool | None = None
     can_read_resources: tuple[str, ...] | None = None
-    can_execute_tools: tuple[str, ...] | None = None
+    can_execute_tools: tuple[str | ToolGrant, ...] | None = None
     can_access_prompts: tuple[str, ...] | None = None
     can_request_sampling: bool | None = None
     can_elicit: bool | None = None
@@ -94,6 +103,7 @@ class Requirement(StrictModel):
     security_level: LevelName = "low"
     capabilities: tuple[str, ...] = ()
     approval: ApprovalSpec | None = None  # tools only
+    arguments: dict[str, ArgumentConstraint] = Field(default_factory=dict)  # tools only: for every role
 
     @field_validator("capabilities")
     @classmethod
@@ -157,6 +167,8 @@ class PolicySpec(StrictModel):
             for name, requirement in items.items():
                 if requirement.approval is not None:
                     raise ValueError(f"{kind}.{name}.approval: approvals are for tools only")
+                if requirement.arguments:
+                    raise ValueError(f"{kind}.{name}.arguments: argument constraints are for tools only")
         for name, requirement in self.tools.items():
             for approver in requirement.approval.approvers if requirement.approval else ():
                 kind, _, value = approver.partition(":")
@@ -179,6 +191,19 @@ class Role:
     tools: GlobIndex
     resources: GlobIndex
     prompts: GlobIndex
+    tool_grants: tuple[Constraints | None, ...] = ()  # per pattern of `tools`: its argument constraints, if any
+
+    def tool_violation(self, name: str, arguments: Mapping[str, Any] | None) -> Violation | None:
+        """None when a grant of this role matching `name` holds for `arguments` (one without constraints always
+        does); else why the first matching grant does not. Only for a name `tools` matches."""
+        first = None
+        for grant in self.tools.matching(name):
+            constraints = self.tool_grants[grant] if self.tool_grants else None
+            violation = None if constraints is None else constraints.check(arguments)
+            if violation is None:
+                return None
+            first = first or violation
+        return first
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,10 +218,25 @@ class Requirements:
 
     index: GlobIndex
     rules: tuple[Requirement, ...]
+    arguments: tuple[Constraints | None, ...]  # per rule: its compiled argument constraints (tools), if any
+    # whether any rule has constraints / an approval: most policies have neither, and then neither costs a lookup
+    constrained: bool = False
+    approving: bool = False
+
+    def argument_violation(self, value: str, arguments: Mapping[str, Any] | None) -> Violation | None:
+        """The first constraint of a pattern matching `value` that `arguments` break, or None."""
+        if not self.constrained:
+            return None
+        for rule_id in sorted(self.index.matching(value)):
+            constraints = self.arguments[rule_id]
+            violation = None if constraints is None else constraints.check(arguments)
+            if violation is not None:
+                return violation
+        return None
 
     def approval(self, value: str) -> ApprovalSpec | None:
         """The approval a call of `value` needs: that of the first pattern (in policy order) that asks for one."""
-        if not self.index:
+        if not self.approving:
             return None
         asking = [rule_id for rule_id in self.index.matching(value) if self.rules[rule_id].approval is not None]
         return self.rules[min(asking)].approval if asking else None
@@ -234,6 +274,9 @@ class Policy:
     version: str
     source: str
     named_tools: frozenset[str]  # tool names the policy spells out: the only ones allowed as metric labels
+    constrained_tools: GlobIndex  # tool patterns with argument constraints, on a tool or a grant
+    # (pattern, where in the file, the constraints) of every set of argument constraints, for lint
+    argument_specs: tuple[tuple[str, str, Mapping[str, ArgumentConstraint]], ...] = ()
 
     @property
     def scopes(self) -> tuple[str, ...]:
@@ -255,18 +298,27 @@ def _merge(name: str, specs: Mapping[str, RoleSpec], trail: tuple[str, ...] = ()
         for key, value in inherited["permissions"].items():
             current = merged["permissions"].get(key)
             if isinstance(value, tuple):
-                merged["permissions"][key] = tuple(dict.fromkeys((*(current or ()), *value)))
+                merged["permissions"][key] = tuple({_grant_key(v): v for v in (*(current or ()), *value)}.values())
             else:
                 merged["permissions"][key] = bool(current) or value
     if spec.security_level is not None:
         merged["level"] = LEVEL[spec.security_level]
     merged["capabilities"] |= set(spec.capabilities)
-    merged["permissions"].update(spec.permissions.model_dump(exclude_none=True))
+    merged["permissions"].update({k: v for k in PermissionSpec.model_fields
+                                  if (v := getattr(spec.permissions, k)) is not None})
     return merged
 
 
+def _grant_key(grant: str | ToolGrant) -> str:
+    """What makes two grants the same one (a grant with constraints is a model, not hashable as it is)."""
+    return grant if isinstance(grant, str) else grant.model_dump_json()
+
+
 def _requirements(rules: Mapping[str, Requirement]) -> Requirements:
-    return Requirements(GlobIndex(list(rules)), tuple(rules.values()))
+    return Requirements(GlobIndex(list(rules)), tuple(rules.values()),
+                        tuple(compile_constraints(r.arguments) if r.arguments else None for r in rules.values()),
+                        constrained=any(r.arguments for r in rules.values()),
+                        approving=any(r.approval is not None for r in rules.values()))
 
 
 def compile_policy(spec: PolicySpec, *, version: str, source: str) -> Policy:
@@ -282,7 +334,9 @@ def compile_policy(spec: PolicySpec, *, version: str, source: str) -> Policy:
             can_request_sampling=bool(perms.get("can_request_sampling")),
             can_elicit=bool(perms.get("can_elicit")),
             can_list_roots=bool(perms.get("can_list_roots")),
-            tools=GlobIndex(perms.get("can_execute_tools", ())),
+            tools=GlobIndex([g if isinstance(g, str) else g.name for g in perms.get("can_execute_tools", ())]),
+            tool_grants=tuple(None if isinstance(g, str) else compile_constraints(g.arguments)
+                              for g in perms.get("can_execute_tools", ())),
             resources=GlobIndex(perms.get("can_read_resources", ())),
             prompts=GlobIndex(perms.get("can_access_prompts", ())),
         )
@@ -320,7 +374,20 @@ def compile_policy(spec: PolicySpec, *, version: str, source: str) -> Policy:
         version=version,
         source=source,
         named_tools=frozenset().union(tool_requirements.index.exact, *(role.tools.exact for role in roles.values())),
+        constrained_tools=GlobIndex(list(dict.fromkeys(pattern for pattern, _, _ in _argument_specs(spec)))),
+        argument_specs=_argument_specs(spec),
     )
+
+
+def _argument_specs(spec: PolicySpec) -> tuple[tuple[str, str, Mapping[str, ArgumentConstraint]], ...]:
+    """Every set of argument constraints: its tool pattern, where the file says it, the constraints."""
+    found = [(name, f"tools.{name}.arguments", rule.arguments) for name, rule in spec.tools.items() if rule.arguments]
+    for role_name, role in spec.roles.items():
+        for position, grant in enumerate(role.permissions.can_execute_tools or ()):
+            if not isinstance(grant, str):
+                found.append((grant.name, f"roles.{role_name}.permissions.can_execute_tools.{position}.arguments",
+                              grant.arguments))
+    return tuple(found)
 
 
 def parse_policy(raw: Any, data: bytes, path: Path) -> Policy:

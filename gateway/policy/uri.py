@@ -4,7 +4,9 @@ Owns the one canonical form a URI is decided in (RFC 3986 section 6.2.2):
 scheme and host lower-cased, percent-encoded unreserved characters decoded,
 remaining escapes upper-cased, dot segments removed. Whatever could make the
 gateway and the upstream read two different resources is refused instead of
-normalised: a `..` that climbs above the root, an encoded slash (`%2F`), a NUL
+normalised: a `..` that climbs above the root, an empty segment in a `file:`
+URI, or dot segments beside an empty segment in any URI (`a//../..`: RFC 3986
+and a file system resolve it to different places), an encoded slash (`%2F`), a NUL
 byte, a control character, a backslash (or `%5C`) in a `file:` URI, percent
 escapes that are not UTF-8 (an overlong `%C0%AE` is a `.` to a lax decoder),
 and any character that Unicode compatibility normalisation (NFKC, which many
@@ -57,6 +59,13 @@ def normalize_uri(uri: str) -> str:
     else:
         netloc = netloc.lower()
     path = _decode_unreserved(parts.path, in_path=True)
+    if "//" in path and scheme == "file":
+        # a file system reads `/srv/docs//secret` as /srv/docs/secret, which `file:///srv/docs/secret/**` names
+        raise InvalidUri("an empty segment in a file URI: a file system collapses it, a pattern does not")
+    if "//" in path and re.search(r"(^|/)\.\.?(/|$)", path):
+        # RFC 3986 keeps an empty segment (`a//..` is `a/`); a file system collapses it first (`a/..` is ``):
+        # `/srv/docs/a//../../etc` would be /srv/docs/etc here and /srv/etc to the server.
+        raise InvalidUri("an empty segment with dot segments: readers disagree on where `..` leads")
     path = _remove_dot_segments(path)
     query = _decode_unreserved(parts.query, in_path=False)
     # Joined by hand: urlunsplit drops an empty authority ("file:////x" would come back as "file://x").
