@@ -30,6 +30,7 @@ from gateway.metrics import Metrics
 from gateway.pinning import Pinning
 from gateway.pins import open_pins
 from gateway.policy import Policy, PolicyError, load_policy
+from gateway.policy.engine import annotation_level
 from gateway.policy.lint import schema_lint
 from gateway.sessions import SessionStore, open_sessions
 
@@ -61,6 +62,8 @@ class Runtime:
         self._tool_definitions: dict[str, LRUCache[str, str]] = {
             u.name: LRUCache(maxsize=10_000) for u in config.upstreams
         }
+        # ... and the level each tool's annotations ask for, which raises a level the policy leaves unsaid.
+        self._tool_levels: dict[str, LRUCache[str, int]] = {u.name: LRUCache(maxsize=10_000) for u in config.upstreams}
         self.assignments: RoleAssignments = open_assignments(config.role_assignments)
         self._linted: LRUCache[tuple[str, str, str, str], bool] = LRUCache(maxsize=10_000)
         self.approvals = ApprovalGate(open_approvals(config.sessions), self.audit, self.metrics, config.audit,
@@ -129,6 +132,10 @@ class Runtime:
     def tool_schema(self, upstream: str, tool: str) -> Mapping[str, Any] | None:
         return self._tool_schemas[upstream].get(tool)
 
+    def tool_level(self, upstream: str, tool: str) -> int:
+        """The level the tool's annotations ask for, as last listed (`policy.engine.annotation_level`)."""
+        return self._tool_levels[upstream].get(tool, 0)
+
     def tool_definition(self, upstream: str, tool: str) -> str | None:
         return self._tool_definitions[upstream].get(tool)
 
@@ -137,6 +144,7 @@ class Runtime:
         if not isinstance(tools, list):
             return
         cache, definitions = self._tool_schemas[upstream], self._tool_definitions[upstream]
+        levels = self._tool_levels[upstream]
         for tool in tools:
             if not isinstance(tool, dict):
                 continue
@@ -146,6 +154,7 @@ class Runtime:
                 self._lint_arguments(upstream, name, schema)
             if isinstance(name, str):
                 definitions[name] = definition_hash(tool)
+                levels[name] = annotation_level(tool.get("annotations"))
 
     def _lint_arguments(self, upstream: str, tool: str, schema: Mapping[str, Any]) -> None:
         """Say (once per policy, tool and schema) where the policy constrains an argument the tool does not have,

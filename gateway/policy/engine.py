@@ -127,8 +127,10 @@ def authentication_level(principal: Principal, policy: Policy) -> int:
     return level if ceiling is None else min(level, ceiling)
 
 
-def decide(principal: Principal, operation: Operation, policy: Policy) -> Decision:
-    """Allow or refuse one classified operation for one principal."""
+def decide(principal: Principal, operation: Operation, policy: Policy, hinted_level: int = 0) -> Decision:
+    """Allow or refuse one classified operation for one principal. `hinted_level` is the level a tool's own
+    annotations ask for (`annotation_level`): it applies only to a tool no pattern of the policy names, and
+    only ever raises the level (a server is not trusted to relax the policy)."""
     roles = roles_for(principal, policy)
     held = [policy.roles[name] for name in roles]
     kind = operation.kind
@@ -167,7 +169,8 @@ def decide(principal: Principal, operation: Operation, policy: Policy) -> Decisi
         return _decide_target(principal, policy, held, result, operation.name or "", what,
                               (lambda r: r.tools) if is_tool else (lambda r: r.prompts),
                               policy.tools if is_tool else policy.prompts,
-                              arguments=operation.arguments if calling else _NOT_CALLING)
+                              arguments=operation.arguments if calling else _NOT_CALLING,
+                              hinted_level=hinted_level if is_tool else 0)
     if operation.uri is not None and kind in ("resource_read", "resource_subscribe", "resource_unsubscribe",
                                               "completion"):
         raw = template_probe(operation.uri) if kind == "completion" else operation.uri
@@ -203,19 +206,31 @@ class DecisionCache:
         self._size = size
         self._answers: dict[tuple[Any, ...], tuple[Principal, Policy, Decision]] = {}
 
-    def __call__(self, principal: Principal, operation: Operation, policy: Policy) -> Decision:
+    def __call__(self, principal: Principal, operation: Operation, policy: Policy, hinted_level: int = 0
+                 ) -> Decision:
         if operation.arguments is not None and operation.kind == "tool_call" \
                 and policy.constrained_tools.matches(operation.name or ""):
-            return decide(principal, operation, policy)  # its answer depends on the arguments: not remembered
-        key = (id(principal), id(policy), _decided_fields(operation))
+            # its answer depends on the arguments: not remembered
+            return decide(principal, operation, policy, hinted_level)
+        key = (id(principal), id(policy), hinted_level, _decided_fields(operation))
         found = self._answers.get(key)
         if found is not None and found[0] is principal and found[1] is policy:
             return found[2]
-        decision = decide(principal, operation, policy)
+        decision = decide(principal, operation, policy, hinted_level)
         if len(self._answers) >= self._size:
             self._answers.clear()
         self._answers[key] = (principal, policy, decision)
         return decision
+
+
+def annotation_level(annotations: object) -> int:
+    """The level a tool's annotations ask for: `destructiveHint: true` high, `openWorldHint: true` standard (only
+    when said outright: an annotation left out asks for nothing), else none (0)."""
+    if not isinstance(annotations, Mapping):
+        return 0
+    if annotations.get("destructiveHint") is True:
+        return LEVEL["high"]
+    return LEVEL["standard"] if annotations.get("openWorldHint") is True else 0
 
 
 def _with_uri(decision: Decision, uri: str) -> Decision:
@@ -235,8 +250,11 @@ def _decide_target(
     index_of: Callable[[Role], GlobIndex],
     requirements: Requirements,
     arguments: Mapping[str, Any] | None = _NOT_CALLING,
+    hinted_level: int = 0,
 ) -> Decision:
     level, capabilities = requirements.of(value)
+    if hinted_level > level and not requirements.index.matches(value):
+        level = hinted_level
     granting = [role for role in held if index_of(role).matches(value)]
     if arguments is not _NOT_CALLING and granting and policy.constrained_tools.matches(value):
         violation = requirements.argument_violation(value, arguments)
