@@ -110,7 +110,7 @@ async def serve(runtime: Runtime, scope: ASGIScope, receive: ASGIReceive, send: 
         if handler is None:
             raise errors.GatewayRefusal(errors.METHOD_NOT_ALLOWED, f"{method} {scope['path']}")
         needed = operators.scope_for(config, resource)
-        audiences = (f"{config.public_url}/admin", *(config.resource_url(u) for u in config.upstreams))
+        audiences = (config.admin_resource, *(config.resource_url(u) for u in config.upstreams))
         principal = await runtime.authenticator.authenticate(header_values(scope), b"", audiences, "/admin")
         event.user_id, event.client_id = principal.subject, principal.client_id
         if principal.claims.get("purpose") == "console-login":  # a sign-in link, good once, for the console only

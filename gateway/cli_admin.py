@@ -89,7 +89,7 @@ def _signer(config: Config) -> Any:
 
 def _call(args: argparse.Namespace, config: Config, method: str, path: str, scope: str,
           body: dict[str, Any] | None = None) -> dict[str, Any]:
-    token = _signer(config).issue_token(subject=args.operator, audience=f"{config.public_url}/admin",
+    token = _signer(config).issue_token(subject=args.operator, audience=config.admin_resource,
                                         scopes=[scope], ttl_s=60)
     base = (args.url or f"http://{config.listen.host}:{config.listen.port}").rstrip("/")
     data = json.dumps(body).encode() if body is not None else None

@@ -280,6 +280,11 @@ class Config(StrictModel):
         """The path part of public_url (a gateway served under a sub-path)."""
         return urlsplit(self.public_url).path.rstrip("/")
 
+    @property
+    def admin_resource(self) -> str:
+        """The protected resource of the admin API and console: what their tokens' `aud` names."""
+        return f"{self.public_url}/admin"
+
     def resource_url(self, upstream: Upstream) -> str:
         """The protected resource's URL for an upstream: what tokens' `aud` must name."""
         return self.auth.resource or f"{self.public_url}{upstream.path}"

@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
     from pathlib import Path
 
+    from gateway.principal import Principal
+
 log = logging.getLogger("gateway")
 
 
@@ -92,9 +94,7 @@ class MCPSecurityMiddleware:
                                             reason="audit_unavailable")
             headers = header_values(ex.scope)
             guards.check_edge(ex, headers, self.config)
-            principal = await self.runtime.authenticator.authenticate(
-                headers, ex.scope.get("query_string", b""), self.config.resource_url(upstream), upstream.path)
-            ex.principal = await self.runtime.assignments.apply(principal)  # roles assigned at runtime
+            ex.principal = await self._principal(ex, headers)
             if ex.http_method == "POST":
                 guards.check_body(headers, limits.max_body_bytes)
                 body = await read_body(receive, limit=limits.max_body_bytes, timeout_s=limits.client_body_timeout_s)
@@ -114,9 +114,7 @@ class MCPSecurityMiddleware:
 
                 async def recheck(op: mcp.Operation) -> Decision:
                     """After a wait: the token once more, then `op` decided as of now."""
-                    again = await self.runtime.authenticator.authenticate(
-                        headers, ex.scope.get("query_string", b""), self.config.resource_url(upstream), upstream.path)
-                    ex.principal, ex.policy = await self.runtime.assignments.apply(again), self.runtime.policy
+                    ex.principal, ex.policy = await self._principal(ex, headers), self.runtime.policy
                     return await self.runtime.pins.decided(ex, op, self.decide(ex, op))
 
                 await self.runtime.approvals.check(ex, receive, recheck, held.progress if held is not None else None)
@@ -134,6 +132,13 @@ class MCPSecurityMiddleware:
             self._recorder.exchange(ex, status)
             return
         await self._forwarder.forward(ex, receive, body, denied, send, self)
+
+    async def _principal(self, ex: Exchange, headers: Mapping[str, list[str]]) -> Principal:
+        """Who asks, as of now: the token verified (revocation and expiry included), with the roles assigned at
+        runtime. Asked as a request comes in, and again before a call approved after a wait is let through."""
+        principal = await self.runtime.authenticator.authenticate(
+            headers, ex.scope.get("query_string", b""), self.config.resource_url(ex.upstream), ex.upstream.path)
+        return await self.runtime.assignments.apply(principal)
 
     def _read(self, ex: Exchange, body: bytes, headers: Mapping[str, list[str]]) -> None:
         """What the body asks for, or the refusal that says why it cannot be acted on."""

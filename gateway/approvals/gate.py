@@ -145,8 +145,9 @@ class ApprovalGate:
                     if fresh.approval.approvers != found.approvers or \
                             fresh.approval.allow_self_approval != found.allow_self_approval:
                         spec = fresh.approval  # approved by people the policy no longer names: ask anew
-                        if await store.swap(found, replace(found, status="expired")):
-                            self.record_decision(replace(found, status="expired"), now)
+                        lapsed = replace(found, status="expired")
+                        if await store.swap(found, lapsed):
+                            self.record_decision(lapsed, now)
                         mine = None
                         continue
                 used = replace(found, status="used")

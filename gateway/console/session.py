@@ -52,11 +52,6 @@ _TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_.-]{1,8192}")
 _CLAIM_MARGIN_S = 60  # a claimed login outlives the token's own leeway
 
 
-def admin_audience(config: Config) -> str:
-    """The protected resource console tokens are for (the admin API's too)."""
-    return f"{config.public_url}/admin"
-
-
 def console_scopes(config: Config) -> list[str]:
     """Every scope the console's pages need, the console's own first."""
     return list(dict.fromkeys((config.admin.scope, config.audit.read_scope, config.sessions.admin_scope,
@@ -66,7 +61,7 @@ def console_scopes(config: Config) -> list[str]:
 def login_url(config: Config, authenticator: Authenticator, subject: str, scopes: list[str] | None = None) -> str:
     """The one-time URL that opens a console session as `subject` (with `scopes`, default every console scope)."""
     token = authenticator.issue_token(
-        subject=subject, audience=admin_audience(config),
+        subject=subject, audience=config.admin_resource,
         scopes=console_scopes(config) if scopes is None else scopes,
         claims={"purpose": LOGIN_PURPOSE}, ttl_s=config.admin.login_ttl_s)
     return f"{config.public_url}{LOGIN_PATH}?{urlencode({'token': token})}"
@@ -76,7 +71,7 @@ async def _verified(runtime: Runtime, token: str) -> Principal:
     if not _TOKEN_SHAPE.fullmatch(token):
         raise AuthFailed("not a token", "", reason="malformed_token")
     return await runtime.authenticator.authenticate(
-        {"authorization": [f"Bearer {token}"]}, b"", admin_audience(runtime.config), "/admin")
+        {"authorization": [f"Bearer {token}"]}, b"", runtime.config.admin_resource, "/admin")
 
 
 def _refused(detail: str, reason: str) -> errors.GatewayRefusal:
@@ -114,7 +109,7 @@ async def sign_in(runtime: Runtime, login_token: str) -> tuple[str, Principal]:
     await runtime.sessions.revoke(login.token_id, expires + _CLAIM_MARGIN_S)
     scope = login.claims.get("scope")
     token = runtime.authenticator.issue_token(
-        subject=login.subject, audience=admin_audience(config),
+        subject=login.subject, audience=config.admin_resource,
         scopes=scope.split() if isinstance(scope, str) else sorted(login.scopes),
         client_id=login.client_id, claims={"purpose": SESSION_PURPOSE}, ttl_s=config.admin.console_session_ttl_s)
     session = principal_from_claims(jwt.decode(token, options={"verify_signature": False}))
