@@ -2,6 +2,14 @@
 cold (a token seen for the first time: ES256 signature, claims) against cached (seen before: one hash and one
 lookup, plus the revocation check), as the request path pays them.
 
+The cedar variant is a Cedar policy (`policy: {engine: cedar}`) of as many policies as the others have rules,
+a third of each shape: a tool named by the policy's scope (`resource == Gateway::Tool::"tool_7"`, which the
+engine sets apart), a tool name pattern (`resource.name like "family_6_*"`) and a resource pattern, each granted
+to one scope. Cedar evaluates every policy it is given; the engine gives it only those whose scope and literal
+prefix fit (`gateway.policy.cedar_index`), so these shapes cost the same at every size (a condition with no
+literal prefix, `like "*_admin"`, is evaluated on every decision of its action). Its operations are the same mix,
+on names that exist at every size.
+
 A "rule" here is one entry of each kind the engine indexes: a tool pattern in a
 role's permissions, a resource pattern, a per-tool requirement and a binding.
 The operations are a fixed mix (exact hit, glob hit, miss, resource read,
@@ -76,6 +84,40 @@ def workload(rules: int) -> list[Operation]:
     ]
 
 
+def cedar_policy_with(policies: int, directory: Path) -> Any:
+    """`policies` Cedar policies: a tools/list grant, and the rest in three shapes by index (see above)."""
+    lines = ['@id("lists") permit (principal, action == Gateway::Action::"tools/list", resource);']
+    call = 'action == Gateway::Action::"tools/call"'
+    for i in range(policies - 1):
+        scope = 'principal.scopes.contains("scope:3")'
+        lines.append([
+            f'@id("family_{i}") permit (principal, {call}, resource is Gateway::Tool) '
+            f'when {{ {scope} && resource.name like "family_{i}_*" }};',
+            f'@id("tool_{i}") permit (principal, {call}, resource == Gateway::Tool::"tool_{i}") when {{ {scope} }};',
+            f'@id("data_{i}") permit (principal, action == Gateway::Action::"resources/read", resource is '
+            f'Gateway::Resource) when {{ {scope} && resource.uri like "file:///data/{i}/*" }};',
+        ][i % 3])
+    path = directory / f"bench-{policies}.cedar"
+    path.write_text("\n".join(lines) + "\n")
+    from gateway.policy.cedar import load_cedar_policy
+
+    return load_cedar_policy(path)
+
+
+def cedar_workload(policies: int) -> list[Operation]:
+    """The same mix as `workload`, on the policy of each shape nearest the middle."""
+    middle = policies // 2
+    family, tool, data = (next(i for i in range(middle, policies) if i % 3 == shape) for shape in range(3))
+    return [
+        Operation("tool_call", "tools/call", 1, name=f"tool_{tool}", arguments=ARGUMENTS),
+        Operation("tool_call", "tools/call", 1, name=f"family_{family}_x", arguments=ARGUMENTS),
+        Operation("tool_call", "tools/call", 1, name="not_a_tool"),
+        Operation("resource_read", "resources/read", 1, uri=f"file:///data/{data}/a/b.txt"),
+        Operation("resource_read", "resources/read", 1, uri="file:///elsewhere/x"),
+        Operation("list", "tools/list", 1),
+    ]
+
+
 def measure(policy: Any, principal: Principal, operations: list[Operation], loops: int) -> float:
     start = time.perf_counter()
     for _ in range(loops):
@@ -122,8 +164,10 @@ def main() -> None:
     args = parser.parse_args()
     sizes = (10, 1_000, 10_000)
     principal = Principal("bench", "bench", scopes=frozenset({"scope:3"}))
-    variants = ("plain", "constrained")
-    cases = {(v, n): (policy_with(n, v == "constrained"), workload(n)) for v in variants for n in sizes}
+    variants = ("plain", "constrained", "cedar")
+    with tempfile.TemporaryDirectory() as tmp:
+        cases = {(v, n): (cedar_policy_with(n, Path(tmp)), cedar_workload(n)) if v == "cedar" else
+                 (policy_with(n, v == "constrained"), workload(n)) for v in variants for n in sizes}
     samples: dict[tuple[str, int], list[float]] = {case: [] for case in cases}
     for _ in range(args.rounds):
         for case, (policy, operations) in cases.items():
@@ -133,7 +177,8 @@ def main() -> None:
         base = statistics.median(samples[(variant, 10)])
         plain = "" if variant == "plain" else f"  {'to plain':>8}"
         print(f"B5 decide() against policy size: {variant} rules"
-              + (" (three argument constraints on every tool grant)" if variant != "plain" else ""))
+              + {"plain": "", "constrained": " (three argument constraints on every tool grant)",
+                 "cedar": " (a Cedar policy of as many policies, cedarpy)"}[variant])
         print(f"{'rules':>8}  {'median µs/decide':>16}  {'ratio to 10':>11}  {'spread (min-max µs)':>20}{plain}")
         results[f"decide_us_{variant}"], results[f"decide_ratio_{variant}"] = {}, {}
         for n in sizes:

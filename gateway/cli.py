@@ -151,7 +151,7 @@ def _policy_explain(args: argparse.Namespace) -> int:
             return 2
         claims = loaded
     try:
-        operation = operation_for(args.method, args.name, args.uri)
+        operation = operation_for(args.method, args.name, args.uri, args.max_tokens)
     except ValueError as exc:
         print(f"--method {args.method}: {exc}", file=sys.stderr)
         return 2
@@ -176,6 +176,8 @@ def _policy_explain(args: argparse.Namespace) -> int:
             print(f"{config.source}: role_assignments: the {config.role_assignments.backend} store cannot be "
                   f"read ({exc.reason})", file=sys.stderr)
             return 1
+    if args.upstream is not None:
+        policy = policy.for_upstream(args.upstream)
     for line in explain(policy, principal, operation, assigned).lines():
         print(line)
     return 0
@@ -186,7 +188,7 @@ def _policy_test(args: argparse.Namespace) -> int:
 
     from gateway.policy.explain import run_cases
 
-    policy, results = run_cases(Path(args.file))
+    policy, results = run_cases(Path(args.file), Path(args.policy) if args.policy else None)
     for result in results:
         outcome = "PASS" if result.passed else "FAIL"
         print(f"{outcome}  {result.name}" + ("" if result.passed else f"  (got {result.got})"))
@@ -204,7 +206,8 @@ def _audit_query(args: argparse.Namespace) -> int:
     try:
         query = query_from({"since": args.since, "until": args.until, "user": args.user, "client": args.client,
                             "operation": args.operation, "tool": args.tool, "resource": args.resource,
-                            "result": args.result, "limit": str(args.limit), "offset": str(args.offset)})
+                            "result": args.result, "rule": args.rule, "policy_version": args.policy_version,
+                            "would_deny": args.would_deny, "limit": str(args.limit), "offset": str(args.offset)})
         reader = reader_for(config.audit, args.sink)
     except BadQuery as exc:
         print(exc, file=sys.stderr)
@@ -337,9 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--method", required=True, help="e.g. tools/call, resources/read, sampling/createMessage")
     explain.add_argument("--name", help="tool or prompt name")
     explain.add_argument("--uri", help="resource URI")
+    explain.add_argument("--max-tokens", type=int, help="sampling/createMessage: the maxTokens asked for")
+    explain.add_argument("--upstream", help="decide as the policy holds on this upstream (its upstreams: section)")
     explain.set_defaults(func=_policy_explain)
     test = policy.add_parser("test", help="run the policy test cases in NAME.tests.yaml beside a policy")
     test.add_argument("file", help="the policy file or its .tests.yaml file")
+    test.add_argument("--policy", help="run the cases against this policy file instead (e.g. a .cedar file)")
     test.set_defaults(func=_policy_test)
     cli_policy.register(policy)
 
@@ -357,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--resource")
     query.add_argument("--result", choices=["allowed", "denied", "auth_failed", "invalid_request",
                                             "upstream_error", "error"])
+    query.add_argument("--rule", help="the rule or check that decided, e.g. role:reader:tool")
+    query.add_argument("--policy-version", help="decided under this policy version")
+    query.add_argument("--would-deny", help="allowed under mode audit_only, that this rule would have refused")
     query.add_argument("--limit", type=int, default=100)
     query.add_argument("--offset", type=int, default=0)
     query.add_argument("--format", choices=["table", "json"], default="table")

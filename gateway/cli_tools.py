@@ -1,4 +1,5 @@
-"""`mcp-gateway tools list|approve|pin`: which tool definitions are pinned, which changed, and approving them.
+"""`mcp-gateway tools list|approve|pin`: which tool definitions are pinned, which changed, and approving them;
+`tools list --live`: what an upstream offers, asked of it directly, and what the policy makes of each tool.
 
 Owns those commands' arguments, output and exit codes (as `cli_admin`'s: 0 done, 1 refused or unreachable, 2
 bad configuration or arguments). Each is a client of the running gateway's admin API (`/admin/tools`), with a
@@ -10,6 +11,7 @@ in the audit trail. `tools pin --write FILE` also writes the pins file the opera
 from __future__ import annotations
 
 import argparse
+import asyncio
 import getpass
 import sys
 import urllib.parse
@@ -20,6 +22,8 @@ from gateway.audit.reading import utc_time
 from gateway.cli_admin import Column, _call, _print, _Refused, _segment
 from gateway.config import Config, load_config
 from gateway.pins import pins_file_text, short
+from gateway.policy import LEVELS, Policy
+from gateway.policy.engine import annotation_level
 
 
 def register(commands: Any) -> None:
@@ -30,6 +34,8 @@ def register(commands: Any) -> None:
     listing = actions.add_parser("list", help="each tool: its pin, the definition last seen, pinned|changed|new")
     listing.add_argument("--upstream", help="only this upstream's tools")
     listing.add_argument("--format", choices=["table", "json"], default="table")
+    listing.add_argument("--live", action="store_true", help="ask the upstream itself, through the gateway's own "
+                         "connection (no running gateway, no token): each tool with what the policy requires of it")
     approve = actions.add_parser("approve", help="pin the definition of NAME last seen: listed and callable again")
     approve.add_argument("name", help="the tool's name")
     approve.add_argument("--hash", help="only if the definition last seen is this one (a prefix will do), as "
@@ -50,6 +56,8 @@ def _run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     scope = config.admin.tools_scope
     try:
+        if args.action == "list" and args.live:
+            return _list_live(args, config)
         if args.action == "list":
             query = f"?{urllib.parse.urlencode({'upstream': args.upstream})}" if args.upstream else ""
             _print(args, _call(args, config, "GET", f"/admin/tools{query}", scope)["tools"], _TOOLS)
@@ -77,6 +85,50 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _list_live(args: argparse.Namespace, config: Config) -> int:
+    """What each upstream offers, asked of it directly, beside what the policy in force makes of each tool."""
+    from gateway.upstream_tools import ListingFailed, list_tools
+
+    upstreams = [u for u in config.upstreams if args.upstream in (None, u.name)]
+    if not upstreams:
+        raise _Refused(f"--upstream: one of {', '.join(u.name for u in config.upstreams)}", 2)
+    rows, failed = [], False
+    for upstream in upstreams:
+        try:
+            tools = asyncio.run(list_tools(config, upstream))
+        except ListingFailed as exc:
+            print(f"upstream {upstream.name}: cannot list its tools: {exc}", file=sys.stderr)
+            failed = True
+            continue
+        rows.extend(tool_rows(config.policy.for_upstream(upstream.name), upstream.name, tools))
+    _print(args, rows, _LIVE)
+    return 1 if failed else 0
+
+
+def tool_rows(policy: Policy, upstream: str, tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per tool an upstream lists: its name, title, hints, and what `policy` (as it holds on that upstream)
+    requires of it: the level, whether arguments are constrained, which roles may call it."""
+    rows = []
+    for tool in tools:
+        name = tool.get("name")
+        if not isinstance(name, str):
+            continue
+        level, _ = policy.tools.of(name)
+        if not policy.tools.index.matches(name):
+            level = max(level, annotation_level(tool.get("annotations")))
+        annotations, description = tool.get("annotations"), tool.get("description")
+        annotations = annotations if isinstance(annotations, dict) else {}
+        description = description if isinstance(description, str) else ""
+        rows.append({
+            "upstream": upstream, "tool": name, "title": tool.get("title") or annotations.get("title") or "",
+            "level": LEVELS[level], "arguments_constrained": policy.constrained_tools.matches(name),
+            "roles": sorted(role.name for role in policy.roles.values() if role.tools.matches(name)),
+            "hints": sorted(key for key, value in annotations.items() if key.endswith("Hint") and value is True),
+            "description": description.strip().split("\n", 1)[0],
+        })
+    return rows
+
+
 def _upstream(args: argparse.Namespace, config: Config) -> str:
     names = [u.name for u in config.upstreams]
     if args.upstream is None and len(names) == 1:
@@ -86,6 +138,12 @@ def _upstream(args: argparse.Namespace, config: Config) -> str:
     return str(args.upstream)
 
 
+_LIVE: list[Column] = [
+    ("UPSTREAM", 12, lambda i: i["upstream"]), ("TOOL", 24, lambda i: i["tool"]), ("LEVEL", 8, lambda i: i["level"]),
+    ("ARGS", 5, lambda i: "yes" if i["arguments_constrained"] else "-"),
+    ("ROLES", 20, lambda i: ",".join(i["roles"]) or "-"), ("HINTS", 24, lambda i: ",".join(i["hints"]) or "-"),
+    ("DESCRIPTION", 0, lambda i: i["description"][:60]),
+]
 _TOOLS: list[Column] = [
     ("UPSTREAM", 12, lambda i: i["upstream"]), ("TOOL", 24, lambda i: i["tool"]),
     ("STATUS", 8, lambda i: i["status"]), ("MODE", 8, lambda i: i["mode"]),

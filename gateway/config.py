@@ -19,7 +19,8 @@ from urllib.parse import urlsplit
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gateway.config_auth import Auth, GatewayClients, UpstreamOAuth, http_url
-from gateway.policy import Policy, PolicyError, load_policy
+from gateway.policy import Policy, PolicyError
+from gateway.policy.source import load_policy_source
 from gateway.yamlfile import ProblemsError, StrictModel, YamlFileError, format_validation, read_yaml
 
 
@@ -265,8 +266,13 @@ class Config(StrictModel):
         if self.auth.resource is not None and len(self.upstreams) > 1:
             raise ValueError("auth.resource names one protected resource: with several upstreams, each is "
                              "public_url + its path")
+        unknown = self.policy.unknown_upstreams(names)
+        if unknown:
+            raise ValueError(f"the policy's upstreams: section names {', '.join(unknown)}, not an upstream of this "
+                             f"config (have: {', '.join(names)})")
         role = self.auth.anonymous_role
-        if role is not None and role not in self.policy.roles:
+        # a Cedar policy has no roles of its own: it reads principal.roles as any other attribute
+        if role is not None and self.policy.engine is None and role not in self.policy.roles:
             raise ValueError(f"auth.anonymous_role {role!r} is not a role in the policy")
         return self
 
@@ -330,14 +336,9 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Confi
     policy_ref = data.get("policy")
     if policy_ref is None:
         problems.append(f"{path}: policy: required (the policy file to enforce)")
-    elif not isinstance(policy_ref, str):
-        problems.append(f"{path}: policy: must be a path to a policy file")
     else:
-        policy_path = Path(policy_ref)
-        if not policy_path.is_absolute():
-            policy_path = path.parent / policy_path
         try:
-            data["policy"] = load_policy(policy_path)
+            data["policy"] = load_policy_source(policy_ref, path)  # a path, or {engine, file, ...}
         except PolicyError as exc:
             problems.extend(exc.problems)
     if problems:

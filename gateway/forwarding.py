@@ -64,7 +64,7 @@ class Forwarder:
         # The client's token stays here; an X-MCP-Identity only ever comes from the gateway.
         headers = [(n, v) for n, v in ex.scope["headers"] if n not in _NOT_FORWARDED]
         if ex.upstream.identity_header and ex.principal is not None:
-            policy = ex.policy or runtime.policy
+            policy = ex.policy or runtime.policy.for_upstream(ex.upstream.name)
             identity = runtime.authenticator.identity_token(
                 ex.principal, roles_for(ex.principal, policy),
                 ex.upstream.url or self._config.resource_url(ex.upstream))

@@ -155,6 +155,7 @@ class Operation:
     arguments: Mapping[str, Any] | None = None  # tools/call arguments
     input_responses: tuple[OperationKind, ...] = ()  # 2026-07-28 retry: what the client's inputResponses answer
     task_ids: tuple[str, ...] = ()  # the tasks a tasks/* request or a subscriptions/listen names
+    max_tokens: int | None = None  # sampling/createMessage: the maxTokens the server asks for (None: unreadable)
 
     @property
     def target(self) -> str | None:
@@ -282,7 +283,12 @@ def created_task(result: Any) -> tuple[str, float | None] | None:
 def classify_server_request(message: Message) -> Operation:
     """Say what a server->client request (sampling, elicitation, roots, ping) asks of the client."""
     method = message.method or ""
-    return Operation(SERVER_REQUEST_METHODS.get(method, "unknown"), method, message.id)
+    kind = SERVER_REQUEST_METHODS.get(method, "unknown")
+    if kind == "sampling":
+        asked = message.params.get("maxTokens") if isinstance(message.params, dict) else None
+        if isinstance(asked, int) and not isinstance(asked, bool):
+            return Operation(kind, method, message.id, max_tokens=asked)
+    return Operation(kind, method, message.id)
 
 
 def detect_era(messages: tuple[Message, ...], header_version: str | None) -> Era:

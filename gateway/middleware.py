@@ -103,7 +103,7 @@ class MCPSecurityMiddleware:
                 ex.operations = (mcp.Operation("stream_open" if ex.http_method == "GET" else "session_end",
                                                ex.http_method),)
             await self.handles.check_session(ex)
-            ex.policy = self.runtime.policy
+            ex.policy = self.runtime.policy.for_upstream(ex.upstream.name)
             ex.decisions = tuple(self.decide(ex, op) if op is not None else None for op in ex.operations)
             await self.handles.check_handles(ex)
             await self.runtime.pins.check(ex)  # a tool whose definition no operator approved is not called
@@ -114,7 +114,8 @@ class MCPSecurityMiddleware:
 
                 async def recheck(op: mcp.Operation) -> Decision:
                     """After a wait: the token once more, then `op` decided as of now."""
-                    ex.principal, ex.policy = await self._principal(ex, headers), self.runtime.policy
+                    ex.principal = await self._principal(ex, headers)
+                    ex.policy = self.runtime.policy.for_upstream(ex.upstream.name)
                     return await self.runtime.pins.decided(ex, op, self.decide(ex, op))
 
                 await self.runtime.approvals.check(ex, receive, recheck, held.progress if held is not None else None)

@@ -27,11 +27,13 @@ gateway (decisions, recording, telling the upstream) is the `Gateway` protocol.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway import errors, jsonrpc, mcp
 from gateway.handles import Handles, awaited_key
 from gateway.jsonrpc import JsonRpcId, id_key
+from gateway.policy.engine import shadowed
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway")
 
+_HOUR_S = 3600.0
 _TASK_TTL_S = 86400.0  # how long a task is remembered when its result names no time to live
 _TASK_NOTIFICATIONS = frozenset({"notifications/tasks/status", "notifications/tasks"})
 _MAY_NEED_INPUT = frozenset({"tool_call", "prompt_get", "resource_read", "task"})
@@ -104,12 +107,12 @@ class ResponseRules:
             return self._filtered_list(message, result, method, listing, unapproved)
         if request_id in self._may_need_input and "input_required" in (result.get("resultType"),
                                                                        result.get("status")):
-            return self._filtered_input(message, result)
+            return await self._filtered_input(message, result)
         return message
 
     async def server_request(self, message: dict[str, Any]) -> bool:
         """Whether a server->client request on a stream may reach the client."""
-        op, decision = self._decided(message, message.get("id"))
+        op, decision = await self._decided(message, message.get("id"))
         if decision.allowed:
             try:  # the client's answer will be taken only if it answers this, for this principal
                 handles, principal = self._gateway.handles, self._ex.principal
@@ -134,13 +137,32 @@ class ResponseRules:
 
     # ---- one kind of result ---------------------------------------------------------------------
 
-    def _decided(self, message: dict[str, Any], request_id: JsonRpcId) -> tuple[mcp.Operation, Decision]:
+    async def _decided(self, message: dict[str, Any], request_id: JsonRpcId) -> tuple[mcp.Operation, Decision]:
         method = message.get("method")
         op = mcp.classify_server_request(jsonrpc.Message(
             "request", request_id, method if isinstance(method, str) else None, message.get("params"), message))
         decision = self._gateway.decide(self._ex, op)
+        if decision.allowed and decision.per_hour is not None:
+            decision = await self._counted(decision, decision.per_hour)
         self._gateway.server_request_decided(self._ex, op, decision)
         return op, decision
+
+    async def _counted(self, decision: Decision, per_hour: int) -> Decision:
+        """An allowed sampling request counted against the principal's hourly allowance (in the session store,
+        so replicas share the count): over it, refused; when the count cannot be kept, refused too."""
+        principal = self._ex.principal
+        assert principal is not None and self._ex.policy is not None
+        try:
+            count = await self._gateway.handles.sessions.tally(
+                f"sampling:{principal.issuer}\x1f{principal.subject}", _HOUR_S)
+        except errors.StateUnavailable:
+            refusal = replace(decision, allowed=False, outcome="denied", reason="sampling:count_unavailable")
+        else:
+            if count <= per_hour:
+                return decision
+            refusal = replace(decision, allowed=False, outcome="denied", reason=f"sampling:per_hour>{per_hour}",
+                              detail=f"this caller's server requests have used all {per_hour} samplings of this hour")
+        return shadowed(decision, refusal) if self._ex.policy.mode == "audit_only" else refusal
 
     def _visible(self, listing: mcp.Listing, method: str, item: dict[str, Any]) -> bool:
         op = mcp.item_operation(listing, method, item)
@@ -160,13 +182,13 @@ class ResponseRules:
             new_result["cacheScope"] = "private"  # filtered per principal: no shared cache may keep it
         return {**message, "result": new_result}
 
-    def _filtered_input(self, message: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+    async def _filtered_input(self, message: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
         requests = result.get("inputRequests")
         if not isinstance(requests, dict) or not requests:
             return message
         kept = {}
         for key, request in requests.items():  # each is decided and recorded, in order
-            if isinstance(request, dict) and self._decided(request, None)[1].allowed:
+            if isinstance(request, dict) and (await self._decided(request, None))[1].allowed:
                 kept[key] = request
         if len(kept) == len(requests):
             return message

@@ -29,9 +29,10 @@ from gateway.config import Config
 from gateway.metrics import Metrics
 from gateway.pinning import Pinning
 from gateway.pins import open_pins
-from gateway.policy import Policy, PolicyError, load_policy
+from gateway.policy import Policy, PolicyError
 from gateway.policy.engine import annotation_level
-from gateway.policy.lint import schema_lint
+from gateway.policy.lint import literal_lint, schema_lint
+from gateway.policy.source import reread_policy
 from gateway.sessions import SessionStore, open_sessions
 
 if TYPE_CHECKING:
@@ -53,6 +54,7 @@ class Runtime:
         self.sessions: SessionStore = open_sessions(config.sessions)
         self.authenticator = Authenticator(config, self.signing_key, metrics=self.metrics, sessions=self.sessions)
         self.audit = AuditLog(config.audit, self.metrics)
+        self.audit.policy_version = self.policy.version
         # Per upstream: tool name -> inputSchema, learnt from tools/list results passing through,
         # so that 2026-07-28 Mcp-Param-* headers can be checked against the tool's declaration.
         self._tool_schemas: dict[str, LRUCache[str, Mapping[str, Any]]] = {
@@ -75,6 +77,7 @@ class Runtime:
         self.started = False
         self._watcher: asyncio.Task[None] | None = None
         self._policy_stamp = _stamp(Path(self.policy.source))
+        _warn_literals(self.policy)
 
     def start(self) -> None:
         """Start background work on the running loop (idempotent; also called lazily on first request)."""
@@ -110,7 +113,11 @@ class Runtime:
         path = Path(self.policy.source)
         self._policy_stamp = _stamp(path)
         try:
-            fresh = load_policy(path)
+            fresh = reread_policy(self.policy)  # same language, same settings from the config
+            unknown = fresh.unknown_upstreams([u.name for u in self.config.upstreams])
+            if unknown:
+                raise PolicyError([f"{path}: upstreams: names {', '.join(unknown)}, not an upstream of "
+                                   f"{self.config.source}"])
         except PolicyError as exc:
             self.metrics.policy_reloads.labels("invalid").inc()
             for problem in exc.problems:
@@ -119,6 +126,8 @@ class Runtime:
         if fresh.version != self.policy.version:
             log.info("policy %s reloaded: version %s -> %s", path, self.policy.version, fresh.version)
         self.policy = fresh
+        self.audit.policy_version = fresh.version
+        _warn_literals(fresh)
         self.metrics.policy_reloads.labels("ok").inc()
         return True
 
@@ -159,7 +168,7 @@ class Runtime:
     def _lint_arguments(self, upstream: str, tool: str, schema: Mapping[str, Any]) -> None:
         """Say (once per policy, tool and schema) where the policy constrains an argument the tool does not have,
         or has of another type: such a constraint refuses every call, or can never fail."""
-        policy = self.policy
+        policy = self.policy.for_upstream(upstream)
         if not policy.constrained_tools.matches(tool):
             return
         key = (policy.version, upstream, tool, definition_hash(schema))
@@ -168,6 +177,11 @@ class Runtime:
         self._linted[key] = True
         for problem in schema_lint(policy, tool, schema):
             lint_log.warning("%s (upstream %s)", problem, upstream)
+
+
+def _warn_literals(policy: Policy) -> None:
+    for warning in literal_lint(policy):
+        lint_log.warning("%s", warning)
 
 
 def _stamp(path: Path) -> tuple[float, int] | None:

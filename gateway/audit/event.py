@@ -71,7 +71,9 @@ class AuditEvent:
     approval_id: str | None = None  # the approval this call needed (gateway.approvals)
     approver: str | None = None  # who decided it
     roles: tuple[str, ...] = ()
-    policy_version: str | None = None
+    policy_version: str | None = None  # the policy in force: a digest of its file
+    rule: str | None = None  # the rule or check that decided (a decision's reason, kept when `reason` says more)
+    would_deny: str | None = None  # allowed under mode audit_only: the rule that would have refused it
     security_level: str | None = None
     upstream: str | None = None
     upstream_process: int | None = None  # the pid of the stdio upstream process that served it

@@ -71,6 +71,9 @@ def query_from(params: Mapping[str, str | None]) -> AuditQuery:
         tool=params.get("tool"),
         resource=params.get("resource"),
         result=params.get("result"),
+        rule=params.get("rule"),
+        policy_version=params.get("policy_version"),
+        would_deny=params.get("would_deny"),
         limit=number("limit", 100, MAX_LIMIT),
         offset=number("offset", 0, 10**9),
     )

@@ -56,6 +56,8 @@ def message_events(ex: Exchange, status: int, upstream_error: str | None,
             prompt=op.name if op.kind == "prompt_get" else None,
             roles=decision.roles,
             policy_version=decision.policy_version,
+            rule=decision.reason,
+            would_deny=decision.would_deny or None,
             security_level=decision.required_level,
             status=status,
             arguments=redact_arguments(op.arguments, config.redact_keys, config.max_arguments_bytes),
@@ -92,6 +94,8 @@ def server_request_event(op: Operation, decision: Decision) -> AuditEvent:
         request_id=_id_text(op.request_id),
         roles=decision.roles,
         policy_version=decision.policy_version,
+        rule=decision.reason,
+        would_deny=decision.would_deny or None,
     )
 
 
@@ -109,6 +113,8 @@ class Recorder:
         for op, decision in zip(ex.operations, ex.decisions, strict=False):
             if op is not None and decision is not None:
                 tool = (op.name if op.name in named else "other") if op.kind == "tool_call" else ""
+                if decision.would_deny:
+                    metrics.child(metrics.decisions, "would_deny", decision.would_deny, tool).inc()
                 metrics.child(metrics.decisions, "allowed" if decision.allowed else decision.outcome,
                               decision.reason, tool).inc()
         for op, event in message_events(ex, status, upstream_error, self._config):
@@ -133,6 +139,8 @@ class Recorder:
         event.source_ip = ex.source_ip
         event.protocol_version = ex.protocol_version
         event.http_method = ex.http_method
+        if event.policy_version is None and ex.policy is not None:
+            event.policy_version = ex.policy.version
         metrics = self._metrics
         metrics.child(metrics.requests, ex.upstream.name, method_label(method), event.result).inc()
         metrics.child(metrics.request_seconds, ex.upstream.name).observe(elapsed)
@@ -146,6 +154,7 @@ class Recorder:
                 "audit_id": event.id, "upstream": ex.upstream.name, "operation": event.operation,
                 "result": event.result, "reason": event.reason, "status": event.status, "user_id": event.user_id,
                 "client_id": event.client_id, "duration_ms": event.duration_ms, "source_ip": event.source_ip,
+                **({"would_deny": event.would_deny} if event.would_deny else {}),
             })
 
 

@@ -44,6 +44,9 @@ class AuditQuery:
     tool: str | None = None
     resource: str | None = None
     result: str | None = None
+    rule: str | None = None
+    policy_version: str | None = None
+    would_deny: str | None = None
     limit: int = 100
     offset: int = 0
 
@@ -56,7 +59,8 @@ class AuditQuery:
             out.append(("timestamp", "<", self.until))
         for column, value in (("user_id", self.user_id), ("client_id", self.client_id),
                               ("operation", self.operation), ("tool_executed", self.tool),
-                              ("resource_accessed", self.resource), ("result", self.result)):
+                              ("resource_accessed", self.resource), ("result", self.result), ("rule", self.rule),
+                              ("policy_version", self.policy_version), ("would_deny", self.would_deny)):
             if value is not None:
                 out.append((column, "=", value))
         return out

@@ -67,6 +67,8 @@ class AuditLog:
         self._closing = False
         self.failing: set[str] = set()  # names of sinks whose last write failed
         self.chain = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"  # this writer's hash chain
+        # the policy in force, which every event names (the runtime keeps it current across reloads)
+        self.policy_version: str | None = None
 
     @property
     def depth(self) -> int:
@@ -98,6 +100,10 @@ class AuditLog:
             self._metrics.audit_refused.inc()
             raise AuditUnavailable(f"audit buffer full ({self._config.max_buffer} events)")
         event.chain = self.chain
+        if event.policy_version is None:
+            event.policy_version = self.policy_version
+        if event.rule is None:  # whatever refused or recorded it without a policy rule: the check is its reason
+            event.rule = event.reason
         self._queue.append(event)
         self._metrics.audit_queue_depth.set(len(self._queue))
         self._wake.set()

@@ -9,6 +9,10 @@ characters within one `/`-separated segment, `**` matches across segments,
 every other character matches itself exactly (no case folding, no Unicode
 normalisation: two different names never match the same way by accident).
 Resource URIs are normalised (`policy.uri`) before they are matched.
+
+A policy may be written in Cedar instead (`cedar`: the engine; `cedar_source`: reading the file;
+`cedar_schema`: the entity model; `cedar_index`: which policies a request needs); the config's `policy:` key
+says which (`source`).
 """
 
 from gateway.policy.engine import Decision, DecisionCache, authentication_level, decide, roles_for

@@ -72,7 +72,10 @@ class Decision:
     scopes: tuple[str, ...] = ()
     uri: str | None = None  # the normalised URI the decision was taken on
     approval: ApprovalSpec | None = None  # an allowed tool call that a person must approve before it is forwarded
+    per_hour: int | None = None  # an allowed sampling request: how many a principal may pass on in an hour
     detail: str = ""  # why, in words, beyond `reason` (which argument broke which constraint), for explain
+    # under `mode: audit_only` (the policy's or a rule's): the refusal this allowed decision would have been
+    would_deny: str = ""
 
     @property
     def visible(self) -> bool:
@@ -104,6 +107,8 @@ def holds(when: Condition, principal: Principal, *, ignore_scope: bool = False) 
 
 def roles_for(principal: Principal, policy: Policy) -> tuple[str, ...]:
     """Every role the principal holds: granted directly, then by each matching binding, in policy order."""
+    if policy.engine is not None:  # a Cedar policy has no roles or bindings: the roles given directly are all
+        return tuple(sorted(principal.roles))
     names = dict.fromkeys(r for r in sorted(principal.roles) if r in policy.roles)
     index = policy.bindings_by_key
     candidates = set(policy.unindexed_bindings)
@@ -130,7 +135,28 @@ def authentication_level(principal: Principal, policy: Policy) -> int:
 def decide(principal: Principal, operation: Operation, policy: Policy, hinted_level: int = 0) -> Decision:
     """Allow or refuse one classified operation for one principal. `hinted_level` is the level a tool's own
     annotations ask for (`annotation_level`): it applies only to a tool no pattern of the policy names, and
-    only ever raises the level (a server is not trusted to relax the policy)."""
+    only ever raises the level (a server is not trusted to relax the policy).
+
+    Under `mode: audit_only` a refusal comes back allowed, with the refusal in `would_deny`: a policy rolled
+    out in shadow is recorded, never enforced. A URI the gateway cannot read safely (`..` above the root, an
+    encoded slash) is refused in either mode: that is no rule of the policy but the gateway's own reading."""
+    if policy.engine is not None:
+        decision = policy.engine.decide(principal, operation, hinted_level)
+    else:
+        decision = _decide_rules(principal, operation, policy, hinted_level)
+    if decision.allowed or policy.mode == "enforce" or decision.reason.startswith("uri:"):
+        return decision
+    return shadowed(replace(decision, reason="mode:audit_only"), decision)
+
+
+def shadowed(allowed: Decision, refusal: Decision) -> Decision:
+    """`allowed` (a decision, taken without the rules in shadow) let through, recording that `refusal` would have
+    refused it."""
+    return replace(allowed, allowed=True, outcome="allowed", hidden=False, required_level=None, acr_values=(),
+                   scopes=(), would_deny=refusal.reason, detail=refusal.detail)
+
+
+def _decide_rules(principal: Principal, operation: Operation, policy: Policy, hinted_level: int) -> Decision:
     roles = roles_for(principal, policy)
     held = [policy.roles[name] for name in roles]
     kind = operation.kind
@@ -151,6 +177,8 @@ def decide(principal: Principal, operation: Operation, policy: Policy, hinted_le
             return result(False, f"input_response:{answered}")
     if kind in _ANY_ROLE:
         return result(True, f"role:{roles[0]}:{kind}")
+    if kind == "sampling":
+        return _decide_sampling(held, operation.max_tokens, result)
     if kind in _CLIENT_FEATURE:
         grants = _CLIENT_FEATURE[kind]
         granting = next((role for role in held if grants(role)), None)
@@ -233,6 +261,28 @@ def annotation_level(annotations: object) -> int:
     return LEVEL["standard"] if annotations.get("openWorldHint") is True else 0
 
 
+def _decide_sampling(held: list[Role], max_tokens: int | None, result: Callable[..., Decision]) -> Decision:
+    """A server asks this caller's model: a role must grant sampling, with a `max_tokens` cap (if it sets one)
+    the request keeps to. Of the roles that allow it, the one with the most generous hourly count decides."""
+    granting = [role for role in held if role.can_request_sampling]
+    if not granting:
+        return result(False, "no-grant:sampling")
+    fitting = [role for role in granting if role.sampling is None or role.sampling.max_tokens is None
+               or (max_tokens is not None and max_tokens <= role.sampling.max_tokens)]
+    if not fitting:
+        cap = max(role.sampling.max_tokens or 0 for role in granting if role.sampling is not None)
+        asked = "no readable maxTokens" if max_tokens is None else f"maxTokens {max_tokens}"
+        return result(False, f"sampling:max_tokens>{cap}", detail=f"the server asked for {asked}; the most a role "
+                      f"of this caller allows is {cap}")
+    best = max(fitting, key=lambda role: _NO_LIMIT if role.sampling is None or role.sampling.per_hour is None
+               else role.sampling.per_hour)
+    per_hour = None if best.sampling is None else best.sampling.per_hour
+    return result(True, f"role:{best.name}:sampling", per_hour=per_hour)
+
+
+_NO_LIMIT = 1 << 62
+
+
 def _with_uri(decision: Decision, uri: str) -> Decision:
     return replace(decision, uri=uri)
 
@@ -251,13 +301,26 @@ def _decide_target(
     requirements: Requirements,
     arguments: Mapping[str, Any] | None = _NOT_CALLING,
     hinted_level: int = 0,
+    rules: Literal["split", "enforced", "all"] = "split",
 ) -> Decision:
-    level, capabilities = requirements.of(value)
+    """`rules`: which of the item's rules apply: `enforced` or `all`; `split` (as asked): all of them unless some
+    are in mode audit_only, and then the decision without those, with what they would change recorded."""
+    if rules == "split" and requirements.shadowing and requirements.shadowed(value):
+        # rules of this item in `mode: audit_only`: decided without them; what they would change is recorded
+        enforced = _decide_target(principal, policy, held, result, value, what, index_of, requirements, arguments,
+                                  hinted_level, rules="enforced")
+        if not enforced.allowed:
+            return enforced
+        full = _decide_target(principal, policy, held, result, value, what, index_of, requirements, arguments,
+                              hinted_level, rules="all")
+        return full if full.allowed else shadowed(enforced, full)
+    enforced_only = rules == "enforced"
+    level, capabilities = requirements.of(value, enforced_only)
     if hinted_level > level and not requirements.index.matches(value):
         level = hinted_level
     granting = [role for role in held if index_of(role).matches(value)]
     if arguments is not _NOT_CALLING and granting and policy.constrained_tools.matches(value):
-        violation = requirements.argument_violation(value, arguments)
+        violation = requirements.argument_violation(value, arguments, enforced_only)
         if violation is None:  # a role grants the call only through a grant whose constraints hold
             violations = [role.tool_violation(value, arguments) for role in granting]
             if all(v is not None for v in violations):

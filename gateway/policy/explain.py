@@ -4,13 +4,15 @@ Owns `explain()` (the decision, the roles and the bindings or runtime
 assignments that gave them, what the item requires, and what would change the
 outcome) and the policy test-case file format run by `mcp-gateway policy test`:
 
-    policy: default.yaml              # optional: default is the file this one sits beside (NAME.tests.yaml)
+    policy: default.yaml              # optional: default is the file this one sits beside (NAME.tests.yaml);
+                                      # `mcp-gateway policy test CASES --policy FILE` runs them against another
     cases:
       - name: a reader may search
         claims: {sub: alice, scope: "mcp:tools"}
         method: tools/call            # any MCP method; tool:, prompt: or uri: names the target
         tool: search
-        expect: allowed               # allowed | denied | step_up | insufficient_scope
+        upstream: files               # optional: decided as the policy holds on this upstream (upstreams: NAME)
+        expect: allowed               # allowed | denied | step_up | insufficient_scope | would_deny
         reason: role:reader:tool      # optional: the exact rule expected to decide
 """
 
@@ -40,9 +42,11 @@ def principal_from(claims: Mapping[str, Any]) -> Principal:
     return principal_from_claims({"sub": "anonymous", "iss": "policy-tool", **claims})
 
 
-def operation_for(method: str, name: str | None = None, uri: str | None = None) -> Operation:
-    """The operation a request with this method and target would be classified as."""
-    params: dict[str, Any] = {}
+def operation_for(method: str, name: str | None = None, uri: str | None = None,
+                  max_tokens: int | None = None) -> Operation:
+    """The operation a request with this method and target (and, for sampling, `maxTokens`) would be classified
+    as."""
+    params: dict[str, Any] = {} if max_tokens is None else {"maxTokens": max_tokens}
     if method == "completion/complete":
         params["ref"] = {"type": "ref/prompt", "name": name} if name else {"type": "ref/resource", "uri": uri}
     elif name is not None:
@@ -73,6 +77,8 @@ class Explanation:
             f"decision:   {d.outcome}" + ("" if d.allowed else f" ({'hidden' if d.hidden else 'visible'})"),
             f"operation:  {op.method}{target}" + (f"  (decided as {d.uri})" if d.uri and d.uri != op.uri else ""),
             f"rule:       {d.reason}",
+            *([f"would deny: {d.would_deny} (a rule in mode audit_only: recorded, not enforced)"]
+              if d.would_deny else []),
             f"policy:     version {d.policy_version}",
         ]
         if self.role_sources:
@@ -104,18 +110,25 @@ def explain(policy: Policy, principal: Principal, operation: Operation,
             test = ", ".join(f"{k}={v}" for k, v in binding.when.model_dump(exclude_none=True).items())
             for role in binding.roles:
                 sources.setdefault(role, []).append(f"bindings[{index}] ({test})")
-    requirement = _requirement(policy, operation)
+    requirement = _requirement(policy, operation) if policy.engine is None else None
     changes: list[str] = []
     if decision.outcome == "insufficient_scope":
         changes.append(f"a token with scope {' or '.join(decision.scopes)}")
     elif decision.outcome == "step_up":
         how = f" (acr {' or '.join(decision.acr_values)})" if decision.acr_values else ""
         changes.append(f"authentication reaching level {decision.required_level}{how}")
+    elif not decision.allowed and policy.engine is not None:  # a Cedar policy: its rules are its own to read
+        changes.append(f"a permit in {policy.source} that holds for this principal" if decision.reason.startswith(
+            "no-grant:") else f"the forbid {decision.reason} not holding ({decision.detail or 'see the policy'})")
     elif not decision.allowed:
         changes.extend(_roles_that_would_grant(policy, principal, operation))
+    level = (LEVELS[authentication_level(principal, policy)] if policy.engine is None else
+             f"as the Cedar policy reads amr ({', '.join(sorted(principal.amr)) or 'none'}), acr "
+             f"({principal.acr or 'none'}) and max_level ({principal.max_level or 'none'})")
     return Explanation(decision, operation, principal, {r: sources.get(r, []) for r in roles_for(principal, policy)},
-                       LEVELS[authentication_level(principal, policy)], requirement, changes,
-                       {a.role: sources[a.role] for a in assignments if a.role not in policy.roles})
+                       level, requirement, changes,
+                       {a.role: sources[a.role] for a in assignments
+                        if policy.engine is None and a.role not in policy.roles})
 
 
 def _assigned(a: Assignment) -> str:
@@ -163,7 +176,10 @@ class _Case(BaseModel):
     uri: str | None = None
     tool: str | None = None
     prompt: str | None = None
-    expect: Literal["allowed", "denied", "step_up", "insufficient_scope"]
+    upstream: str | None = None  # decided as the policy holds on this upstream (its `upstreams:` section)
+    max_tokens: int | None = None  # sampling/createMessage: the maxTokens the server asks for
+    # would_deny: allowed only because a rule that refuses it (or the whole policy) is in mode audit_only
+    expect: Literal["allowed", "denied", "step_up", "insufficient_scope", "would_deny"]
     reason: str | None = None
 
 
@@ -188,8 +204,10 @@ def cases_path_for(path: Path) -> tuple[Path, Path]:
     return path.with_name(f"{path.stem}.tests.yaml"), path
 
 
-def run_cases(path: Path) -> tuple[Policy, list[CaseResult]]:
-    """Load the policy and its test cases; run each. PolicyError for an invalid policy or case file."""
+def run_cases(path: Path, policy_path: Path | None = None) -> tuple[Policy, list[CaseResult]]:
+    """Load the policy and its test cases; run each. PolicyError for an invalid policy or case file.
+    `policy_path`: run the cases against this policy instead (one in another language, say: the same cases
+    passing under two policies is what makes them equivalent)."""
     cases_file, policy_file = cases_path_for(path)
     try:
         raw, _ = read_yaml(cases_file)
@@ -201,12 +219,12 @@ def run_cases(path: Path) -> tuple[Policy, list[CaseResult]]:
         raise PolicyError(format_validation(str(cases_file), exc)) from None
     if spec.policy is not None:
         policy_file = cases_file.parent / spec.policy
-    policy = load_policy(policy_file)
+    policy = load_policy(policy_path or policy_file)
     results = []
     for case in spec.cases:
         target = case.tool or case.prompt
         try:
-            operation = operation_for(case.method, target, case.uri)
+            operation = operation_for(case.method, target, case.uri, case.max_tokens)
         except MalformedParams as exc:
             results.append(CaseResult(case.name, False, f"malformed case: {exc}"))
             continue
@@ -215,7 +233,9 @@ def run_cases(path: Path) -> tuple[Policy, list[CaseResult]]:
         except ValueError as exc:  # a claim of the wrong type: the gateway would refuse such a token
             results.append(CaseResult(case.name, False, f"malformed case: {exc}"))
             continue
-        decision = decide(principal, operation, policy)
-        passed = decision.outcome == case.expect and (case.reason is None or case.reason == decision.reason)
-        results.append(CaseResult(case.name, passed, f"{decision.outcome} ({decision.reason})"))
+        decision = decide(principal, operation, policy.for_upstream(case.upstream) if case.upstream else policy)
+        outcome = "would_deny" if decision.would_deny else decision.outcome
+        reason = decision.would_deny or decision.reason
+        passed = outcome == case.expect and (case.reason is None or case.reason == reason)
+        results.append(CaseResult(case.name, passed, f"{outcome} ({reason})"))
     return policy, results
