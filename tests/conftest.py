@@ -2,12 +2,41 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+import ssl
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
+import httpx._transports.default
+import httpx2._transports.default
 import pytest
 
 from tests.harness import Deployment, deploy
+
+
+def _one_default_ssl_context(transport: ModuleType) -> None:
+    """Every client httpx (and the SDK's httpx2) builds loads the CA bundle into a new SSL context, about 28 ms,
+    and a one-shot `httpx.get` builds a client: hundreds of times a run, for TLS that no test uses (every server
+    here is plain HTTP on 127.0.0.1). The default context is built once and shared (an SSLContext may be);
+    any other verify or cert setting is built as asked."""
+    create: Callable[..., ssl.SSLContext] = transport.create_ssl_context
+
+    @functools.cache
+    def default() -> ssl.SSLContext:
+        return create()
+
+    def shared(verify: Any = True, cert: Any = None, trust_env: bool = True) -> ssl.SSLContext:
+        if verify is True and cert is None and trust_env:
+            return default()
+        return create(verify=verify, cert=cert, trust_env=trust_env)
+
+    transport.create_ssl_context = shared  # type: ignore[attr-defined]
+
+
+_one_default_ssl_context(httpx._transports.default)
+_one_default_ssl_context(httpx2._transports.default)
 
 
 @pytest.fixture(params=["proxy", "middleware"])
