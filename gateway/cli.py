@@ -176,9 +176,8 @@ def _policy_explain(args: argparse.Namespace) -> int:
             print(f"{config.source}: role_assignments: the {config.role_assignments.backend} store cannot be "
                   f"read ({exc.reason})", file=sys.stderr)
             return 1
-    if args.upstream is not None:
-        policy = policy.for_upstream(args.upstream)
-    for line in explain(policy, principal, operation, assigned).lines():
+    for line in explain(policy, principal, operation, assigned, era=args.era or "",
+                        upstream=args.upstream or "").lines():
         print(line)
     return 0
 
@@ -341,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--name", help="tool or prompt name")
     explain.add_argument("--uri", help="resource URI")
     explain.add_argument("--max-tokens", type=int, help="sampling/createMessage: the maxTokens asked for")
+    explain.add_argument("--era", choices=["legacy", "modern"], help="the protocol era the request came in")
     explain.add_argument("--upstream", help="decide as the policy holds on this upstream (its upstreams: section)")
     explain.set_defaults(func=_policy_explain)
     test = policy.add_parser("test", help="run the policy test cases in NAME.tests.yaml beside a policy")

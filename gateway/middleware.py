@@ -174,7 +174,7 @@ class MCPSecurityMiddleware:
     def decide(self, ex: Exchange, op: mcp.Operation) -> Decision:
         assert ex.principal is not None and ex.policy is not None
         hinted = self.runtime.tool_level(ex.upstream.name, op.name) if op.kind == "tool_call" and op.name else 0
-        return self._decide(ex.principal, op, ex.policy, hinted)
+        return self._decide(ex.principal, op, ex.policy, hinted, era=ex.era or "", upstream=ex.upstream.name)
 
     def server_request_decided(self, ex: Exchange, op: mcp.Operation, decision: Decision) -> None:
         self._recorder.server_request(ex, op, decision)

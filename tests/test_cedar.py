@@ -521,3 +521,66 @@ def _use_as_a_reader(gateway: Deployment) -> None:
             assert "no-grant:tool" in hidden.value.error.message
 
     asyncio.run(use())
+
+
+# ---- where the request came from: the protocol era and the upstream -------------------------------------------
+
+WHERE = """
+@id("grant") permit (principal, action, resource);
+@id("modern-only") forbid (principal, action == Gateway::Action::"tools/call", resource == Gateway::Tool::"echo")
+  when { context.era != "modern" };
+@id("not-on-files") forbid (principal, action == Gateway::Action::"tools/call", resource == Gateway::Tool::"search")
+  when { context.upstream == "files" };
+"""
+
+
+@pytest.mark.parametrize(("tool", "era", "upstream", "reason"), [
+    ("echo", "modern", "files", "grant"),
+    ("echo", "legacy", "files", "modern-only"),
+    ("echo", "", "files", "modern-only"),  # an era not known is not modern
+    ("search", "legacy", "other", "grant"),
+    ("search", "modern", "files", "not-on-files"),
+])
+def test_a_cedar_policy_reads_the_era_and_the_upstream_from_its_context(tmp_path: Path, tool: str, era: str,
+                                                                        upstream: str, reason: str) -> None:
+    (tmp_path / "p.cedar").write_text(WHERE)
+    policy = load_policy(tmp_path / "p.cedar")
+    decision = DecisionCache()(principal_from(READER), operation_for("tools/call", tool), policy,
+                               era=era, upstream=upstream)
+    assert decision.reason == reason
+    explained = explain(policy, principal_from(READER), operation_for("tools/call", tool), era=era,
+                        upstream=upstream)
+    assert explained.decision.reason == reason
+
+
+@pytest.mark.parametrize("era", ["auto", "legacy"])
+async def test_the_gateway_gives_a_cedar_policy_the_era_and_the_upstream_of_each_request(tmp_path: Path,
+                                                                                         era: str) -> None:
+    recorder = Recorder(build_server().streamable_http_app())
+    upstream = ServerThread(recorder).start()
+    port = free_port()
+    (tmp_path / "mcp.cedar").write_text(WHERE.replace('"files"', '"demo"'))
+    config_path = _config(tmp_path, {"engine": "cedar", "file": "mcp.cedar"}, public_url=f"http://127.0.0.1:{port}")
+    data = yaml.safe_load(config_path.read_text())
+    data["upstreams"][0]["url"] = f"{upstream.url}/mcp"
+    config_path.write_text(yaml.safe_dump(data))
+    gateway_app: Any = create_app(config_path)
+    gateway = Deployment("proxy", ServerThread(gateway_app, port).start(), recorder, gateway_app.runtime,
+                         config_path, upstream)
+    try:
+        assert [u.name for u in gateway.runtime.config.upstreams] == ["demo"]
+        async with _client(gateway, era, gateway.token("rae", scopes=("mcp:tools",))) as client:
+            if era == "auto":  # the SDK speaks 2026-07-28 when it can: modern
+                assert (await client.call_tool("echo", {"text": "hi"})).content[0].text == "hi"  # type: ignore[union-attr]
+            else:
+                with pytest.raises(MCPError):
+                    await client.call_tool("echo", {"text": "hi"})
+            with pytest.raises(MCPError):
+                await client.call_tool("search", {"query": "x"})
+        assert len(recorder.tool_calls("echo")) == (1 if era == "auto" else 0)
+        assert recorder.tool_calls("search") == []
+        refused = [e["rule"] for e in gateway.audit_events()
+                   if e["operation"] == "tools/call" and e["result"] == "denied"]
+        assert refused == (["not-on-files"] if era == "auto" else ["modern-only", "not-on-files"])
+    finally:
+        gateway.stop()

@@ -89,7 +89,7 @@ async def pin_tools(request: Page) -> Answer:
 async def explain(request: Page) -> Answer:
     """The policy page, with the explanation of the call the form describes (or what is wrong with the form)."""
     asked = {k: request.form.get(k, policy_view.EXPLAIN_DEFAULTS[k]) for k in policy_view.EXPLAIN_FIELDS}
-    view = policy_view.describe(request.runtime.policy)
+    view = policy_view.describe(request.runtime)
     try:
         lines = await policy_view.explain_call(request.runtime, asked)
     except ValueError as exc:

@@ -125,5 +125,5 @@ async def upstreams(request: Page) -> Answer:
 
 
 async def policy(request: Page) -> Answer:
-    return page(request, "policy.html", reason="console:policy", view=policy_view.describe(request.runtime.policy),
+    return page(request, "policy.html", reason="console:policy", view=policy_view.describe(request.runtime),
                 asked=policy_view.EXPLAIN_DEFAULTS, explained=None, error=None)

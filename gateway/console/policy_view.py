@@ -17,12 +17,12 @@ from gateway.policy.explain import explain, operation_for, principal_from
 from gateway.policy.model import LEVELS
 
 if TYPE_CHECKING:
-    from gateway.policy.model import Policy, Requirements, Role
+    from gateway.policy.model import Requirements, Role
     from gateway.runtime import Runtime
 
-EXPLAIN_FIELDS = ("subject", "client_id", "scopes", "claims", "method", "name", "uri")
+EXPLAIN_FIELDS = ("subject", "client_id", "scopes", "claims", "method", "name", "uri", "upstream")
 EXPLAIN_DEFAULTS: Mapping[str, str] = {"subject": "", "client_id": "", "scopes": "", "claims": "",
-                                       "method": "tools/call", "name": "", "uri": ""}
+                                       "method": "tools/call", "name": "", "uri": "", "upstream": ""}
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +54,7 @@ class PolicyView:
     requirements: tuple[RequirementView, ...]
     unknown_methods: str
     deny_detail: str
+    upstreams: tuple[str, ...]  # the config's: a call is explained as the policy holds on one of them
 
 
 def _role(role: Role) -> RoleView:
@@ -75,14 +76,17 @@ def _requirements(kind: str, requirements: Requirements) -> list[RequirementView
     return out
 
 
-def describe(policy: Policy) -> PolicyView:
+def describe(runtime: Runtime) -> PolicyView:
+    """The policy in force, as the policy page shows it."""
+    policy = runtime.policy
     bindings = tuple((", ".join(f"{k} = {v if isinstance(v, str) else json.dumps(v)}"
                                 for k, v in b.when.model_dump(exclude_none=True).items()), b.roles)
                      for b in policy.bindings)
     requirements = (*_requirements("tool", policy.tools), *_requirements("resource", policy.resources),
                     *_requirements("prompt", policy.prompts))
     return PolicyView(policy.source, policy.version, tuple(_role(r) for r in policy.roles.values()), bindings,
-                      requirements, policy.unknown_methods, policy.deny_detail)
+                      requirements, policy.unknown_methods, policy.deny_detail,
+                      tuple(u.name for u in runtime.config.upstreams))
 
 
 async def explain_call(runtime: Runtime, asked: Mapping[str, str]) -> list[str]:
@@ -111,5 +115,9 @@ async def explain_call(runtime: Runtime, asked: Mapping[str, str]) -> list[str]:
         operation = operation_for(method, asked.get("name", "").strip() or None, asked.get("uri", "").strip() or None)
     except ValueError as exc:
         raise ValueError(f"{method}: {exc}") from None
+    upstream = asked.get("upstream", "").strip()
+    names = [u.name for u in runtime.config.upstreams]
+    if upstream and upstream not in names:
+        raise ValueError(f"upstream: one of {', '.join(names)}")
     assigned = await runtime.assignments.of(principal.subject, principal.client_id)
-    return explain(runtime.policy, principal, operation, assigned).lines()
+    return explain(runtime.policy, principal, operation, assigned, upstream=upstream or names[0]).lines()

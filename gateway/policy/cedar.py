@@ -100,7 +100,8 @@ class CedarEngine(PolicyEngine):
         self._index = PolicyIndex(source.policies, source.rules)
         self._principals: dict[int, tuple[Principal, cedarpy.Entities]] = {}
 
-    def decide(self, principal: Principal, operation: Operation, hinted_level: int) -> Decision:
+    def decide(self, principal: Principal, operation: Operation, hinted_level: int, era: str = "",
+               upstream: str = "") -> Decision:
         kind = operation.kind
         roles = tuple(sorted(principal.roles))
 
@@ -114,7 +115,8 @@ class CedarEngine(PolicyEngine):
             return result(self._unknown_methods == "allow", f"unknown_methods:{self._unknown_methods}")
         for answered in operation.input_responses:
             action = _KIND_ACTIONS.get(answered) if answered in ("sampling", "elicitation", "roots_list") else None
-            if action is None or not self._answer(principal, action, _SERVER, {"hinted_level": 0}).permits:
+            if action is None or not self._answer(principal, action, _SERVER,
+                                                  {"hinted_level": 0, "era": era, "upstream": upstream}).permits:
                 return result(False, f"input_response:{answered}")
         action = _action(operation)
         if action is None:
@@ -124,7 +126,8 @@ class CedarEngine(PolicyEngine):
         except InvalidUri as exc:
             return result(False, f"uri:{exc}", hidden=True)
         uri = resource[1] if resource[0] == "Resource" else None
-        context: dict[str, Any] = {"hinted_level": hinted_level if action == "tools/call" else 0}
+        context: dict[str, Any] = {"hinted_level": hinted_level if action == "tools/call" else 0, "era": era,
+                                   "upstream": upstream}
         if operation.method == "tools/call":  # a call: a tool in a list stands for calling it with *some* arguments
             context["arguments"] = _cedar_value(operation.arguments or {}, _DEPTH)
         answer = self._answer(principal, action, resource, context)

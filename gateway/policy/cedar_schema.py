@@ -13,7 +13,8 @@ beside a policy is this schema with argument types added (`read_schema_file`).
                Gateway::Prompt::"<name>"    name
                Gateway::Resource::"<uri>"   uri (normalised), directory (the uri up to its last `/`)
                Gateway::Server::"upstream"  for lists, logging, subscriptions, sampling, elicitation, roots
-    context    hinted_level (Long, what a tool's annotations ask for), arguments (a tools/call's, optional)
+    context    hinted_level (Long, what a tool's annotations ask for), era ("legacy" | "modern", "" not known),
+               upstream (its name, "" not known), arguments (a tools/call's, optional)
 
 In the base schema `Arguments` is an empty record (Cedar has no open record type): an argument read behind
 `context.arguments has path` validates there untyped, one read without it does not. Against a schema generated
@@ -91,8 +92,8 @@ def base_schema(arguments: Mapping[str, Any] | None = None) -> dict[str, Any]:
     }
     common = {
         "Arguments": dict(arguments) if arguments is not None else _record({}),
-        "Context": _record({"hinted_level": {"type": "Long"},
-                            "arguments": {"type": "Arguments", "required": False}}),
+        "Context": _record({"hinted_level": {"type": "Long"}, "era": {"type": "String"},
+                            "upstream": {"type": "String"}, "arguments": {"type": "Arguments", "required": False}}),
     }
     return {NAMESPACE: {"commonTypes": common, "entityTypes": entity_types, "actions": actions}}
 

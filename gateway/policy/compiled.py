@@ -27,7 +27,8 @@ class PolicyEngine(abc.ABC):
     `Policy` it sits in has no YAML rules, and `decide()` hands every operation to it."""
 
     @abc.abstractmethod
-    def decide(self, principal: Principal, operation: Operation, hinted_level: int) -> Decision: ...
+    def decide(self, principal: Principal, operation: Operation, hinted_level: int, era: str, upstream: str
+               ) -> Decision: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -132,16 +132,19 @@ def authentication_level(principal: Principal, policy: Policy) -> int:
     return level if ceiling is None else min(level, ceiling)
 
 
-def decide(principal: Principal, operation: Operation, policy: Policy, hinted_level: int = 0) -> Decision:
+def decide(principal: Principal, operation: Operation, policy: Policy, hinted_level: int = 0, *,
+           era: str = "", upstream: str = "") -> Decision:
     """Allow or refuse one classified operation for one principal. `hinted_level` is the level a tool's own
     annotations ask for (`annotation_level`): it applies only to a tool no pattern of the policy names, and
-    only ever raises the level (a server is not trusted to relax the policy).
+    only ever raises the level (a server is not trusted to relax the policy). `era` (legacy | modern) and
+    `upstream` (its name) say where the request came ("": not known); a YAML policy's rules for one upstream
+    are its view `Policy.for_upstream`, a Cedar policy reads both from its context.
 
     Under `mode: audit_only` a refusal comes back allowed, with the refusal in `would_deny`: a policy rolled
     out in shadow is recorded, never enforced. A URI the gateway cannot read safely (`..` above the root, an
     encoded slash) is refused in either mode: that is no rule of the policy but the gateway's own reading."""
     if policy.engine is not None:
-        decision = policy.engine.decide(principal, operation, hinted_level)
+        decision = policy.engine.decide(principal, operation, hinted_level, era, upstream)
     else:
         decision = _decide_rules(principal, operation, policy, hinted_level)
     if decision.allowed or policy.mode == "enforce" or decision.reason.startswith("uri:"):
@@ -234,17 +237,17 @@ class DecisionCache:
         self._size = size
         self._answers: dict[tuple[Any, ...], tuple[Principal, Policy, Decision]] = {}
 
-    def __call__(self, principal: Principal, operation: Operation, policy: Policy, hinted_level: int = 0
-                 ) -> Decision:
+    def __call__(self, principal: Principal, operation: Operation, policy: Policy, hinted_level: int = 0, *,
+                 era: str = "", upstream: str = "") -> Decision:
         if operation.arguments is not None and operation.kind == "tool_call" \
                 and policy.constrained_tools.matches(operation.name or ""):
             # its answer depends on the arguments: not remembered
-            return decide(principal, operation, policy, hinted_level)
-        key = (id(principal), id(policy), hinted_level, _decided_fields(operation))
+            return decide(principal, operation, policy, hinted_level, era=era, upstream=upstream)
+        key = (id(principal), id(policy), hinted_level, era, upstream, _decided_fields(operation))
         found = self._answers.get(key)
         if found is not None and found[0] is principal and found[1] is policy:
             return found[2]
-        decision = decide(principal, operation, policy, hinted_level)
+        decision = decide(principal, operation, policy, hinted_level, era=era, upstream=upstream)
         if len(self._answers) >= self._size:
             self._answers.clear()
         self._answers[key] = (principal, policy, decision)

@@ -98,13 +98,15 @@ class Explanation:
 
 
 def explain(policy: Policy, principal: Principal, operation: Operation,
-            assignments: Sequence[Assignment] = ()) -> Explanation:
-    """`assignments`: the principal's active runtime role assignments, whose roles it holds on top of its own."""
+            assignments: Sequence[Assignment] = (), *, era: str = "", upstream: str = "") -> Explanation:
+    """`assignments`: the principal's active runtime role assignments, whose roles it holds on top of its own.
+    `upstream`: decided as the policy holds there (its view, and a Cedar policy's `context.upstream`)."""
+    policy = policy.for_upstream(upstream) if upstream else policy
     sources: dict[str, list[str]] = {role: ["the authenticator"] for role in sorted(principal.roles)}
     for a in assignments:
         sources.setdefault(a.role, []).append(_assigned(a))
     principal = replace(principal, roles=principal.roles | {a.role for a in assignments})
-    decision = decide(principal, operation, policy)
+    decision = decide(principal, operation, policy, era=era, upstream=upstream)
     for index, binding in enumerate(policy.bindings):
         if holds(binding.when, principal):
             test = ", ".join(f"{k}={v}" for k, v in binding.when.model_dump(exclude_none=True).items())
@@ -121,7 +123,7 @@ def explain(policy: Policy, principal: Principal, operation: Operation,
         changes.append(f"a permit in {policy.source} that holds for this principal" if decision.reason.startswith(
             "no-grant:") else f"the forbid {decision.reason} not holding ({decision.detail or 'see the policy'})")
     elif not decision.allowed:
-        changes.extend(_roles_that_would_grant(policy, principal, operation))
+        changes.extend(_roles_that_would_grant(policy, principal, operation, era, upstream))
     level = (LEVELS[authentication_level(principal, policy)] if policy.engine is None else
              f"as the Cedar policy reads amr ({', '.join(sorted(principal.amr)) or 'none'}), acr "
              f"({principal.acr or 'none'}) and max_level ({principal.max_level or 'none'})")
@@ -154,11 +156,12 @@ def _requirement(policy: Policy, operation: Operation) -> str | None:
     return f"level {LEVELS[level]}" + (f", capabilities {', '.join(sorted(caps))}" if caps else "")
 
 
-def _roles_that_would_grant(policy: Policy, principal: Principal, operation: Operation) -> list[str]:
+def _roles_that_would_grant(policy: Policy, principal: Principal, operation: Operation, era: str,
+                            upstream: str) -> list[str]:
     out = []
     for name in policy.roles:
         with_role = replace(principal, roles=frozenset({name}))  # everything else kept: a ceiling too
-        if decide(with_role, operation, policy).allowed:
+        if decide(with_role, operation, policy, era=era, upstream=upstream).allowed:
             bound = [f"bindings[{i}]" for i, b in enumerate(policy.bindings) if name in b.roles]
             out.append(f"role {name}" + (f" (given by {', '.join(bound)})" if bound else " (no binding gives it)"))
     return out or ["no role in this policy grants it"]
@@ -177,6 +180,7 @@ class _Case(BaseModel):
     tool: str | None = None
     prompt: str | None = None
     upstream: str | None = None  # decided as the policy holds on this upstream (its `upstreams:` section)
+    era: Literal["legacy", "modern"] | None = None  # the protocol era the request came in (a Cedar context.era)
     max_tokens: int | None = None  # sampling/createMessage: the maxTokens the server asks for
     # would_deny: allowed only because a rule that refuses it (or the whole policy) is in mode audit_only
     expect: Literal["allowed", "denied", "step_up", "insufficient_scope", "would_deny"]
@@ -233,7 +237,8 @@ def run_cases(path: Path, policy_path: Path | None = None) -> tuple[Policy, list
         except ValueError as exc:  # a claim of the wrong type: the gateway would refuse such a token
             results.append(CaseResult(case.name, False, f"malformed case: {exc}"))
             continue
-        decision = decide(principal, operation, policy.for_upstream(case.upstream) if case.upstream else policy)
+        decision = decide(principal, operation, policy.for_upstream(case.upstream) if case.upstream else policy,
+                          era=case.era or "", upstream=case.upstream or "")
         outcome = "would_deny" if decision.would_deny else decision.outcome
         reason = decision.would_deny or decision.reason
         passed = outcome == case.expect and (case.reason is None or case.reason == reason)
