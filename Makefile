@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml tests/node/package.json tests/node/package-lock.json
 	cd tests/node && npm ci --no-audit --no-fund --loglevel=error
 	@# The console's browser tests drive Debian's chromium with Playwright (executable_path, no downloaded browser)
 	command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	@# Several replicas behind a real load balancer (tests/test_replicas.py): Debian's nginx
+	command -v nginx >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null; }
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -46,6 +48,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_http.py
 	$(BIN)/python bench/bench_audit.py
 	$(BIN)/python bench/bench_stdio.py
+	$(BIN)/python bench/bench_quota.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check gateway tests examples bench

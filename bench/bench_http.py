@@ -11,11 +11,14 @@ B3  the same tools/call through IBM ContextForge (PyPI mcp-contextforge-gateway 
     in front of the same upstream: directly, through the gateway, through ContextForge.
 B4  SSE: time to the first event and to the end of a tool that streams 1,000 progress notifications,
     directly and through the gateway; and the gateway's peak RSS while a 100 MB resource streams through.
+B9  tracing: the B2 request through the gateway with `tracing` off, on (every request sampled, exported over
+    OTLP/HTTP to a local receiver) and on with sample_ratio 0 (context propagated, nothing recorded); and what
+    the off path's hooks cost, timed alone, as a share of the gateway's CPU per request.
 
 Each round runs every case once, in the same order (A B A B ...); medians and spreads are over rounds,
 ratios are taken within each round. Absolute figures are printed, never asserted.
 
-    python bench/bench_http.py [--rounds 3] [--seconds 5] [--only B1,B2,B4]
+    python bench/bench_http.py [--rounds 3] [--seconds 5] [--only B1,B2,B4,B9]
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+import timeit
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -365,14 +369,72 @@ def b4(processes: Processes, tmp: Path, rounds: int, _seconds: float) -> dict[st
                          "rss_growth_mb": peak - before}}
 
 
-BENCHES = {"HOP": hop, "B1": b1, "B2": b2, "B3": b3, "B4": b4}  # in the order they run
+def off_path_us() -> float:
+    """What a request pays for tracing while it is off: the calls the request path makes on the no-op trace,
+    in the order it makes them, timed alone (µs per request, best of 5)."""
+    from gateway.tracing import NO_TRACE
+
+    class Runtime:
+        tracing = None
+
+    runtime, trace = Runtime(), NO_TRACE
+
+    def one_request() -> None:
+        if runtime.tracing is not None:  # middleware: a trace only when tracing is on
+            raise AssertionError
+        with trace.span("authenticate"):
+            pass
+        with trace.span("decide"):
+            pass
+        if trace.upstream(None):  # type: ignore[arg-type]  # forwarding: the context to send, none
+            raise AssertionError
+        trace.upstream_done(200, None)
+        with trace.span("audit"):
+            pass
+        trace.answered(None, 200)  # type: ignore[arg-type]
+
+    count = 200_000
+    return min(timeit.repeat(one_request, number=count, repeat=5)) / count * 1e6
+
+
+def b9(processes: Processes, tmp: Path, rounds: int, seconds: float) -> dict[str, Any]:
+    direct = upstream(processes, "trivial")
+    receiver_port = free_port()
+    processes.start([sys.executable, str(Path(__file__).parent / "servers.py"), "otlp", str(receiver_port)],
+                    receiver_port)
+    endpoint = f"http://127.0.0.1:{receiver_port}/v1/traces"
+    headers, body = tools_call("echo", {"text": "hello"})
+    cases: dict[str, Case] = {}
+    for name, tracing in (("off", {}), ("on", {"enabled": True, "endpoint": endpoint}),
+                          ("on-0%", {"enabled": True, "endpoint": endpoint, "sample_ratio": 0.0})):
+        via, token, pid = gateway(processes, tmp / f"b9-{name}", direct, **({"tracing": tracing} if tracing else {}))
+        cases[name] = (via, wrk_script(tmp / f"b9-{name}.lua", {**headers, "Authorization": f"Bearer {token}"},
+                                       body), pid)
+    c32, c1 = both(cases, "B9 tracing off / on / on sampling nothing, trivial upstream", rounds, seconds)
+    out: dict[str, Any] = {"c32": summary(c32), "c1": summary(c1)}
+    for case in ("on", "on-0%"):
+        cpu, cpu_spread = ratio(c32, case, "off", "cpu_us")
+        rps, rps_spread = ratio(c32, case, "off", "rps")
+        p50 = ratio(c1, case, "off", "p50_ms")[0]
+        print(f"  {case}/off at c=32: CPU per request {cpu:.2f}x (spread {cpu_spread:.0%}), throughput {rps:.2f}x "
+              f"(spread {rps_spread:.0%}); p50 at c=1 {p50:.2f}x")
+        out[case] = {"cpu_ratio": cpu, "rps_ratio": rps, "p50_ratio": p50}
+    hooks = off_path_us()
+    off_cpu = median_spread([v["cpu_us"] for v in c32["off"]])[0]
+    print(f"  off path: {hooks * 1000:.0f} ns of hooks per request, {hooks / off_cpu:.2%} of the gateway's "
+          f"{off_cpu:.0f} µs CPU per request")
+    out["off_path_us"], out["off_path_share"] = hooks, hooks / off_cpu
+    return out
+
+
+BENCHES = {"HOP": hop, "B1": b1, "B2": b2, "B3": b3, "B4": b4, "B9": b9}  # in the order they run
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=5)
-    parser.add_argument("--only", default="HOP,B1,B2,B3,B4")
+    parser.add_argument("--only", default="HOP,B1,B2,B3,B4,B9")
     args = parser.parse_args()
     wanted = set(args.only.upper().split(","))
     results: dict[str, Any] = {"rounds": args.rounds, "seconds": args.seconds, "protocol": MODERN}

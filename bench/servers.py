@@ -7,6 +7,7 @@ uvloop and httptools, one process, no access log.
                                                echo(text), progress(count) streaming `count` progress
                                                notifications, and bench://big, a 100 MB text resource
     python bench/servers.py trivial PORT       a bare ASGI app answering every POST with one canned result
+    python bench/servers.py otlp PORT          an OTLP/HTTP receiver that takes every export and keeps nothing
 """
 
 from __future__ import annotations
@@ -57,13 +58,26 @@ async def trivial_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": CANNED})
 
 
+async def otlp_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Accepts an export (POST /v1/traces) with an empty ExportTraceServiceResponse: zero protobuf bytes."""
+    if scope["type"] != "http":
+        return
+    more = True
+    while more:
+        message = await receive()
+        more = message.get("more_body", False)
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/x-protobuf"), (b"content-length", b"0")]})
+    await send({"type": "http.response.body", "body": b""})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("kind", choices=["mcp", "trivial"])
+    parser.add_argument("kind", choices=["mcp", "trivial", "otlp"])
     parser.add_argument("port", type=int)
     parser.add_argument("--sse", action="store_true")
     args = parser.parse_args()
-    app = mcp_app(args.sse) if args.kind == "mcp" else trivial_app
+    app = mcp_app(args.sse) if args.kind == "mcp" else otlp_app if args.kind == "otlp" else trivial_app
     uvicorn.run(app, host="127.0.0.1", port=args.port, loop="uvloop", http="httptools", log_level="warning",
                 access_log=False, lifespan="on" if args.kind == "mcp" else "off")
 

@@ -130,6 +130,7 @@ def _policy_explain(args: argparse.Namespace) -> int:
     from gateway.errors import StateUnavailable
     from gateway.policy import load_policy
     from gateway.policy.explain import explain, operation_for, principal_from
+    from gateway.ratelimit.rules import Limits
 
     config = load_config(args.config) if args.config else None
     if args.policy is not None:
@@ -176,9 +177,20 @@ def _policy_explain(args: argparse.Namespace) -> int:
             print(f"{config.source}: role_assignments: the {config.role_assignments.backend} store cannot be "
                   f"read ({exc.reason})", file=sys.stderr)
             return 1
-    for line in explain(policy, principal, operation, assigned, era=args.era or "",
-                        upstream=args.upstream or "").lines():
+    names = [u.name for u in config.upstreams] if config is not None else []
+    if config is not None and args.upstream is not None and args.upstream not in names:  # else: any name will do
+        print(f"--upstream {args.upstream}: not an upstream of {config.source} (have: {', '.join(names)})",
+              file=sys.stderr)
+        return 2
+    explained = explain(policy, principal, operation, assigned, era=args.era or "", upstream=args.upstream or "")
+    for line in explained.lines():
         print(line)
+    if config is not None and config.rate_limits and not explained.decision.allowed:
+        print("rate limits: none counts it (a refused call takes no token)")
+    elif config is not None and config.rate_limits:
+        limits = Limits(config.rate_limits).describe(principal, explained.decision.roles, operation,
+                                                     args.upstream or config.upstreams[0].name)
+        print("rate limits:" + "".join(f"\n  {line}" for line in limits) if limits else "rate limits: none counts it")
     return 0
 
 
@@ -361,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--operation", help="e.g. tools/call")
     query.add_argument("--tool")
     query.add_argument("--resource")
-    query.add_argument("--result", choices=["allowed", "denied", "auth_failed", "invalid_request",
+    query.add_argument("--result", choices=["allowed", "denied", "rate_limited", "auth_failed", "invalid_request",
                                             "upstream_error", "error"])
     query.add_argument("--rule", help="the rule or check that decided, e.g. role:reader:tool")
     query.add_argument("--policy-version", help="decided under this policy version")

@@ -19,7 +19,7 @@ from gateway.config import Config, load_config
 
 
 def register(policy: Any) -> None:
-    """Add `lint` to the `policy` subcommands."""
+    """Add `lint` and `cedar-schema` to the `policy` subcommands."""
     lint = policy.add_parser("lint", help="check the policy against each upstream's tools: argument constraints "
                              "(problems, exit 1); names matching tools of several upstreams and names that look "
                              "like shell patterns (warnings)")

@@ -102,20 +102,22 @@ def _list_live(args: argparse.Namespace, config: Config) -> int:
             continue
         rows.extend(tool_rows(config.policy.for_upstream(upstream.name), upstream.name, tools))
     _print(args, rows, _LIVE)
+    if config.policy.engine is not None:
+        print("a Cedar policy decides each call on its own: `mcp-gateway policy explain` says how", file=sys.stderr)
     return 1 if failed else 0
 
 
 def tool_rows(policy: Policy, upstream: str, tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per tool an upstream lists: its name, title, hints, and what `policy` (as it holds on that upstream)
-    requires of it: the level, whether arguments are constrained, which roles may call it."""
+    requires of it: the level, whether arguments are constrained, which roles may call it (under a Cedar
+    policy, only the level its annotations ask for)."""
     rows = []
     for tool in tools:
         name = tool.get("name")
         if not isinstance(name, str):
             continue
-        level, _ = policy.tools.of(name)
-        if not policy.tools.index.matches(name):
-            level = max(level, annotation_level(tool.get("annotations")))
+        # as enforced: a rule in mode audit_only neither requires its level nor silences the annotations'
+        level = policy.tools.required_level(name, annotation_level(tool.get("annotations")), enforced_only=True)
         annotations, description = tool.get("annotations"), tool.get("description")
         annotations = annotations if isinstance(annotations, dict) else {}
         description = description if isinstance(description, str) else ""
@@ -138,11 +140,17 @@ def _upstream(args: argparse.Namespace, config: Config) -> str:
     return str(args.upstream)
 
 
+def _shown(text: str) -> str:
+    """An upstream's text as a terminal may show it: no control characters (no escape sequences)."""
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
 _LIVE: list[Column] = [
-    ("UPSTREAM", 12, lambda i: i["upstream"]), ("TOOL", 24, lambda i: i["tool"]), ("LEVEL", 8, lambda i: i["level"]),
-    ("ARGS", 5, lambda i: "yes" if i["arguments_constrained"] else "-"),
-    ("ROLES", 20, lambda i: ",".join(i["roles"]) or "-"), ("HINTS", 24, lambda i: ",".join(i["hints"]) or "-"),
-    ("DESCRIPTION", 0, lambda i: i["description"][:60]),
+    ("UPSTREAM", 12, lambda i: i["upstream"]), ("TOOL", 24, lambda i: _shown(i["tool"])),
+    ("LEVEL", 8, lambda i: i["level"]), ("ARGS", 5, lambda i: "yes" if i["arguments_constrained"] else "-"),
+    ("ROLES", 20, lambda i: ",".join(i["roles"]) or "-"),
+    ("HINTS", 24, lambda i: _shown(",".join(i["hints"])) or "-"),
+    ("DESCRIPTION", 0, lambda i: _shown(i["description"][:60])),
 ]
 _TOOLS: list[Column] = [
     ("UPSTREAM", 12, lambda i: i["upstream"]), ("TOOL", 24, lambda i: i["tool"]),

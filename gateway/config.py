@@ -18,9 +18,13 @@ from urllib.parse import urlsplit
 
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from gateway.config_auth import Auth, GatewayClients, UpstreamOAuth, http_url
+from gateway.config_auth import Auth, GatewayClients
+from gateway.config_tracing import Tracing
+from gateway.config_upstream import StdioProcesses as StdioProcesses
+from gateway.config_upstream import Upstream as Upstream
 from gateway.policy import Policy, PolicyError
 from gateway.policy.source import load_policy_source
+from gateway.ratelimit.rules import RateLimit
 from gateway.yamlfile import ProblemsError, StrictModel, YamlFileError, format_validation, read_yaml
 
 
@@ -50,83 +54,6 @@ class Limits(StrictModel):
     # Answers the gateway must read whole to filter (lists; 2026-07-28 results that may ask for input),
     # and each SSE event: anything larger is refused rather than passed on unfiltered.
     max_inspected_bytes: int = Field(16 * 1024 * 1024, gt=0)
-
-
-class StdioProcesses(StrictModel):
-    """How the processes of a stdio upstream are bounded (each limit is per process)."""
-
-    max_processes: int = Field(50, gt=0)  # past it, a new caller gets a 503 JSON-RPC error, never another fork
-    idle_timeout_s: float = Field(300, gt=0)  # a process unused this long is stopped
-    memory_mb: int | None = Field(512, gt=0)  # RLIMIT_DATA
-    cpu_s: int | None = Field(600, gt=0)  # RLIMIT_CPU
-    open_files: int | None = Field(256, gt=0)  # RLIMIT_NOFILE
-    user: str | None = None  # run as this user and group: only when the gateway runs as root
-    group: str | None = None
-
-
-class Upstream(StrictModel):
-    """One MCP server behind the gateway, served at `{public_url}{path}`: over HTTP (`url`), or a program the
-    gateway runs and speaks to over stdio (`command`)."""
-
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    path: str = Field(pattern=r"^/[^?#]*$")
-    url: str | None = None  # `serve` needs url or command; neither when the gateway wraps an in-process app
-    headers: dict[str, str] = Field(default_factory=dict)
-    # Send the upstream who is calling: a 60 s JWT signed with the gateway's key (aud = the upstream's URL)
-    # in X-MCP-Identity, verifiable with the gateway's JWKS. A client's own X-MCP-Identity never passes.
-    identity_header: bool = False
-    oauth: UpstreamOAuth | None = None  # the gateway obtains the upstream's own token (config_auth.UpstreamOAuth)
-    # stdio: the argv (never a shell); the ONLY variables the child gets besides PATH, LANG, HOME and TMPDIR
-    command: tuple[str, ...] | None = Field(None, min_length=1)
-    env: dict[str, str] = Field(default_factory=dict)
-    cwd: Path | None = None
-    # per_principal: each caller its own process; per_session: each legacy session its own (2026-07-28
-    # requests, which have no session, one per caller); shared: one for everyone (the operator's choice)
-    isolation: Literal["per_principal", "per_session", "shared"] = "per_principal"
-    process: StdioProcesses = StdioProcesses()
-    # Tool definitions (`pinning`): warn pins each on first use and reports one that changes; enforce hides a tool
-    # whose definition no operator approved and refuses its calls; off compares nothing.
-    pinning: Literal["off", "warn", "enforce"] = "warn"
-    pins_file: Path | None = None  # {tools: {NAME: HASH}} the operator commits: its pins win over the store's
-
-    @model_validator(mode="after")
-    def _one_transport(self) -> Upstream:
-        if self.url is not None and self.command is not None:
-            raise ValueError("give url (an HTTP upstream) or command (a stdio upstream), not both")
-        stdio_only = [k for k in ("env", "cwd", "isolation", "process") if k in self.model_fields_set]
-        if self.command is None and stdio_only:
-            raise ValueError(f"{', '.join(stdio_only)}: only for a stdio upstream (command)")
-        http_only = [k for k in ("headers", "identity_header", "oauth") if k in self.model_fields_set]
-        if self.command is not None and http_only:
-            raise ValueError(f"{', '.join(http_only)}: only for an HTTP upstream (url); a stdio upstream's "
-                             "credentials go in env")
-        if self.oauth is not None and any(k.lower() == "authorization" for k in self.headers):
-            raise ValueError("oauth and an Authorization header: the gateway sends the token oauth obtains")
-        return self
-
-    @field_validator("url")
-    @classmethod
-    def _http_url(cls, value: str | None) -> str | None:
-        return None if value is None else http_url(value)
-
-    @field_validator("path")
-    @classmethod
-    def _no_trailing_slash(cls, value: str) -> str:
-        return value.rstrip("/") or "/"
-
-    @field_validator("headers")
-    @classmethod
-    def _no_hop_headers(cls, value: dict[str, str]) -> dict[str, str]:
-        forbidden = {"host", "content-length", "transfer-encoding", "connection"}
-        bad = sorted(name for name in value if name.lower() in forbidden)
-        if bad:
-            raise ValueError(f"the gateway sets {', '.join(bad)} itself")
-        for name, text in value.items():  # they are written into the upstream request as they are
-            if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
-                raise ValueError(f"{name!r} is not a valid header name")
-            if any(c in text for c in "\r\n\0"):
-                raise ValueError(f"the value of {name} contains a line break or NUL")
-        return value
 
 
 class AuditSink(StrictModel):
@@ -229,6 +156,10 @@ class Config(StrictModel):
     sessions: Sessions = Sessions()
     admin: Admin = Admin()
     role_assignments: RoleAssignmentsStore = RoleAssignmentsStore()
+    tracing: Tracing = Tracing()  # OpenTelemetry traces (config_tracing): off by default
+    rate_limits: tuple[RateLimit, ...] = ()  # gateway.ratelimit.rules: token buckets per principal, tool, ...
+    # the buckets' store (the sessions' Redis, shared by replicas) unreachable: refuse (closed) or let through
+    rate_limits_on_store_failure: Literal["closed", "open"] = "closed"
     policy_reload_interval_s: float = Field(2.0, ge=0)  # how often the policy file is checked; 0: SIGHUP only
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
@@ -270,6 +201,13 @@ class Config(StrictModel):
         if unknown:
             raise ValueError(f"the policy's upstreams: section names {', '.join(unknown)}, not an upstream of this "
                              f"config (have: {', '.join(names)})")
+        ids = [rule.id or f"rate_limits[{i}]" for i, rule in enumerate(self.rate_limits)]
+        for rule_id in sorted({i for i in ids if ids.count(i) > 1}):
+            at = ", ".join(f"rate_limits[{i}]" for i, other in enumerate(ids) if other == rule_id)
+            raise ValueError(f"rate_limits: {at} have one id, {rule_id!r}")
+        for index, rule in enumerate(self.rate_limits):
+            if rule.match.role is not None and self.policy.engine is None and rule.match.role not in self.policy.roles:
+                raise ValueError(f"rate_limits[{index}].match.role: {rule.match.role!r} is not a role in the policy")
         role = self.auth.anonymous_role
         # a Cedar policy has no roles of its own: it reads principal.roles as any other attribute
         if role is not None and self.policy.engine is None and role not in self.policy.roles:

@@ -37,6 +37,8 @@ reader sees the whole catalogue in one screen:
                       UNSOLICITED_RESPONSE  400  -32600  a client's JSON-RPC response that answers no server
                                                            request the gateway passed to this principal, or
                                                            answers it with another kind of result
+    rate_limited      RATE_LIMITED          429  -32018  over a rate limit (`rate_limits`): Retry-After, and
+                                                           error.data.retry_after_s
     error             AUDIT_UNAVAILABLE     503  -32053  audit queue full: refused rather than unaudited
                       STATE_UNAVAILABLE     503  -32054  session store (Redis) unreachable: sessions, tasks and
                                                            revocations cannot be checked, so nothing is served
@@ -100,6 +102,7 @@ APPROVAL_REQUIRED = Refusal("approval_required", 403, -32014, "denied", "Approva
 APPROVAL_DENIED = Refusal("approval_denied", 403, -32015, "denied", "Approval denied")
 APPROVAL_EXPIRED = Refusal("approval_expired", 403, -32016, "denied", "Approval expired")
 TOOL_UNAPPROVED = Refusal("tool_unapproved", 403, -32017, "denied", "Tool definition not approved")
+RATE_LIMITED = Refusal("rate_limited", 429, -32018, "rate_limited", "Rate limit exceeded")
 # The message is the upstream's own wording for a missing item ("Unknown tool: X"), filled in per call.
 UNKNOWN_TARGET = Refusal("unknown_target", 400, -32602, "denied", "Unknown")
 METHOD_NOT_FOUND = Refusal("method_not_found", 404, -32601, "denied", "Method not found")
@@ -138,6 +141,7 @@ CATALOGUE: tuple[Refusal, ...] = (
     APPROVAL_DENIED,
     APPROVAL_EXPIRED,
     TOOL_UNAPPROVED,
+    RATE_LIMITED,
     UNKNOWN_TARGET,
     METHOD_NOT_FOUND,
     UNKNOWN_TASK,

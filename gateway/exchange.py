@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from gateway import errors
 from gateway.audit.event import new_id
+from gateway.tracing import NO_TRACE, RequestTrace
 from gateway.types import ASGIReceive, ASGIScope, RequestState
 
 if TYPE_CHECKING:
@@ -57,6 +58,8 @@ class Exchange:
     state: RequestState = field(default_factory=RequestState)
     # the approval gate: per message index that needed a person's approval, what became of it
     approvals: dict[int, Verdict] = field(default_factory=dict)
+    # the middleware: its trace, when tracing is on (`tracing`); the stages report to it
+    trace: RequestTrace = NO_TRACE
 
     def __post_init__(self) -> None:
         self.http_method = self.scope["method"]

@@ -3,8 +3,9 @@
 Owns the request the upstream receives: only the allowed members of a batch,
 serialised anew from the decoded messages (never the client's bytes, which
 another parser could read differently), resource URIs in the normalised form
-they were decided in, the client's token removed and an `X-MCP-Identity` only
-ever set by the gateway. Owns running the wrapped app (an in-process MCP app or
+they were decided in, the client's token removed, an `X-MCP-Identity` only
+ever set by the gateway, and (when tracing) the gateway's W3C trace context in
+place of the client's. Owns running the wrapped app (an in-process MCP app or
 `UpstreamProxy`) with the `ResponseInspector` as its `send`, recording the
 exchange once its answer's status is known (before the client sees the last
 byte), and answering the upstream on the client's behalf when a server->client
@@ -16,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -42,6 +43,8 @@ log = logging.getLogger("gateway")
 
 _JSON = (b"content-type", b"application/json")
 _NOT_FORWARDED = frozenset({b"authorization", b"content-length", b"x-mcp-identity"})
+# When the gateway traces, the upstream gets the gateway's trace context in place of the client's.
+_NOT_FORWARDED_TRACED = _NOT_FORWARDED | {b"traceparent", b"tracestate"}
 
 
 class Forwarder:
@@ -62,14 +65,18 @@ class Forwarder:
         runtime = self._runtime
         forwarded = [i for i in range(len(ex.messages)) if i not in denied]
         # The client's token stays here; an X-MCP-Identity only ever comes from the gateway.
-        headers = [(n, v) for n, v in ex.scope["headers"] if n not in _NOT_FORWARDED]
+        traced = ex.trace.upstream(ex)  # the W3C context naming the hop's span; empty when not tracing
+        dropped = _NOT_FORWARDED_TRACED if traced else _NOT_FORWARDED
+        headers = [(n, v) for n, v in ex.scope["headers"] if n not in dropped]
+        if traced:
+            headers += [(name.encode(), value.encode()) for name, value in traced.items()]
         if ex.upstream.identity_header and ex.principal is not None:
             policy = ex.policy or runtime.policy.for_upstream(ex.upstream.name)
             identity = runtime.authenticator.identity_token(
                 ex.principal, roles_for(ex.principal, policy),
                 ex.upstream.url or self._config.resource_url(ex.upstream))
             headers.append((b"x-mcp-identity", identity.encode()))
-        body, headers = _rewritten(ex, forwarded, body, headers)
+        body, headers = _rewritten(ex, forwarded, body, headers, traced)
         if ex.http_method == "POST":
             headers.append((b"content-length", str(len(body)).encode()))
         rules = ResponseRules(ex, forwarded, gateway, extra=[d.body for d in denied.values() if d.answerable])
@@ -115,6 +122,7 @@ class Forwarder:
             elif not inspector.finished:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
+            ex.trace.upstream_done(inspector.status or 500, state.upstream_error)
             audit(inspector.status or 500)
 
     def tell_upstream(self, ex: Exchange, op: Operation) -> None:
@@ -147,11 +155,12 @@ class Forwarder:
         return self._apps.get(ex.upstream.path, self._app)
 
 
-def _rewritten(ex: Exchange, forwarded: list[int], body: bytes, headers: list[tuple[bytes, bytes]]
-               ) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+def _rewritten(ex: Exchange, forwarded: list[int], body: bytes, headers: list[tuple[bytes, bytes]],
+               traced: Mapping[str, str]) -> tuple[bytes, list[tuple[bytes, bytes]]]:
     """The body and headers to forward: exactly what was decided, serialised anew from the decoded messages
     (never the client's bytes, which another parser could read differently: a repeated key, an escape), only
-    the allowed members of a batch, and resource URIs in the normalised form they were decided in."""
+    the allowed members of a batch, resource URIs in the normalised form they were decided in, and the
+    gateway's trace context (`traced`) in place of a client's `_meta.traceparent` (SEP-414)."""
     if ex.http_method != "POST":
         return body, headers
     messages = [ex.messages[i].raw for i in forwarded]
@@ -165,7 +174,19 @@ def _rewritten(ex: Exchange, forwarded: list[int], body: bytes, headers: list[tu
         if ex.era == "modern":
             headers = [(n, v) for n, v in headers if n != b"mcp-name"]
             headers.append((b"mcp-name", decision.uri.encode()))
+    if traced:
+        messages = [_with_trace_context(raw, traced) for raw in messages]
     return jsonrpc.dumps(messages if len(ex.messages) > 1 else messages[0]), headers
+
+
+def _with_trace_context(raw: dict[str, Any], traced: Mapping[str, str]) -> dict[str, Any]:
+    """`raw` with `traced` in place of the trace context a client put in its `params._meta`, if it put one:
+    an upstream that reads it there (the SDKs do) then sees the gateway's span as the parent."""
+    params = raw.get("params")
+    if not isinstance(params, dict) or not isinstance(meta := params.get("_meta"), dict) or "traceparent" not in meta:
+        return raw
+    kept = {k: v for k, v in meta.items() if k not in ("traceparent", "tracestate")}
+    return {**raw, "params": {**params, "_meta": {**kept, **traced}}}
 
 
 def _bearer_token(scope: ASGIScope) -> str | None:

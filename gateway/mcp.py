@@ -112,6 +112,11 @@ CLIENT_NOTIFICATIONS: Final = frozenset({
     "notifications/roots/list_changed", "notifications/tasks/status",
 })
 
+# Protocol plumbing: open to every authenticated caller, never a question for the policy (in any language).
+PROTOCOL_KINDS: Final = frozenset({
+    "initialize", "discover", "ping", "notification", "client_response", "task", "stream_open", "session_end",
+})
+
 # Server -> client requests, as they appear on an SSE stream (legacy) or in inputRequests (modern).
 SERVER_REQUEST_METHODS: Final[Mapping[str, OperationKind]] = {
     "sampling/createMessage": "sampling",

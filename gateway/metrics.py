@@ -125,6 +125,15 @@ class Metrics:
             "mcp_gateway_approvals_pending", "Tool calls waiting for a person's approval (read from the state store).",
             registry=self.registry, multiprocess_mode="livemax",
         )
+        self.rate_limited = Counter(
+            "mcp_gateway_rate_limited_total", "Messages refused by a rate limit, by the rule (rate_limits[].id).",
+            ["rule"], registry=self.registry,
+        )
+        self.rate_limit_store_failures = Counter(
+            "mcp_gateway_rate_limit_store_failures_total", "Rate limits that could not be counted (the store "
+            "unreachable), by what was done: closed (refused) or open (let through).", ["policy"],
+            registry=self.registry,
+        )
         self.approval_decisions = Counter(
             "mcp_gateway_approval_decisions_total", "Approval requests decided, by outcome (approved, denied, "
             "expired).", ["outcome"], registry=self.registry,

@@ -85,6 +85,8 @@ class MCPSecurityMiddleware:
     async def _handle(self, upstream: Upstream, scope: ASGIScope, receive: ASGIReceive, send: ASGISend) -> None:
         self.runtime.start()
         ex = Exchange(upstream, guards.as_forwarded(scope))
+        if self.runtime.tracing is not None:  # off: ex.trace stays the no-op
+            ex.trace = self.runtime.tracing.request(ex.scope)
         limits, body = self.config.limits, b""
         try:
             if not self.runtime.audit.accepting():
@@ -103,10 +105,12 @@ class MCPSecurityMiddleware:
                 ex.operations = (mcp.Operation("stream_open" if ex.http_method == "GET" else "session_end",
                                                ex.http_method),)
             await self.handles.check_session(ex)
-            ex.policy = self.runtime.policy.for_upstream(ex.upstream.name)
-            ex.decisions = tuple(self.decide(ex, op) if op is not None else None for op in ex.operations)
+            with ex.trace.span("decide"):
+                ex.policy = self.runtime.policy.for_upstream(ex.upstream.name)
+                ex.decisions = tuple(self.decide(ex, op) if op is not None else None for op in ex.operations)
             await self.handles.check_handles(ex)
             await self.runtime.pins.check(ex)  # a tool whose definition no operator approved is not called
+            await self.runtime.rate_limits.check(ex)  # what a rate limit counts takes its token, or is refused
             if any(d is not None and d.allowed and d.approval is not None for d in ex.decisions):
                 token = progress_token(ex)
                 held = HeldAnswer(send, token) if token is not None else None
@@ -137,9 +141,10 @@ class MCPSecurityMiddleware:
     async def _principal(self, ex: Exchange, headers: Mapping[str, list[str]]) -> Principal:
         """Who asks, as of now: the token verified (revocation and expiry included), with the roles assigned at
         runtime. Asked as a request comes in, and again before a call approved after a wait is let through."""
-        principal = await self.runtime.authenticator.authenticate(
-            headers, ex.scope.get("query_string", b""), self.config.resource_url(ex.upstream), ex.upstream.path)
-        return await self.runtime.assignments.apply(principal)
+        with ex.trace.span("authenticate"):
+            principal = await self.runtime.authenticator.authenticate(
+                headers, ex.scope.get("query_string", b""), self.config.resource_url(ex.upstream), ex.upstream.path)
+            return await self.runtime.assignments.apply(principal)
 
     def _read(self, ex: Exchange, body: bytes, headers: Mapping[str, list[str]]) -> None:
         """What the body asks for, or the refusal that says why it cannot be acted on."""
@@ -175,6 +180,12 @@ class MCPSecurityMiddleware:
         assert ex.principal is not None and ex.policy is not None
         hinted = self.runtime.tool_level(ex.upstream.name, op.name) if op.kind == "tool_call" and op.name else 0
         return self._decide(ex.principal, op, ex.policy, hinted, era=ex.era or "", upstream=ex.upstream.name)
+
+    async def rate_limited(self, ex: Exchange, op: mcp.Operation, decision: Decision) -> Decision:
+        return await self.runtime.rate_limits.decided(ex, op, decision)
+
+    async def input_asked(self, ex: Exchange, op: mcp.Operation) -> None:
+        await self.runtime.rate_limits.retry_expected(ex, op)
 
     def server_request_decided(self, ex: Exchange, op: mcp.Operation, decision: Decision) -> None:
         self._recorder.server_request(ex, op, decision)

@@ -17,6 +17,7 @@ import orjson
 
 from gateway import errors
 from gateway.approvals.model import MAX_ARGUMENTS_BYTES
+from gateway.ratelimit.gate import STORE_UNAVAILABLE
 
 if TYPE_CHECKING:
     from gateway.approvals import Verdict
@@ -45,6 +46,7 @@ class Denial:
     body: bytes
     challenge: str | None = None
     answerable: bool = True  # a request: in a batch its error is part of the answer (a notification's is not)
+    retry_after: int | None = None  # seconds, for a `Retry-After` header when it is the only message
 
 
 def unreadable(invalid: Invalid) -> errors.GatewayRefusal:
@@ -82,6 +84,15 @@ def denial(op: Operation, decision: Decision, *, era: Era | None, explain: bool,
         refusal = errors.TOOL_UNAPPROVED
         error = {**errors.error_object(refusal, f"{op.name} is new, or changed since an operator approved it"),
                  "data": {"tool": op.name}}
+    elif decision.outcome == "rate_limited":
+        refusal = errors.RATE_LIMITED
+        wait = decision.retry_after_s or 1
+        data: dict[str, object] = {"retry_after_s": wait, **({"rule": decision.reason} if explain else {})}
+        error = {**errors.error_object(refusal, f"{op.method} {op.target or ''}".rstrip()
+                                       + f": try again in {wait} s"), "data": data}
+    elif decision.reason == STORE_UNAVAILABLE:
+        refusal = errors.STATE_UNAVAILABLE
+        error = errors.error_object(refusal, "the rate limits cannot be counted")
     elif op.kind == "unknown":
         refusal, error = errors.METHOD_NOT_FOUND, errors.error_object(errors.METHOD_NOT_FOUND, op.method)
     elif decision.outcome == "step_up":
@@ -105,7 +116,7 @@ def denial(op: Operation, decision: Decision, *, era: Era | None, explain: bool,
     # and an error without an id say it was refused; in a batch, nothing does.
     answered = None if op.kind == "client_response" else op.request_id
     body = orjson.dumps({"jsonrpc": "2.0", "id": answered, "error": error})
-    return Denial(status, body, challenge, answerable=answered is not None)
+    return Denial(status, body, challenge, answerable=answered is not None, retry_after=decision.retry_after_s)
 
 
 def approval_denial(op: Operation, verdict: Verdict) -> Denial:
@@ -140,4 +151,6 @@ def answer_denials(denied: list[Denial], message_count: int) -> tuple[int, bytes
         return (200, b"[" + b",".join(bodies) + b"]", []) if bodies else (202, b"", [])
     only = denied[0]
     headers = [(b"www-authenticate", only.challenge.encode())] if only.challenge is not None else []
+    if only.retry_after is not None:
+        headers.append((b"retry-after", str(only.retry_after).encode()))
     return only.status, only.body, headers

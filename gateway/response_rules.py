@@ -26,14 +26,17 @@ gateway (decisions, recording, telling the upstream) is the `Gateway` protocol.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Protocol
 
+import orjson
+
 from gateway import errors, jsonrpc, mcp
 from gateway.handles import Handles, awaited_key
 from gateway.jsonrpc import JsonRpcId, id_key
-from gateway.policy.engine import shadowed
+from gateway.policy.engine import refused_in_mode
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -57,6 +60,12 @@ class Gateway(Protocol):
     def decide(self, ex: Exchange, op: mcp.Operation) -> Decision:
         """The policy's decision for this exchange's principal, on its policy snapshot."""
 
+    async def rate_limited(self, ex: Exchange, op: mcp.Operation, decision: Decision) -> Decision:
+        """`decision`, or its refusal when a rate limit that counts `op` has no token left (the tokens taken)."""
+
+    async def input_asked(self, ex: Exchange, op: mcp.Operation) -> None:
+        """`op` was answered `input_required`: its retry with the client's answers is the same call."""
+
     def server_request_decided(self, ex: Exchange, op: mcp.Operation, decision: Decision) -> None:
         """Record the decision on a server->client request."""
 
@@ -79,8 +88,11 @@ class ResponseRules:
         self.extra = list(extra)  # refused members of a batch, already answered
         self._lists = {id_key(op.request_id): (op.method, spec.listing) for _, op in ops
                        if (spec := mcp.METHODS.get(op.method)) is not None and spec.listing is not None}
-        self._may_need_input = {id_key(op.request_id) for _, op in ops
+        self._may_need_input = {id_key(op.request_id): op for _, op in ops
                                 if ex.era == "modern" and op.kind in _MAY_NEED_INPUT}
+        # the task a tasks/* request polls: the input requests of a task waiting for input are shown on every poll
+        self._polled_task = {id_key(op.request_id): op.task_ids[0] for _, op in ops
+                             if op.kind == "task" and op.task_ids}
         # A call may create a task: in 2025-11-25 when it asks for one (params.task); in the 2026-07-28 tasks
         # extension whenever the server chooses to.
         self._may_create_task = {id_key(op.request_id) for message, op in ops if op.kind == "tool_call"
@@ -105,14 +117,19 @@ class ResponseRules:
             if listing.item_kind == "tool_call":
                 unapproved = await self._gateway.tools_listed(self._ex, result)
             return self._filtered_list(message, result, method, listing, unapproved)
-        if request_id in self._may_need_input and "input_required" in (result.get("resultType"),
-                                                                       result.get("status")):
-            return await self._filtered_input(message, result)
+        asked = self._may_need_input.get(request_id)
+        if asked is not None and "input_required" in (result.get("resultType"), result.get("status")):
+            answer = await self._filtered_input(message, result)
+            if "result" in answer:  # the client is asked, and will call again with its answers: one call
+                await self._gateway.input_asked(self._ex, asked)
+            return answer
         return message
 
     async def server_request(self, message: dict[str, Any]) -> bool:
         """Whether a server->client request on a stream may reach the client."""
-        op, decision = await self._decided(message, message.get("id"))
+        # one SSE stream's request ids are the session's own: a replayed stream shows the same request again
+        shown = f"sse:{self._ex.session_id}:{message.get('id')}" if self._ex.session_id else None
+        op, decision = await self._decided(message, message.get("id"), shown)
         if decision.allowed:
             try:  # the client's answer will be taken only if it answers this, for this principal
                 handles, principal = self._gateway.handles, self._ex.principal
@@ -137,32 +154,43 @@ class ResponseRules:
 
     # ---- one kind of result ---------------------------------------------------------------------
 
-    async def _decided(self, message: dict[str, Any], request_id: JsonRpcId) -> tuple[mcp.Operation, Decision]:
+    async def _decided(self, message: dict[str, Any], request_id: JsonRpcId,
+                       shown: str | None = None) -> tuple[mcp.Operation, Decision]:
+        """A server request decided and recorded. `shown`: what makes it the same request when it is shown again
+        (None: every showing is a request of its own)."""
         method = message.get("method")
         op = mcp.classify_server_request(jsonrpc.Message(
             "request", request_id, method if isinstance(method, str) else None, message.get("params"), message))
         decision = self._gateway.decide(self._ex, op)
         if decision.allowed and decision.per_hour is not None:
-            decision = await self._counted(decision, decision.per_hour)
+            decision = await self._counted(decision, decision.per_hour, message, shown)
+        decision = await self._gateway.rate_limited(self._ex, op, decision)
         self._gateway.server_request_decided(self._ex, op, decision)
         return op, decision
 
-    async def _counted(self, decision: Decision, per_hour: int) -> Decision:
+    async def _counted(self, decision: Decision, per_hour: int, message: dict[str, Any],
+                       shown: str | None) -> Decision:
         """An allowed sampling request counted against the principal's hourly allowance (in the session store,
-        so replicas share the count): over it, refused; when the count cannot be kept, refused too."""
-        principal = self._ex.principal
+        so replicas share the count): over it, refused; when the count cannot be kept, refused too. A request
+        passed on once is not counted again when it is shown again (a 2026-07-28 task polled while it waits for
+        input, an SSE stream replayed): one request, one count, in either era."""
+        principal, sessions = self._ex.principal, self._gateway.handles.sessions
         assert principal is not None and self._ex.policy is not None
+        who = hashlib.sha256(orjson.dumps([principal.issuer, principal.subject])).hexdigest()
+        passed = None if shown is None else "sampling-passed:" + hashlib.sha256(orjson.dumps(
+            [who, self._ex.upstream.name, shown, message], option=orjson.OPT_SORT_KEYS)).hexdigest()
         try:
-            count = await self._gateway.handles.sessions.tally(
-                f"sampling:{principal.issuer}\x1f{principal.subject}", _HOUR_S)
-        except errors.StateUnavailable:
-            refusal = replace(decision, allowed=False, outcome="denied", reason="sampling:count_unavailable")
-        else:
-            if count <= per_hour:
+            if passed is not None and await sessions.tally(passed, _HOUR_S, add=0):
+                return decision
+            if await sessions.tally(f"sampling:{who}", _HOUR_S) <= per_hour:
+                if passed is not None:
+                    await sessions.tally(passed, _HOUR_S)
                 return decision
             refusal = replace(decision, allowed=False, outcome="denied", reason=f"sampling:per_hour>{per_hour}",
                               detail=f"this caller's server requests have used all {per_hour} samplings of this hour")
-        return shadowed(decision, refusal) if self._ex.policy.mode == "audit_only" else refusal
+        except errors.StateUnavailable:
+            refusal = replace(decision, allowed=False, outcome="denied", reason="sampling:count_unavailable")
+        return refused_in_mode(self._ex.policy, decision, refusal)
 
     def _visible(self, listing: mcp.Listing, method: str, item: dict[str, Any]) -> bool:
         op = mcp.item_operation(listing, method, item)
@@ -184,11 +212,13 @@ class ResponseRules:
 
     async def _filtered_input(self, message: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
         requests = result.get("inputRequests")
+        task = self._polled_task.get(id_key(message.get("id")))
         if not isinstance(requests, dict) or not requests:
             return message
         kept = {}
         for key, request in requests.items():  # each is decided and recorded, in order
-            if isinstance(request, dict) and (await self._decided(request, None))[1].allowed:
+            shown = f"task:{task}:{key}" if task is not None else None  # a round of a call is a request of its own
+            if isinstance(request, dict) and (await self._decided(request, None, shown))[1].allowed:
                 kept[key] = request
         if len(kept) == len(requests):
             return message

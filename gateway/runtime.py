@@ -1,5 +1,5 @@
 """What one running gateway holds between requests: policy, authenticator, audit log, metrics, tool schemas,
-role assignments, approvals and tool pins.
+role assignments, approvals, tool pins and the tracer provider (when tracing is on).
 
 Owns the start and stop of those resources, so that the reverse proxy
 (`create_app`) and the ASGI middleware around an in-process app share one
@@ -32,8 +32,10 @@ from gateway.pins import open_pins
 from gateway.policy import Policy, PolicyError
 from gateway.policy.engine import annotation_level
 from gateway.policy.lint import literal_lint, schema_lint
-from gateway.policy.source import reread_policy
+from gateway.policy.source import policy_files, reread_policy
+from gateway.ratelimit.gate import RateLimiter
 from gateway.sessions import SessionStore, open_sessions
+from gateway.tracing import open_tracing
 
 if TYPE_CHECKING:
     from gateway.proxy import UpstreamProxy
@@ -55,6 +57,7 @@ class Runtime:
         self.authenticator = Authenticator(config, self.signing_key, metrics=self.metrics, sessions=self.sessions)
         self.audit = AuditLog(config.audit, self.metrics)
         self.audit.policy_version = self.policy.version
+        self.tracing = open_tracing(config.tracing)  # None when off: the request path then traces nothing
         # Per upstream: tool name -> inputSchema, learnt from tools/list results passing through,
         # so that 2026-07-28 Mcp-Param-* headers can be checked against the tool's declaration.
         self._tool_schemas: dict[str, LRUCache[str, Mapping[str, Any]]] = {
@@ -71,12 +74,14 @@ class Runtime:
         self.approvals = ApprovalGate(open_approvals(config.sessions), self.audit, self.metrics, config.audit,
                                       self.tool_definition)
         self.pins = Pinning(config, open_pins(config.sessions), self.audit, self.metrics)
+        self.rate_limits = RateLimiter(config.rate_limits, self.sessions, config.rate_limits_on_store_failure,
+                                       self.metrics)
         # The reverse proxy's forwarding app per upstream name (`create_app` fills it; none around an in-process
         # app), read by the console's health page.
         self.upstream_apps: dict[str, UpstreamProxy | StdioUpstream] = {}
         self.started = False
         self._watcher: asyncio.Task[None] | None = None
-        self._policy_stamp = _stamp(Path(self.policy.source))
+        self._policy_stamp = _stamp(self.policy)
         _warn_literals(self.policy)
 
     def start(self) -> None:
@@ -106,12 +111,14 @@ class Runtime:
         await self.approvals.store.close()
         await self.pins.store.close()
         await self.assignments.close()
+        if self.tracing is not None:
+            await self.tracing.close()  # the spans still queued are exported
         self.started = False
 
     def reload_policy(self) -> bool:
         """Compile the policy file again and swap it in; on any problem keep the current one. True if swapped."""
         path = Path(self.policy.source)
-        self._policy_stamp = _stamp(path)
+        self._policy_stamp = _stamp(self.policy)
         try:
             fresh = reread_policy(self.policy)  # same language, same settings from the config
             unknown = fresh.unknown_upstreams([u.name for u in self.config.upstreams])
@@ -132,10 +139,9 @@ class Runtime:
         return True
 
     async def _watch_policy(self, interval: float) -> None:
-        path = Path(self.policy.source)
         while True:
             await asyncio.sleep(interval)
-            if _stamp(path) != self._policy_stamp:
+            if _stamp(self.policy) != self._policy_stamp:
                 self.reload_policy()
 
     def tool_schema(self, upstream: str, tool: str) -> Mapping[str, Any] | None:
@@ -184,10 +190,14 @@ def _warn_literals(policy: Policy) -> None:
         lint_log.warning("%s", warning)
 
 
-def _stamp(path: Path) -> tuple[float, int] | None:
-    """What tells a changed file: modification time and size (None while it is missing)."""
-    try:
-        status = path.stat()
-    except OSError:
-        return None
-    return (status.st_mtime, status.st_size)
+def _stamp(policy: Policy) -> tuple[tuple[float, int] | None, ...]:
+    """What tells a changed policy: each of its files' modification time and size (None while one is missing)."""
+    stamps: list[tuple[float, int] | None] = []
+    for path in policy_files(policy):
+        try:
+            status = path.stat()
+        except OSError:
+            stamps.append(None)
+            continue
+        stamps.append((status.st_mtime, status.st_size))
+    return tuple(stamps)

@@ -246,6 +246,11 @@ class RedisSessions:
         self._redis = redis_client(config)
         self._ttl = int(config.ttl_s)
 
+    @property
+    def client(self) -> Any:
+        """The Redis client, for another store that lives in the same Redis (the rate limits' buckets)."""
+        return self._redis
+
     @reached
     async def bind(self, session_id: str, identity: Identity) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:

@@ -33,6 +33,12 @@ class FixedGateway:
         hidden = op.name == "secret" or op.kind == "sampling"
         return Decision(not hidden, "fixed", (), "test", outcome="denied" if hidden else "allowed", hidden=hidden)
 
+    async def rate_limited(self, ex: Exchange, op: Operation, decision: Decision) -> Decision:
+        return decision  # no rate limits here
+
+    async def input_asked(self, ex: Exchange, op: Operation) -> None:
+        return None
+
     def server_request_decided(self, ex: Exchange, op: Operation, decision: Decision) -> None:
         self.seen.append(op)
 

@@ -20,11 +20,11 @@ from mcp.shared.exceptions import MCPError
 
 from gateway import cli, create_app
 from gateway.config import ConfigError, load_config
-from gateway.mcp import Operation
+from gateway.mcp import PROTOCOL_KINDS, Operation
 from gateway.policy import Decision, DecisionCache, PolicyError, decide, load_policy
 from gateway.policy.cedar import load_cedar_policy, user_entity
 from gateway.policy.cedar_index import PolicyIndex
-from gateway.policy.cedar_schema import ACTIONS, PROTOCOL_KINDS, base_schema, tool_schema
+from gateway.policy.cedar_schema import ACTIONS, base_schema, tool_schema
 from gateway.policy.cedar_source import read_cedar
 from gateway.policy.explain import explain, operation_for, principal_from
 from gateway.policy.source import reread_policy
@@ -226,10 +226,8 @@ def test_a_schema_beside_the_policy_must_be_the_gateways_own(tmp_path: Path) -> 
 
 def test_the_schema_of_the_actions_follows_the_gateways_method_table() -> None:
     from gateway.mcp import METHODS, SERVER_REQUEST_METHODS
-    from gateway.policy.engine import _ALWAYS
 
-    assert PROTOCOL_KINDS == _ALWAYS
-    decided = {m for m, spec in METHODS.items() if spec.kind not in _ALWAYS}
+    decided = {m for m, spec in METHODS.items() if spec.kind not in PROTOCOL_KINDS}
     assert set(ACTIONS) == decided | {"sampling/createMessage", "elicitation/create", "roots/list"}
     assert set(SERVER_REQUEST_METHODS) - set(ACTIONS) == {"ping"}
     cedarpy.Schema.from_json_str(json.dumps(base_schema()))
@@ -584,3 +582,91 @@ async def test_the_gateway_gives_a_cedar_policy_the_era_and_the_upstream_of_each
         assert refused == (["not-on-files"] if era == "auto" else ["modern-only", "not-on-files"])
     finally:
         gateway.stop()
+
+
+# ---- forbids that cannot be evaluated, answers to the server, and what mode audit_only leaves refused ----------
+
+ERRORING = '''
+@id("grant") permit (principal, action, resource);
+@id("limit, on trial") @mode("audit_only")
+forbid (principal, action == Gateway::Action::"tools/call", resource)
+when { context has arguments && context.arguments has limit && context.arguments.limit > 100 };
+@id("size-cap")
+forbid (principal, action == Gateway::Action::"tools/call", resource)
+when { context has arguments && context.arguments has size && context.arguments.size > 100 };
+'''
+
+
+@pytest.mark.parametrize(("arguments", "outcome", "reason", "would_deny"), [
+    ({"limit": 5}, "allowed", "grant", ""),
+    ({"limit": 500}, "allowed", "grant", "limit, on trial"),
+    # a forbid on trial that cannot be evaluated refuses nothing: what it would have done is recorded
+    ({"limit": "ten"}, "allowed", "grant", "limit, on trial"),
+    ({"size": 500}, "denied", "size-cap", ""),
+    ({"size": "ten"}, "denied", "cedar-error:size-cap", ""),  # an enforced one fails closed
+])
+def test_a_forbid_in_audit_only_that_cannot_be_evaluated_is_recorded_and_an_enforced_one_refuses(
+        tmp_path: Path, arguments: dict[str, Any], outcome: str, reason: str, would_deny: str) -> None:
+    (tmp_path / "p.cedar").write_text(ERRORING)
+    policy = load_policy(tmp_path / "p.cedar")
+    decision = decide(Principal("u", "i"), Operation("tool_call", "tools/call", 1, name="query", arguments=arguments),
+                      policy)
+    assert (decision.outcome, decision.reason, decision.would_deny) == (outcome, reason, would_deny)
+
+
+SAMPLING_RULES = '''
+@id("grant") permit (principal, action, resource);
+@id("sampling, on trial") @mode("audit_only")
+forbid (principal, action == Gateway::Action::"sampling/createMessage", resource) when { principal.subject == "trial" };
+@id("no-sampling") forbid (principal, action == Gateway::Action::"sampling/createMessage", resource)
+when { principal.subject == "barred" };
+'''
+
+
+@pytest.mark.parametrize(("subject", "asked", "answered"), [
+    ("trial", (True, "grant", "sampling, on trial"), (True, "grant")),
+    ("barred", (False, "no-sampling", ""), (False, "input_response:sampling")),
+    ("free", (True, "grant", ""), (True, "grant")),
+])
+def test_an_answer_to_the_server_is_decided_as_the_request_it_answers(
+        tmp_path: Path, subject: str, asked: tuple[bool, str, str], answered: tuple[bool, str]) -> None:
+    (tmp_path / "p.cedar").write_text(SAMPLING_RULES)
+    policy = load_policy(tmp_path / "p.cedar")
+    principal = Principal(subject, "i")
+    request = decide(principal, operation_for("sampling/createMessage"), policy)
+    assert (request.allowed, request.reason, request.would_deny) == asked
+    retry = decide(principal, Operation("tool_call", "tools/call", 1, name="search", input_responses=("sampling",)),
+                   policy)
+    assert (retry.allowed, retry.reason) == answered
+
+
+@pytest.mark.parametrize(("operation", "reason"), [
+    # a string Cedar cannot read (a lone surrogate): no rule refuses it, the request cannot be asked at all
+    (Operation("tool_call", "tools/call", 1, name="echo", arguments={"text": "\ud800"}), "cedar-error:request"),
+    (operation_for("admin/exec"), "unknown_methods:deny"),
+    (Operation("tool_call", "tools/call", 1, name="echo", input_responses=("unknown",)), "input_response:unknown"),
+    (operation_for("resources/read", uri="file:///../etc/passwd"), "uri:'..' climbs above the root"),
+])
+def test_under_a_cedar_policy_in_audit_only_what_cedar_cannot_decide_is_firm_and_refused(
+        tmp_path: Path, operation: Operation, reason: str) -> None:
+    (tmp_path / "p.cedar").write_text(GRANT_ALL)
+    policy = load_cedar_policy(tmp_path / "p.cedar", mode="audit_only")
+    decision = decide(Principal("u", "i"), operation, policy)
+    assert (decision.allowed, decision.reason, decision.would_deny) == (False, reason, "")
+    assert decision.firm
+    shadowed = decide(Principal("u", "i"), operation_for("tools/call", "delete_file"), policy)
+    assert (shadowed.allowed, shadowed.would_deny) == (True, "not-delete")  # a rule's refusal: let through
+
+
+GRANT_ALL = '''
+@id("grant") permit (principal, action, resource);
+@id("not-delete") forbid (principal, action == Gateway::Action::"tools/call", resource == Gateway::Tool::"delete_file");
+'''
+
+
+def test_a_subject_cedar_cannot_hold_is_refused_firmly_not_an_error() -> None:
+    # a JWT's sub may carry a lone surrogate (the stdlib json that reads tokens accepts one); Cedar cannot
+    policy = load_policy(ROOT / "policies" / "default.cedar")
+    decision = decide(Principal("u\ud800", "issuer"), Operation("tool_call", "tools/call", 1, name="search",
+                                                                 arguments={}), policy)
+    assert (decision.allowed, decision.reason, decision.firm) == (False, "cedar-error:request", True)

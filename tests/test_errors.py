@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from gateway import errors
 
-RESULTS = {"allowed", "denied", "auth_failed", "invalid_request", "upstream_error", "error"}
+RESULTS = {"allowed", "denied", "rate_limited", "auth_failed", "invalid_request", "upstream_error", "error"}
 
 
 def test_every_refusal_is_in_the_catalogue_once_with_a_known_audit_result() -> None:

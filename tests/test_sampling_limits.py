@@ -23,11 +23,17 @@ from mcp.server.mcpserver import MCPServer, Resolve, Sample
 from mcp.shared.exceptions import MCPError
 
 from gateway import create_app
+from gateway.config import Sessions, Upstream
 from gateway.errors import StateUnavailable
+from gateway.exchange import Exchange
+from gateway.handles import Handles
 from gateway.jsonrpc import Message
-from gateway.mcp import classify_server_request
-from gateway.policy import Policy, PolicyError, decide, load_policy
+from gateway.mcp import Era, Operation, classify, classify_server_request
+from gateway.metrics import Metrics
+from gateway.policy import Decision, Policy, PolicyError, decide, load_policy
 from gateway.policy.explain import explain, operation_for, principal_from, run_cases
+from gateway.response_rules import ResponseRules
+from gateway.sessions import MemorySessions
 from tests.harness import Deployment, ServerThread, audit_events, deploy, free_port, write_config
 from tests.node_peers import server_everything
 
@@ -43,6 +49,7 @@ TABLE_POLICY: dict[str, Any] = {
         "large": {"permissions": {"can_request_sampling": True}, "sampling": {"max_tokens": 1000, "per_hour": 2}},
         "heir": {"inherits": ["capped"]},
         "own_limits": {"inherits": ["capped"], "sampling": {"max_tokens": 10}},
+        "unmetered": {"inherits": ["capped"], "sampling": {"per_hour": None}},
         "no_grant": {"permissions": {"can_execute_tools": ["*"]}, "sampling": {"max_tokens": 100}},
         "large_then_capped": {"inherits": ["large", "capped"]},
         "capped_then_large": {"inherits": ["capped", "large"]},
@@ -55,6 +62,7 @@ TABLE_POLICY: dict[str, Any] = {
         {"when": {"subject": "duo"}, "roles": ["capped", "large"]},
         {"when": {"subject": "hank"}, "roles": ["heir"]},
         {"when": {"subject": "olive"}, "roles": ["own_limits"]},
+        {"when": {"subject": "ursula"}, "roles": ["unmetered"]},
         {"when": {"subject": "nora"}, "roles": ["no_grant"]},
         {"when": {"subject": "lc"}, "roles": ["large_then_capped"]},
         {"when": {"subject": "cl"}, "roles": ["capped_then_large"]},
@@ -89,7 +97,9 @@ DECISIONS = [
     ("cl", 500, True, "role:capped_then_large:sampling", 5),
     ("cl", 1001, False, "sampling:max_tokens>1000", None),
     ("cu", 5000, True, "role:capped_and_unlimited:sampling", None),  # a parent without limits leaves none
-    ("olive", 10, True, "role:own_limits:sampling", None),  # a role's own limits replace the inherited ones whole
+    ("olive", 10, True, "role:own_limits:sampling", 5),  # its own max_tokens; per_hour inherited
+    ("ursula", 100, True, "role:unmetered:sampling", None),  # per_hour: null clears the inherited count
+    ("ursula", 101, False, "sampling:max_tokens>100", None),  # ... and the inherited cap stays
     ("olive", 50, False, "sampling:max_tokens>10", None),
     ("nora", 50, False, "no-grant:sampling", None),  # limits without the grant grant nothing
     ("nobody", 50, False, "no-role", None),
@@ -387,3 +397,115 @@ async def test_server_everything_asking_over_the_cap_is_refused(tmp_path: Path) 
             ]
         finally:
             server.stop()
+
+
+def test_a_roles_own_sampling_limits_merge_field_by_field_with_the_inherited_ones(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump({
+        "roles": {"agent": {"permissions": {"can_request_sampling": True}, "sampling": {"max_tokens": 100}},
+                  "metered": {"inherits": ["agent"], "sampling": {"per_hour": 5}}},
+        "bindings": [{"when": {"subject": "mo"}, "roles": ["metered"]}],
+    }))
+    policy, metered = load_policy(path), principal_from({"sub": "mo"})
+    over = decide(metered, classify_server_request(sampling_request(100_000)), policy)
+    assert (over.allowed, over.reason) == (False, "sampling:max_tokens>100")  # the inherited cap holds
+    within = decide(metered, classify_server_request(sampling_request(100)), policy)
+    assert (within.allowed, within.reason, within.per_hour) == (True, "role:metered:sampling", 5)  # and its own count
+
+
+# ---- one request, one count: the hourly count of requests shown again ------------------------------------------
+
+SAMPLE = {"method": "sampling/createMessage",
+          "params": {"messages": [{"role": "user", "content": {"type": "text", "text": "hi"}}], "maxTokens": 10}}
+UPSTREAM = Upstream(name="up", path="/mcp")
+
+
+class PolicyGateway:
+    """What `ResponseRules` ask of the gateway, deciding with the exchange's policy; the in-memory session store
+    keeps the count. Each decision on a server request is appended to `decided` as (allowed, reason)."""
+
+    def __init__(self) -> None:
+        self.handles = Handles(MemorySessions(Sessions()), Metrics(), answer_timeout_s=60)
+        self.decided: list[tuple[bool, str]] = []
+
+    def decide(self, ex: Exchange, op: Operation) -> Decision:
+        assert ex.principal is not None and ex.policy is not None
+        return decide(ex.principal, op, ex.policy)
+
+    async def rate_limited(self, ex: Exchange, op: Operation, decision: Decision) -> Decision:
+        return decision  # no rate limit: the hourly count alone is under test
+
+    async def input_asked(self, ex: Exchange, op: Operation) -> None:
+        return None
+
+    def server_request_decided(self, ex: Exchange, op: Operation, decision: Decision) -> None:
+        self.decided.append((decision.allowed, decision.reason))
+
+    def server_request_withheld(self, ex: Exchange, op: Operation) -> None:
+        pass
+
+    async def tools_listed(self, ex: Exchange, result: dict[str, Any]) -> frozenset[str]:
+        return frozenset()
+
+
+@pytest.fixture
+def per_hour_2(tmp_path: Path) -> Policy:
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(limited_policy(per_hour=2)))
+    return load_policy(path)
+
+
+def _rules(gateway: PolicyGateway, policy: Policy, era: Era, method: str, params: dict[str, Any],
+           session_id: str | None = None) -> ResponseRules:
+    """The rules for one forwarded request (id 1) of alice's."""
+    ex = Exchange(UPSTREAM, {"method": "POST", "headers": [], "client": ("127.0.0.1", 1)})
+    ex.principal, ex.policy, ex.era, ex.session_id = principal_from({"sub": "alice", "scope": "mcp:tools"}), \
+        policy, era, session_id
+    message = Message("request", 1, method, params, {"jsonrpc": "2.0", "id": 1, "method": method, "params": params})
+    ex.messages, ex.operations = (message,), (classify(message),)
+    return ResponseRules(ex, [0], gateway)
+
+
+async def _kept(rules: ResponseRules, requests: dict[str, Any]) -> list[str]:
+    """The keys of `requests` an input_required answer to request 1 keeps."""
+    result = {"resultType": "input_required", "status": "input_required", "inputRequests": requests}
+    answered = await rules.result({"jsonrpc": "2.0", "id": 1, "result": result}, result)
+    return list(answered["result"]["inputRequests"]) if "result" in answered else []
+
+
+async def test_a_task_polled_while_it_waits_for_input_is_counted_once_per_input_request(per_hour_2: Policy) -> None:
+    gateway = PolicyGateway()
+
+    def poll(task: str) -> ResponseRules:
+        return _rules(gateway, per_hour_2, "modern", "tasks/get", {"taskId": task})
+
+    for _ in range(3):  # the same request shown on every poll: one count
+        assert await _kept(poll("t1"), {"s1": SAMPLE}) == ["s1"]
+    assert await _kept(poll("t1"), {"s2": SAMPLE}) == ["s2"]  # the task's next request: counted
+    assert await _kept(poll("t2"), {"s1": SAMPLE}) == []  # another task's: the third of the hour, refused
+    assert await _kept(poll("t1"), {"s1": SAMPLE}) == ["s1"]  # passed on before: still not counted again
+    assert gateway.decided == [(True, "role:sampler:sampling")] * 4 + [(False, "sampling:per_hour>2"),
+                                                                       (True, "role:sampler:sampling")]
+
+
+async def test_each_round_of_a_call_asking_the_same_sampling_request_is_counted(per_hour_2: Policy) -> None:
+    gateway = PolicyGateway()
+    calls = [_rules(gateway, per_hour_2, "modern", "tools/call", {"name": "ask", "arguments": {}}) for _ in range(3)]
+    assert [await _kept(rules, {"s1": SAMPLE}) for rules in calls] == [["s1"], ["s1"], []]
+    assert [reason for _, reason in gateway.decided] == ["role:sampler:sampling"] * 2 + ["sampling:per_hour>2"]
+
+
+@pytest.mark.parametrize(("session_id", "passed"), [
+    # request 40 replayed on the session: counted once; 41 and 42 are requests of their own, the second and third
+    ("session-1", [True, True, True, True, False]),
+    (None, [True, True, False, False, False]),  # no session to tell a replay by: every showing is counted
+])
+async def test_a_request_replayed_on_a_legacy_sse_stream_is_counted_once_per_session(
+        per_hour_2: Policy, session_id: str | None, passed: list[bool]) -> None:
+    gateway = PolicyGateway()
+    shown = []
+    for request_id in (40, 40, 40, 41, 42):
+        rules = _rules(gateway, per_hour_2, "legacy", "tools/call", {"name": "ask", "arguments": {}}, session_id)
+        shown.append(await rules.server_request({"jsonrpc": "2.0", "id": request_id, **SAMPLE}))
+    assert shown == passed
+    assert [allowed for allowed, _ in gateway.decided] == passed

@@ -21,9 +21,11 @@ import yaml
 from mcp.shared.exceptions import MCPError
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.cli_tools import tool_rows
 from gateway.mcp import Operation
 from gateway.policy import Policy, PolicyError, decide, load_policy
 from gateway.policy.explain import explain, operation_for, principal_from, run_cases
+from gateway.policy.model import LEVEL
 from tests.harness import DEFAULT_POLICY, ROOT, Deployment, deploy
 from tests.test_approvals import _client
 from tests.test_bad_input import BASE_HEADERS, modern
@@ -368,3 +370,124 @@ def test_explain_names_the_refusal_a_shadow_lets_through(policies: dict[str, Pol
         "would deny: no-grant:tool (a rule in mode audit_only: recorded, not enforced)"]
     granted = explain(policies["whole"], principal_from(READER), operation_for("tools/call", "search")).lines()
     assert not any(line.startswith("would deny:") for line in granted)
+
+
+# ---- what a shadow leaves enforced: a tool's own hints, approvals, the gateway's own refusals ------------------
+
+HINTED = """
+roles:
+  reader:
+    security_level: standard
+    permissions: {can_execute_tools: ["*"]}
+bindings:
+  - {when: {scope: "mcp:read"}, roles: [reader]}
+tools:
+  "wipe_*": {security_level: standard, capabilities: ["filesystem:write"], mode: audit_only}
+"""
+WIPER = {"scope": "mcp:read"}
+
+
+@pytest.mark.parametrize(("hinted", "outcome", "reason", "would_deny"), [
+    # destructiveHint asks for high: a rule in shadow names the tool, but enforces nothing, that hint included
+    (LEVEL["high"], "denied", "level:role<high", ""),
+    (0, "allowed", "role:reader:tool", "capability:filesystem:write"),  # the shadow rule still records its own
+])
+def test_a_rule_in_shadow_leaves_the_level_a_tools_annotations_ask_for_enforced(
+        tmp_path: Path, hinted: int, outcome: str, reason: str, would_deny: str) -> None:
+    policy = load_policy(_write(tmp_path, HINTED))
+    decision = decide(principal_from(WIPER), operation_for("tools/call", "wipe_disk"), policy, hinted_level=hinted)
+    assert (decision.outcome, decision.reason, decision.would_deny) == (outcome, reason, would_deny)
+
+
+def test_tools_list_shows_the_level_a_tools_annotations_ask_for_when_only_a_shadow_rule_names_it(
+        tmp_path: Path) -> None:
+    policy = load_policy(_write(tmp_path, HINTED))
+    [row] = tool_rows(policy, "demo", [{"name": "wipe_disk", "annotations": {"destructiveHint": True}}])
+    assert (row["tool"], row["level"], row["hints"]) == ("wipe_disk", "high", ["destructiveHint"])
+
+
+APPROVING = """
+mode: audit_only
+roles:
+  admin: {permissions: {can_execute_tools: ["*"]}}
+  reader: {permissions: {can_execute_tools: [search]}}
+bindings:
+  - {when: {scope: "mcp:admin"}, roles: [admin]}
+  - {when: {scope: "mcp:tools"}, roles: [reader]}
+tools:
+  transfer_funds: {approval: {approvers: ["role:admin"]}}
+"""
+
+
+@pytest.mark.parametrize(("claims", "tool", "reason", "would_deny", "approvers"), [
+    # let through in shadow, the call still waits for a person: approvals are not shadowed
+    (READER, "transfer_funds", "mode:audit_only", "no-grant:tool", ("role:admin",)),
+    ({"scope": "mcp:admin"}, "transfer_funds", "role:admin:tool", "", ("role:admin",)),
+    (READER, "search", "role:reader:tool", "", None),
+])
+def test_under_a_policy_in_audit_only_a_shadowed_call_still_needs_the_approval_its_tool_asks_for(
+        tmp_path: Path, claims: dict[str, Any], tool: str, reason: str, would_deny: str,
+        approvers: tuple[str, ...] | None) -> None:
+    policy = load_policy(_write(tmp_path, APPROVING))
+    decision = decide(principal_from(claims), operation_for("tools/call", tool), policy)
+    assert (decision.allowed, decision.reason, decision.would_deny) == (True, reason, would_deny)
+    assert (decision.approval.approvers if decision.approval is not None else None) == approvers
+
+
+SHADOW_APPROVING: dict[str, Any] = {**SHADOW_POLICY, "tools": {"delete_file": {"approval": {
+    "approvers": ["role:operator"], "mode": "retry", "timeout_s": 60}}}}
+
+
+async def test_a_call_let_through_in_shadow_is_held_for_its_approval_and_never_reaches_the_upstream(
+        tmp_path: Path) -> None:
+    gateway = deploy("proxy", tmp_path, policy=SHADOW_APPROVING)
+    try:
+        async with _client(gateway, "auto", gateway.token("rae")) as reader:
+            with pytest.raises(MCPError) as held:
+                await reader.call_tool("delete_file", {"path": "/srv/x"})
+            assert held.value.error.code == -32014 and held.value.error.data["approval_id"]
+        assert gateway.recorder.tool_calls("delete_file") == []
+        [event] = _tool_events(gateway, "delete_file")
+        assert (event["result"], event["would_deny"], event["approval_required"], event["approval_granted"]) == (
+            "denied", "no-grant:tool", 1, None)
+    finally:
+        gateway.stop()
+
+
+SEARCH_ANSWERING = Operation("tool_call", "tools/call", 1, "search", input_responses=("sampling",))
+UNKNOWN_ANSWER = Operation("tool_call", "tools/call", 1, "search", input_responses=("unknown",))
+
+FIRM: list[tuple[str, dict[str, Any], Operation, bool, str, str, bool]] = [
+    # (case, claims, operation, allowed, reason, would_deny, firm)
+    ("a method the gateway does not know", READER, operation_for("admin/exec"), False, "unknown_methods:deny", "",
+     True),
+    ("an answer of no kind the gateway knows", READER, UNKNOWN_ANSWER, False, "input_response:unknown", "", True),
+    ("an answer the caller may not give: the policy's rule, shadowed", READER, SEARCH_ANSWERING, True,
+     "mode:audit_only", "input_response:sampling", False),
+    ("an unreadable URI", READER, operation_for("resources/read", uri="file:///srv/docs/../../../etc/passwd"), False,
+     "uri:'..' climbs above the root", "", True),
+]
+
+
+@pytest.mark.parametrize(("case", "claims", "operation", "allowed", "reason", "would_deny", "firm"), FIRM,
+                         ids=[row[0] for row in FIRM])
+def test_under_a_policy_in_audit_only_the_gateways_own_refusals_are_firm_and_still_refused(
+        policies: dict[str, Policy], case: str, claims: dict[str, Any], operation: Operation, allowed: bool,
+        reason: str, would_deny: str, firm: bool) -> None:
+    decision = decide(principal_from(claims), operation, policies["whole"])
+    assert (decision.allowed, decision.reason, decision.would_deny) == (allowed, reason, would_deny)
+    assert decision.firm == firm
+
+
+@pytest.mark.parametrize("mode", ["proxy", "middleware"])
+def test_under_a_policy_in_audit_only_an_unknown_method_is_refused_and_never_reaches_the_upstream(
+        tmp_path: Path, mode: str) -> None:
+    gateway = deploy(mode, tmp_path, policy=SHADOW_POLICY)
+    try:
+        refused = _post(gateway, "admin/exec", {"command": "rm -rf /"}, gateway.token("rae"))
+        assert refused.status_code == 404 and refused.json()["error"]["code"] == -32601
+        assert gateway.recorder.requests == []
+        assert [(e["operation"], e["result"], e["rule"], e["would_deny"]) for e in gateway.audit_events()] == [
+            ("admin/exec", "denied", "unknown_methods:deny", None)]
+    finally:
+        gateway.stop()

@@ -393,3 +393,39 @@ def test_policy_explain_decides_on_the_upstream_it_names(tmp_path: Path, capsys:
         assert cli.main(asked + (["--upstream", upstream] if upstream else [])) == 0
         lines = capsys.readouterr().out.splitlines()
         assert (lines[0], lines[2]) == (f"decision:   {decision}", f"rule:       {rule}"), upstream
+
+
+INHERITING: dict[str, Any] = {
+    "roles": {
+        "base": {"permissions": {"can_execute_tools": ["*"]}},
+        "intern": {"inherits": ["base"], "permissions": {"can_execute_tools": ["search"]}},
+        "heir": {"inherits": ["base"]},
+        "dba": {"permissions": {"can_read_resources": ["file:///srv/db/**"]}},
+        "junior_dba": {"inherits": ["dba"]},
+        "reporting": {"inherits": ["dba"], "permissions": {"can_execute_tools": ["search"]}},
+    },
+    "bindings": [{"when": {"scope": name}, "roles": [name]}
+                 for name in ("base", "intern", "heir", "dba", "junior_dba", "reporting")],
+    "upstreams": {"db": {"roles": {"base": {"can_execute_tools": ["drop_table"]},
+                                   "dba": {"can_execute_tools": ["vacuum"]}}}},
+}
+
+
+@pytest.mark.parametrize(("role", "tool", "on_db", "elsewhere"), [
+    # a role that sets its own list at the top level inherits none of its parents': on an upstream neither
+    ("intern", "drop_table", "no-grant:tool", "no-grant:tool"),
+    ("intern", "search", "role:intern:tool", "role:intern:tool"),
+    ("reporting", "vacuum", "no-grant:tool", "no-grant:tool"),
+    # one that sets none inherits them, the upstream's grants with the top level's
+    ("heir", "drop_table", "role:heir:tool", "role:heir:tool"),
+    ("junior_dba", "vacuum", "role:junior_dba:tool", "no-grant:tool"),
+    ("dba", "vacuum", "role:dba:tool", "no-grant:tool"),
+])
+def test_a_role_inherits_its_parents_grants_on_an_upstream_as_it_does_at_the_top_level(
+        tmp_path: Path, role: str, tool: str, on_db: str, elsewhere: str) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(INHERITING))
+    policy = load_policy(path)
+    assert _decided(policy, "db", {"scope": role}, "tools/call", tool)[1] == on_db
+    assert _decided(policy, "other", {"scope": role}, "tools/call", tool)[1] == elsewhere
+    assert _decided(policy, None, {"scope": role}, "tools/call", tool)[1] == elsewhere

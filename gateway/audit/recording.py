@@ -6,7 +6,8 @@ pure functions: one event per message with its own decision and result
 for each server->client request the gateway decided (`server_request_event`).
 `Recorder` is the edge that stamps each event with the exchange (who, from
 where, which upstream, how long), queues it on the audit log, updates the
-request and decision metrics and writes the log line.
+request and decision metrics, writes the log line and tells the request's trace
+its outcome (`tracing`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING
 from gateway.audit.event import AuditEvent, redact_arguments
 from gateway.audit.writer import AuditLog, AuditUnavailable
 from gateway.metrics import Metrics, method_label
+from gateway.ratelimit.gate import STORE_UNAVAILABLE
 
 if TYPE_CHECKING:
     from gateway.config import Audit
@@ -39,7 +41,7 @@ def message_events(ex: Exchange, status: int, upstream_error: str | None,
             continue
         verdict = ex.approvals.get(index)
         if not decision.allowed:
-            result, reason = "denied", decision.reason
+            result, reason = _refused(decision), decision.reason
         elif upstream_error is not None or status in (502, 504):
             result, reason = "upstream_error", f"upstream:{upstream_error or status}"
         elif status >= 500:
@@ -88,7 +90,7 @@ def refusal_event(ex: Exchange, refusal: GatewayRefusal) -> AuditEvent:
 def server_request_event(op: Operation, decision: Decision) -> AuditEvent:
     """A request from the server to the client (sampling, elicitation, roots) is a decision too."""
     return AuditEvent(
-        result="allowed" if decision.allowed else "denied",
+        result="allowed" if decision.allowed else _refused(decision),
         reason=decision.reason,
         operation=op.method,
         request_id=_id_text(op.request_id),
@@ -109,23 +111,33 @@ class Recorder:
 
     def exchange(self, ex: Exchange, status: int, upstream_error: str | None = None) -> None:
         """Every message of a request that reached the decision, once its answer's status is known."""
-        metrics, named = self._metrics, ex.policy.named_tools if ex.policy is not None else frozenset()
-        for op, decision in zip(ex.operations, ex.decisions, strict=False):
-            if op is not None and decision is not None:
-                tool = (op.name if op.name in named else "other") if op.kind == "tool_call" else ""
-                if decision.would_deny:
-                    metrics.child(metrics.decisions, "would_deny", decision.would_deny, tool).inc()
-                metrics.child(metrics.decisions, "allowed" if decision.allowed else decision.outcome,
-                              decision.reason, tool).inc()
-        for op, event in message_events(ex, status, upstream_error, self._config):
-            self.record(ex, event, "notification" if op.kind == "notification" else op.method)
+        with ex.trace.span("audit"):
+            for op, decision in zip(ex.operations, ex.decisions, strict=False):
+                if op is not None and decision is not None:
+                    self._decided(ex, op, decision)
+            for op, event in message_events(ex, status, upstream_error, self._config):
+                self.record(ex, event, "notification" if op.kind == "notification" else op.method)
+        ex.trace.answered(ex, status, upstream_error=upstream_error)
 
     def refused(self, ex: Exchange, refusal: GatewayRefusal) -> None:
-        event = refusal_event(ex, refusal)
-        self.record(ex, event, event.operation)
+        with ex.trace.span("audit"):
+            event = refusal_event(ex, refusal)
+            self.record(ex, event, event.operation)
+        ex.trace.answered(ex, refusal.refusal.http_status, refusal=refusal)
 
     def server_request(self, ex: Exchange, op: Operation, decision: Decision) -> None:
+        self._decided(ex, op, decision)
         self.record(ex, server_request_event(op, decision), op.method)
+
+    def _decided(self, ex: Exchange, op: Operation, decision: Decision) -> None:
+        """The decisions metric: by result and rule (and, under mode audit_only, the refusal it would have been),
+        and by tool when the policy names the tool."""
+        metrics, named = self._metrics, ex.policy.named_tools if ex.policy is not None else frozenset()
+        tool = (op.name if op.name in named else "other") if op.kind == "tool_call" else ""
+        if decision.would_deny:
+            metrics.child(metrics.decisions, "would_deny", decision.would_deny, tool).inc()
+        metrics.child(metrics.decisions, "allowed" if decision.allowed else decision.outcome, decision.reason,
+                      tool).inc()
 
     def record(self, ex: Exchange, event: AuditEvent, method: str) -> None:
         elapsed = time.perf_counter() - ex.started
@@ -139,8 +151,6 @@ class Recorder:
         event.source_ip = ex.source_ip
         event.protocol_version = ex.protocol_version
         event.http_method = ex.http_method
-        if event.policy_version is None and ex.policy is not None:
-            event.policy_version = ex.policy.version
         metrics = self._metrics
         metrics.child(metrics.requests, ex.upstream.name, method_label(method), event.result).inc()
         metrics.child(metrics.request_seconds, ex.upstream.name).observe(elapsed)
@@ -156,6 +166,13 @@ class Recorder:
                 "client_id": event.client_id, "duration_ms": event.duration_ms, "source_ip": event.source_ip,
                 **({"would_deny": event.would_deny} if event.would_deny else {}),
             })
+
+
+def _refused(decision: Decision) -> str:
+    """The `result` of a refused message: rate_limited, error (what could not be counted), or denied."""
+    if decision.reason == STORE_UNAVAILABLE:
+        return "error"  # as every other refusal for a shared store out of reach
+    return "rate_limited" if decision.outcome == "rate_limited" else "denied"
 
 
 def _method_of(ex: Exchange) -> str:

@@ -295,6 +295,7 @@ class PostgresSink:
         self._table = table
         self._conn: Any = None
         self._last = GENESIS
+        self._unsure = False  # the last write failed after it was sent: it may have committed all the same
 
     async def _connection(self) -> Any:
         import asyncpg  # type: ignore[import-untyped]  # no stubs published
@@ -307,17 +308,21 @@ class PostgresSink:
         conn = await self._connection()
         columns = ", ".join(f"{c} {_PG_TYPES.get(c, 'text')}" + (" UNIQUE NOT NULL" if c == "id" else "")
                             for c in _SQL_COLUMNS)
-        await conn.execute(f"CREATE TABLE IF NOT EXISTS {self._table} (seq bigserial PRIMARY KEY, {columns})")
-        await conn.execute(f"CREATE INDEX IF NOT EXISTS {self._table}_time ON {self._table} (timestamp)")
-        # Only for a missing column: ALTER TABLE locks the table against readers even when it changes nothing.
-        # regclass resolves the name as the statements above do (search_path, unquoted case folding).
-        have = {row["attname"] for row in await conn.fetch(
-            "SELECT attname FROM pg_attribute WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped",
-            self._table)}
-        for column in _SQL_COLUMNS:
-            if column not in have:
-                await conn.execute(f"ALTER TABLE {self._table} ADD COLUMN IF NOT EXISTS {column} "
-                                   f"{_PG_TYPES.get(column, 'text')}")
+        async with conn.transaction():
+            # Replicas starting at once on a new table: one creates it, the others then find it. IF NOT EXISTS
+            # alone does not hold against a concurrent CREATE (a duplicate key in pg_class: the open fails).
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", self._table)
+            await conn.execute(f"CREATE TABLE IF NOT EXISTS {self._table} (seq bigserial PRIMARY KEY, {columns})")
+            await conn.execute(f"CREATE INDEX IF NOT EXISTS {self._table}_time ON {self._table} (timestamp)")
+            # Only for a missing column: ALTER TABLE locks the table against readers even when it changes
+            # nothing. regclass resolves the name as the statements above do (search_path, unquoted case folding).
+            have = {row["attname"] for row in await conn.fetch(
+                "SELECT attname FROM pg_attribute WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped",
+                self._table)}
+            for column in _SQL_COLUMNS:
+                if column not in have:
+                    await conn.execute(f"ALTER TABLE {self._table} ADD COLUMN IF NOT EXISTS {column} "
+                                       f"{_PG_TYPES.get(column, 'text')}")
         last = await conn.fetchval(f"SELECT hash FROM {self._table} ORDER BY seq DESC LIMIT 1")
         self._last = last or GENESIS
 
@@ -325,14 +330,21 @@ class PostgresSink:
         sealed = seal(events, self._last, key)
         try:
             conn = await self._connection()
-            async with conn.transaction():
-                await conn.copy_records_to_table(self._table, records=[_row(s) for s in sealed],
-                                                 columns=list(_SQL_COLUMNS))
+            # A connection lost after COMMIT went out leaves the batch committed or not, and the writer tries the
+            # same batch again: if it is there (whole: one transaction), it is written; a second COPY would fail
+            # on its ids at every retry, and the sink would never recover.
+            if not (self._unsure and await conn.fetchval(f"SELECT 1 FROM {self._table} WHERE id = $1 AND hash = $2",
+                                                         sealed[-1].event.id, sealed[-1].hash)):
+                async with conn.transaction():
+                    await conn.copy_records_to_table(self._table, records=[_row(s) for s in sealed],
+                                                     columns=list(_SQL_COLUMNS))
         except Exception:
+            self._unsure = True
             if self._conn is not None and not self._conn.is_closed():
                 await self._conn.close()
             self._conn = None
             raise
+        self._unsure = False
         self._last = sealed[-1].hash
 
     async def close(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,7 +74,12 @@ def load_signing_key(path: Path) -> SigningKey:
 
 
 def load_or_create_signing_key(path: Path) -> SigningKey:
-    """Read the PEM key at `path`, or create one there readable by the owner only."""
+    """Read the PEM key at `path`, or create one there readable by the owner only.
+
+    A new key is written whole to a private file beside `path` and then linked into place, which fails if
+    `path` exists: of replicas starting at once on a new config, exactly one key is kept and every one reads
+    that one, never a file still being written (nor fails on the file another just created).
+    """
     if path.exists():
         return load_signing_key(path)
     private = ec.generate_private_key(ec.SECP256R1())
@@ -81,7 +87,16 @@ def load_or_create_signing_key(path: Path) -> SigningKey:
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(pem)
+    draft = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(pem)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.link(draft, path)
+    except FileExistsError:
+        return load_signing_key(path)  # another process's key is in place: it is the one everyone uses
+    finally:
+        draft.unlink(missing_ok=True)
     return SigningKey(private, _thumbprint(private.public_key()))

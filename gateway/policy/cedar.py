@@ -33,9 +33,9 @@ from typing import Any, Literal
 
 import cedarpy
 
-from gateway.mcp import Operation
+from gateway.mcp import PROTOCOL_KINDS, Operation
 from gateway.policy.cedar_index import PolicyIndex
-from gateway.policy.cedar_schema import ACTIONS, NAMESPACE, PROTOCOL_KINDS
+from gateway.policy.cedar_schema import ACTIONS, NAMESPACE
 from gateway.policy.cedar_source import CedarSource, Rule, read_cedar
 from gateway.policy.engine import Decision, shadowed
 from gateway.policy.globs import GlobIndex
@@ -112,19 +112,20 @@ class CedarEngine(PolicyEngine):
         if kind in PROTOCOL_KINDS:
             return result(True, f"protocol:{kind}")
         if kind == "unknown":
-            return result(self._unknown_methods == "allow", f"unknown_methods:{self._unknown_methods}")
-        for answered in operation.input_responses:
+            return result(self._unknown_methods == "allow", f"unknown_methods:{self._unknown_methods}", firm=True)
+        for answered in operation.input_responses:  # decided as the server's request they answer would be
             action = _KIND_ACTIONS.get(answered) if answered in ("sampling", "elicitation", "roots_list") else None
-            if action is None or not self._answer(principal, action, _SERVER,
-                                                  {"hinted_level": 0, "era": era, "upstream": upstream}).permits:
+            if action is None:
+                return result(False, f"input_response:{answered}", firm=True)
+            if not self.decide(principal, Operation(answered, action), 0, era, upstream).allowed:
                 return result(False, f"input_response:{answered}")
         action = _action(operation)
         if action is None:
-            return result(False, f"unhandled:{kind}")
+            return result(False, f"unhandled:{kind}", firm=True)
         try:
             resource = _resource(operation)
         except InvalidUri as exc:
-            return result(False, f"uri:{exc}", hidden=True)
+            return result(False, f"uri:{exc}", hidden=True, firm=True)
         uri = resource[1] if resource[0] == "Resource" else None
         context: dict[str, Any] = {"hinted_level": hinted_level if action == "tools/call" else 0, "era": era,
                                    "upstream": upstream}
@@ -134,8 +135,8 @@ class CedarEngine(PolicyEngine):
         what = _TARGET_WORD.get(resource[0]) or (
             ("list_resources" if operation.method in _LISTING_RESOURCES else "list") if kind == "list" else kind)
         hidden = resource[0] in _TARGET_WORD
-        if answer.error is not None:
-            return result(False, answer.error, detail=answer.detail, uri=uri)
+        if answer.error is not None:  # a request Cedar cannot evaluate at all is no rule's refusal: firm
+            return result(False, answer.error, detail=answer.detail, uri=uri, firm=answer.error == _REQUEST_ERROR)
         if answer.permits:
             return result(True, answer.permits[0].id, uri=uri)
         if not answer.forbids:
@@ -161,9 +162,12 @@ class CedarEngine(PolicyEngine):
         sets = list(self._index.sets(action, *resource, firm_only=firm_only))
         if not sets:
             return _Answer((), ())
-        entities = self._principal_entities(principal)
-        if resource[0] != "Server":
-            entities = entities.with_added_json_str(json.dumps([_resource_entity(resource)]))
+        try:
+            entities = self._principal_entities(principal)
+            if resource[0] != "Server":
+                entities = entities.with_added_json_str(json.dumps([_resource_entity(resource)]))
+        except ValueError as exc:  # a name Cedar cannot hold (a lone surrogate in a token's sub): nothing to decide
+            return _Answer((), (), _REQUEST_ERROR, str(exc))
         request = {"principal": {"type": f"{NAMESPACE}::User", "id": principal.subject},
                    "action": {"type": f"{NAMESPACE}::Action", "id": action},
                    "resource": {"type": f"{NAMESPACE}::{resource[0]}", "id": resource[1]}, "context": context}
@@ -172,11 +176,13 @@ class CedarEngine(PolicyEngine):
         for policy_set in sets:
             answer = cedarpy.is_authorized(request, policy_set, entities)
             if answer.decision is cedarpy.Decision.NoDecision:
-                return _Answer((), (), "cedar-error:request", "; ".join(answer.diagnostics.errors))
+                return _Answer((), (), _REQUEST_ERROR, "; ".join(answer.diagnostics.errors))
             for error in answer.diagnostics.errors:
                 found = _ERRORED.search(error)
                 rule = self._rules.get(found.group(1)) if found else None
-                if rule is not None and rule.forbid:
+                if rule is not None and rule.forbid and rule.audit_only:
+                    forbids.append(rule)  # in shadow: what it would have done is recorded, nothing refused
+                elif rule is not None and rule.forbid:
                     return _Answer((), (), f"cedar-error:{rule.id}", error)
             holding = [self._rules[pid] for pid in answer.diagnostics.reasons]
             (permits if answer.allowed else forbids).extend(holding)
@@ -193,6 +199,9 @@ class CedarEngine(PolicyEngine):
             self._principals.clear()
         self._principals[id(principal)] = (principal, entities)
         return entities
+
+
+_REQUEST_ERROR = "cedar-error:request"
 
 
 def _in_file(rule: Rule) -> int:

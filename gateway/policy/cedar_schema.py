@@ -35,14 +35,10 @@ from typing import Any, Final
 
 import cedarpy
 
-from gateway.mcp import METHODS, SERVER_REQUEST_METHODS, OperationKind
+from gateway.mcp import METHODS, PROTOCOL_KINDS, SERVER_REQUEST_METHODS, OperationKind
 
 NAMESPACE: Final = "Gateway"
 
-# Protocol plumbing is open to every authenticated caller without asking the policy, as under a YAML policy.
-PROTOCOL_KINDS: Final = frozenset({
-    "initialize", "discover", "ping", "notification", "client_response", "task", "stream_open", "session_end",
-})
 _TARGETS: Final[Mapping[str, tuple[str, ...]]] = {
     "tool_call": ("Tool",),
     "prompt_get": ("Prompt",),

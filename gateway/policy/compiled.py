@@ -104,6 +104,15 @@ class Requirements:
         asking = [rule_id for rule_id in self.index.matching(value) if self.rules[rule_id].approval is not None]
         return self.rules[min(asking)].approval if asking else None
 
+    def required_level(self, value: str, hinted_level: int, enforced_only: bool = False) -> int:
+        """The level `value` requires: its rules' (in mode enforce only, if so asked), or `hinted_level` (what a
+        tool's annotations ask for) when none of those rules names it and the hint is higher."""
+        level, _ = self.of(value, enforced_only)
+        if hinted_level > level and not any(not enforced_only or self.rules[rule_id].mode != "audit_only"
+                                            for rule_id in self.index.matching(value)):
+            return hinted_level
+        return level
+
     def of(self, value: str, enforced_only: bool = False) -> tuple[int, frozenset[str]]:
         """The level and capabilities `value` requires (by the rules in mode enforce only, if so asked)."""
         if not self.index:

@@ -31,17 +31,14 @@ from dataclasses import dataclass, fields, replace
 from operator import attrgetter
 from typing import Any, Literal
 
-from gateway.mcp import Operation
+from gateway.mcp import PROTOCOL_KINDS, Operation
 from gateway.policy.globs import GlobIndex
 from gateway.policy.model import LEVEL, LEVELS, ApprovalSpec, Condition, Policy, Requirements, Role
 from gateway.policy.uri import InvalidUri, normalize_uri, template_probe
 from gateway.principal import Principal
 
-Outcome = Literal["allowed", "denied", "step_up", "insufficient_scope"]
+Outcome = Literal["allowed", "denied", "step_up", "insufficient_scope", "rate_limited"]
 
-_ALWAYS = frozenset({
-    "initialize", "discover", "ping", "notification", "client_response", "task", "stream_open", "session_end",
-})
 _ANY_ROLE = frozenset({"logging_set_level", "subscriptions_listen"})
 _CLIENT_FEATURE: dict[str, Callable[[Role], bool]] = {
     "sampling": lambda r: r.can_request_sampling,
@@ -73,9 +70,13 @@ class Decision:
     uri: str | None = None  # the normalised URI the decision was taken on
     approval: ApprovalSpec | None = None  # an allowed tool call that a person must approve before it is forwarded
     per_hour: int | None = None  # an allowed sampling request: how many a principal may pass on in an hour
+    retry_after_s: int | None = None  # rate_limited: when the rule that refused it has a token again
     detail: str = ""  # why, in words, beyond `reason` (which argument broke which constraint), for explain
     # under `mode: audit_only` (the policy's or a rule's): the refusal this allowed decision would have been
     would_deny: str = ""
+    # a refusal that is the gateway's own reading, no rule of the policy (a URI it cannot read safely, a method or
+    # an answer it does not know): refused in mode audit_only too, since nothing unclassified is forwarded
+    firm: bool = False
 
     @property
     def visible(self) -> bool:
@@ -141,15 +142,23 @@ def decide(principal: Principal, operation: Operation, policy: Policy, hinted_le
     are its view `Policy.for_upstream`, a Cedar policy reads both from its context.
 
     Under `mode: audit_only` a refusal comes back allowed, with the refusal in `would_deny`: a policy rolled
-    out in shadow is recorded, never enforced. A URI the gateway cannot read safely (`..` above the root, an
-    encoded slash) is refused in either mode: that is no rule of the policy but the gateway's own reading."""
+    out in shadow is recorded, never enforced. A `firm` refusal (a URI the gateway cannot read safely, a method
+    it does not know) is refused in either mode: that is no rule of the policy but the gateway's own reading.
+    A tool call let through in shadow still needs the approval its rules ask for: approvals are not shadowed."""
     if policy.engine is not None:
         decision = policy.engine.decide(principal, operation, hinted_level, era, upstream)
     else:
         decision = _decide_rules(principal, operation, policy, hinted_level)
-    if decision.allowed or policy.mode == "enforce" or decision.reason.startswith("uri:"):
+    if decision.allowed or policy.mode == "enforce" or decision.firm:
         return decision
-    return shadowed(replace(decision, reason="mode:audit_only"), decision)
+    approval = policy.tools.approval(operation.name or "") if operation.method == "tools/call" else None
+    return shadowed(replace(decision, reason="mode:audit_only", approval=approval), decision)
+
+
+def refused_in_mode(policy: Policy, allowed: Decision, refusal: Decision) -> Decision:
+    """`refusal` of what `allowed` let through, found after the decision (a count used up): refused, or under the
+    policy's `mode: audit_only` let through as would_deny."""
+    return shadowed(allowed, refusal) if policy.mode == "audit_only" and not refusal.firm else refusal
 
 
 def shadowed(allowed: Decision, refusal: Decision) -> Decision:
@@ -168,16 +177,16 @@ def _decide_rules(principal: Principal, operation: Operation, policy: Policy, hi
         outcome = "allowed" if allowed else extra.pop("outcome", "denied")
         return Decision(allowed, reason, roles, policy.version, outcome, **extra)  # type: ignore[arg-type]
 
-    if kind in _ALWAYS:
+    if kind in PROTOCOL_KINDS:
         return result(True, f"protocol:{kind}")
     if kind == "unknown":
-        return result(policy.unknown_methods == "allow", f"unknown_methods:{policy.unknown_methods}")
+        return result(policy.unknown_methods == "allow", f"unknown_methods:{policy.unknown_methods}", firm=True)
     if not held:
         return result(False, "no-role", hidden=kind in ("tool_call", "prompt_get", "resource_read"))
     for answered in operation.input_responses:
         grants = _CLIENT_FEATURE.get(answered)
         if grants is None or not any(grants(role) for role in held):
-            return result(False, f"input_response:{answered}")
+            return result(False, f"input_response:{answered}", firm=grants is None)
     if kind in _ANY_ROLE:
         return result(True, f"role:{roles[0]}:{kind}")
     if kind == "sampling":
@@ -208,13 +217,13 @@ def _decide_rules(principal: Principal, operation: Operation, policy: Policy, hi
         try:
             uri = normalize_uri(raw)
         except InvalidUri as exc:
-            return result(False, f"uri:{exc}", hidden=True)
+            return result(False, f"uri:{exc}", hidden=True, firm=True)
         decision = _decide_target(principal, policy, held, result, uri, "resource", lambda r: r.resources,
                                   policy.resources)
         return _with_uri(decision, uri)
     if kind == "completion":
         return result(True, f"role:{roles[0]}:completion")
-    return result(False, f"unhandled:{kind}")
+    return result(False, f"unhandled:{kind}", firm=True)
 
 
 # Every field of an operation is part of the cache key but those `decide` does not read: a field added to
@@ -318,9 +327,8 @@ def _decide_target(
                               hinted_level, rules="all")
         return full if full.allowed else shadowed(enforced, full)
     enforced_only = rules == "enforced"
-    level, capabilities = requirements.of(value, enforced_only)
-    if hinted_level > level and not requirements.index.matches(value):
-        level = hinted_level
+    _, capabilities = requirements.of(value, enforced_only)
+    level = requirements.required_level(value, hinted_level, enforced_only)
     granting = [role for role in held if index_of(role).matches(value)]
     if arguments is not _NOT_CALLING and granting and policy.constrained_tools.matches(value):
         violation = requirements.argument_violation(value, arguments, enforced_only)

@@ -1,9 +1,11 @@
-"""Policy lint: what a policy says held against what an upstream offers. Pure: values in, problems out.
+"""Policy lint: what a policy says held against what an upstream offers, and names that will not match as meant.
+Pure: values in, problems out, each as `FILE: key.path: why`, the form every other policy problem takes.
 
-Owns `schema_lint`: for a tool as an upstream lists it, every set of argument constraints that applies to it
-(on the tool, and in each role's grants) checked against its `inputSchema` (`constraint_schema`), each problem
-as `FILE: key.path: why`, the form every other policy problem takes. The gateway runs it when it sees a tool
-listed (and logs what it finds); `mcp-gateway policy lint` prints it.
+Owns `schema_lint` (for a tool as an upstream lists it, every set of argument constraints that applies to it,
+on the tool and in each role's grants, checked against its `inputSchema` by `constraint_schema`; the gateway
+runs it when it sees a tool listed and logs what it finds), `ambiguity_lint` (a grant at the top level whose
+pattern matches tools of several upstreams) and `literal_lint` (a name that looks like a shell pattern but is
+matched literally; logged at load too). `mcp-gateway policy lint` prints all three.
 """
 
 from __future__ import annotations

@@ -94,8 +94,16 @@ def _merge(name: str, specs: Mapping[str, RoleSpec], trail: tuple[str, ...] = ()
     merged["capabilities"] |= set(spec.capabilities)
     merged["permissions"].update({k: v for k in PermissionSpec.model_fields
                                   if (v := getattr(spec.permissions, k)) is not None})
-    merged["sampling"] = spec.sampling if spec.sampling is not None else _most_generous(sampling)
+    merged["sampling"] = _own_over(spec.sampling, _most_generous(sampling))
     return merged
+
+
+def _own_over(own: SamplingSpec | None, inherited: SamplingSpec | None) -> SamplingSpec | None:
+    """A role's sampling limits: each it sets itself, else the inherited one (a limit set to null: none)."""
+    if own is None or inherited is None:
+        return own or inherited
+    return SamplingSpec(**{name: getattr(own if name in own.model_fields_set else inherited, name)
+                           for name in SamplingSpec.model_fields})
 
 
 def _most_generous(limits: list[SamplingSpec | None]) -> SamplingSpec | None:
@@ -129,24 +137,22 @@ def _requirements(*rule_sets: Mapping[str, Requirement]) -> Requirements:
 
 
 def _upstream_grants(spec: PolicySpec, upstream: str | None, role: str) -> dict[str, tuple[Any, ...]]:
-    """What `role` may use on `upstream` only: its own grants in `upstreams.NAME.roles` and those of every role
-    it inherits."""
+    """What `role` may use on `upstream` only: its own grants in `upstreams.NAME.roles`, and for each list the
+    role does not set itself at the top level, those of the roles it inherits (as its top-level lists are)."""
     section = spec.upstreams.get(upstream) if upstream is not None else None
     if section is None:
         return {}
-    found: dict[str, dict[str, Any]] = {}
-    pending, seen = [role], set[str]()
-    while pending:
-        name = pending.pop(0)
-        if name in seen:
-            continue
-        seen.add(name)
-        grants = section.roles.get(name)
-        for key in UpstreamGrants.model_fields:
-            for grant in getattr(grants, key) if grants is not None else ():
-                found.setdefault(key, {})[_grant_key(grant)] = grant
-        pending.extend(spec.roles[name].inherits)
-    return {key: tuple(values.values()) for key, values in found.items()}
+
+    def grants(name: str, key: str) -> list[Any]:
+        own = section.roles.get(name)
+        found = list(getattr(own, key)) if own is not None else []
+        if getattr(spec.roles[name].permissions, key) is None:  # the role inherits this list
+            for parent in spec.roles[name].inherits:
+                found.extend(grants(parent, key))
+        return found
+
+    return {key: tuple({_grant_key(g): g for g in found}.values())
+            for key in UpstreamGrants.model_fields if (found := grants(role, key))}
 
 
 def compile_policy(spec: PolicySpec, *, version: str, source: str) -> Policy:

@@ -83,3 +83,14 @@ def reread_policy(policy: Policy) -> Policy:
 
     return load_cedar_policy(path, mode=policy.mode, deny_detail=policy.deny_detail,
                              unknown_methods=policy.unknown_methods)
+
+
+def policy_files(policy: Policy) -> tuple[Path, ...]:
+    """The files `policy` was read from, whose change calls for a reload: the policy file, and for a Cedar policy
+    the schema beside it (`NAME.cedarschema.json`), whether it exists yet or not."""
+    path = Path(policy.source)
+    if policy.engine is None:
+        return (path,)
+    from gateway.policy.cedar_source import schema_path  # cedarpy is loaded only for a Cedar policy
+
+    return (path, schema_path(path))
