@@ -37,6 +37,9 @@ _RETRY_S = 600.0  # how long a call asked for input may take to come back with i
 
 
 class RateLimiter:
+    """The rules of the config's `rate_limits:` with the buckets they draw from (the sessions' Redis when there
+    is one, else this process's memory); asked once per allowed message that a rule counts."""
+
     def __init__(self, rules: Sequence[RateLimit], sessions: SessionStore,
                  on_store_failure: Literal["closed", "open"], metrics: Metrics) -> None:
         self.limits = Limits(rules)
