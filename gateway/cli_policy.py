@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gateway.config import Config, load_config
+from gateway.config import Config, Upstream, load_config
 
 
 def register(policy: Any) -> None:
@@ -39,10 +39,8 @@ def _lint(args: argparse.Namespace) -> int:
     from gateway.upstream_tools import ListingFailed, list_tools
 
     config = load_config(args.config)
-    upstreams = [u for u in config.upstreams if args.upstream in (None, u.name)]
+    upstreams = _upstreams(args, config)
     if not upstreams:
-        print(f"no upstream named {args.upstream!r} (have: {', '.join(u.name for u in config.upstreams)})",
-              file=sys.stderr)
         return 2
     warnings = literal_lint(config.policy)
     found = False
@@ -75,6 +73,15 @@ def _lint(args: argparse.Namespace) -> int:
     return 1 if found else 0
 
 
+def _upstreams(args: argparse.Namespace, config: Config) -> list[Upstream]:
+    """The upstreams `--upstream` names (every one without it); none, said on stderr, for a name there is not."""
+    upstreams = [u for u in config.upstreams if args.upstream in (None, u.name)]
+    if not upstreams:
+        print(f"no upstream named {args.upstream!r} (have: {', '.join(u.name for u in config.upstreams)})",
+              file=sys.stderr)
+    return upstreams
+
+
 def _cedar_problems(config: Config, tools: list[dict[str, Any]]) -> list[str]:
     from gateway.policy.cedar_schema import tool_schema
     from gateway.policy.cedar_source import schema_problems
@@ -87,10 +94,8 @@ def _cedar_schema(args: argparse.Namespace) -> int:
     from gateway.upstream_tools import ListingFailed, list_tools
 
     config = load_config(args.config)
-    upstreams = [u for u in config.upstreams if args.upstream in (None, u.name)]
+    upstreams = _upstreams(args, config)
     if not upstreams:
-        print(f"no upstream named {args.upstream!r} (have: {', '.join(u.name for u in config.upstreams)})",
-              file=sys.stderr)
         return 2
     tools: list[dict[str, Any]] = []
     for upstream in upstreams:

@@ -17,7 +17,6 @@ from typing import Any
 
 import httpx
 import httpx2
-import mcp_types as types
 import pytest
 import redis.asyncio
 from mcp import Client
@@ -46,7 +45,7 @@ from tests.harness import (
 )
 from tests.node_peers import server_everything
 from tests.test_bad_input import BASE_HEADERS, modern
-from tests.test_sampling_limits import sampling_upstream
+from tests.test_sampling_limits import Model, sampling_upstream
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 ISSUER = "https://issuer.example"
@@ -731,18 +730,6 @@ SAMPLER_POLICY = {
     "roles": {"sampler": {"permissions": {"can_execute_tools": ["ask"], "can_request_sampling": True}}},
     "bindings": [{"when": {"scope": "mcp:tools"}, "roles": ["sampler"]}],
 }
-
-
-class Model:
-    """The client's model: answers every sampling request, remembering the maxTokens each asked for."""
-
-    def __init__(self) -> None:
-        self.asked: list[int] = []
-
-    async def __call__(self, context: Any, params: types.CreateMessageRequestParams) -> types.CreateMessageResult:
-        self.asked.append(params.max_tokens)
-        return types.CreateMessageResult(role="assistant", model="test",
-                                         content=types.TextContent(type="text", text="42"))
 
 
 @pytest.mark.parametrize("era", ERAS)

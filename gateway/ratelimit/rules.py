@@ -99,6 +99,7 @@ class Limits:
         self.rules = tuple(rules)
         self.ids = tuple(rule.id or f"rate_limits[{index}]" for index, rule in enumerate(rules))
         self._tools = tuple(GlobIndex([rule.tool]) if rule.tool is not None else None for rule in rules)
+        self._sizes = tuple((rule.capacity, rule.rate) for rule in rules)  # read once, not per request
 
     def __bool__(self) -> bool:
         return bool(self.rules)
@@ -125,7 +126,8 @@ class Limits:
             }[rule.per]
             # JSON: no issuer, subject or tool name can make two callers' keys one
             key = orjson.dumps([self.ids[index], rule.per, whose, op.name if tools is not None else None]).decode()
-            found.append(Bucket(key, rule.capacity, rule.rate, self.ids[index]))
+            capacity, rate = self._sizes[index]
+            found.append(Bucket(key, capacity, rate, self.ids[index]))
         return found
 
     def describe(self, principal: Principal, roles: Sequence[str], op: Operation, upstream: str = "") -> list[str]:
