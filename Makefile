@@ -40,10 +40,10 @@ fuzz: $(STAMP)
 soak: $(STAMP)
 	$(BIN)/python -m tests.soak
 
-# Benchmarks, not tests: ratios measured side by side (bench/README.md). Needs wrk and nginx (Debian packages);
-# B3 installs ContextForge into bench/.contextforge with pyenv's Python 3.12 on first run.
+# Benchmarks, not tests: ratios measured side by side (bench/README.md). wrk and nginx are Debian's (installed here
+# when missing); B3 installs ContextForge into bench/.contextforge with pyenv's Python 3.12 on first run.
 bench: $(STAMP)
-	@command -v wrk >/dev/null || { echo "make bench needs wrk (and nginx): apt-get install wrk nginx"; exit 1; }
+	command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
 	$(BIN)/python bench/bench_decide.py
 	$(BIN)/python bench/bench_http.py
 	$(BIN)/python bench/bench_audit.py

@@ -14,11 +14,14 @@ B4  SSE: time to the first event and to the end of a tool that streams 1,000 pro
 B9  tracing: the B2 request through the gateway with `tracing` off, on (every request sampled, exported over
     OTLP/HTTP to a local receiver) and on with sample_ratio 0 (context propagated, nothing recorded); and what
     the off path's hooks cost, timed alone, as a share of the gateway's CPU per request.
+B10 beyond one process, trivial upstream: a rate limit (never reached) counted in memory against in Redis, and
+    `serve --workers 2` against one process, both with Redis-backed sessions and buckets.
+B11 audit durability: `written` (an answer's end waits for its event's commit; the default) against `queued`.
 
 Each round runs every case once, in the same order (A B A B ...); medians and spreads are over rounds,
 ratios are taken within each round. Absolute figures are printed, never asserted.
 
-    python bench/bench_http.py [--rounds 3] [--seconds 5] [--only B1,B2,B4,B9]
+    python bench/bench_http.py [--rounds 3] [--seconds 5] [--only B1,B2,B4,B9,B10,B11]
 """
 
 from __future__ import annotations
@@ -427,14 +430,61 @@ def b9(processes: Processes, tmp: Path, rounds: int, seconds: float) -> dict[str
     return out
 
 
-BENCHES = {"HOP": hop, "B1": b1, "B2": b2, "B3": b3, "B4": b4, "B9": b9}  # in the order they run
+QUOTA = [{"id": "bench", "match": {"any": True}, "per": "principal", "limit": "1000000/second"}]  # never reached
+
+
+def b10(processes: Processes, tmp: Path, rounds: int, seconds: float) -> dict[str, Any]:
+    """Beyond one process, on the wire: a rate limit's buckets in memory against in Redis (one process each), and
+    `serve --workers 2` against 1 with the same Redis-backed configuration."""
+    direct = upstream(processes, "trivial")
+    headers, body = tools_call("echo", {"text": "hello"})
+    redis = {"sessions": {"backend": "redis", "url": "redis://127.0.0.1:6379/0"}}
+    cases: dict[str, Case] = {}
+    for name, serve, overrides in (("quota-mem", (), {}), ("quota-redis", (), redis),
+                                   ("workers-2", ("--workers", "2"), redis)):
+        via, token, pid = gateway(processes, tmp / f"b10-{name}", direct, serve=serve, rate_limits=QUOTA, **overrides)
+        cases[name] = (via, wrk_script(tmp / f"b10-{name}.lua", {**headers, "Authorization": f"Bearer {token}"},
+                                       body), pid)
+    c32, c1 = both(cases, "B10 rate limit in memory / in Redis, serve --workers 2 (Redis), trivial upstream",
+                   rounds, seconds)
+    redis_rps, redis_spread = ratio(c32, "quota-redis", "quota-mem", "rps")
+    workers_rps, workers_spread = ratio(c32, "workers-2", "quota-redis", "rps")
+    print(f"  Redis/memory buckets at c=32: throughput {redis_rps:.2f}x (spread {redis_spread:.0%}), "
+          f"p50 at c=1 {ratio(c1, 'quota-redis', 'quota-mem', 'p50_ms')[0]:.2f}x")
+    print(f"  --workers 2 / 1 at c=32: throughput {workers_rps:.2f}x (spread {workers_spread:.0%}; 2 cores, shared "
+          f"with wrk and the upstream)")
+    return {"c32": summary(c32), "c1": summary(c1), "redis_to_memory_rps": redis_rps, "workers2_to_1_rps": workers_rps}
+
+
+def b11(processes: Processes, tmp: Path, rounds: int, seconds: float) -> dict[str, Any]:
+    """`audit.durability`: an answer's end waiting for its event's commit (written, the default) against waiting
+    only for it to be queued, SQLite sink, trivial upstream."""
+    direct = upstream(processes, "trivial")
+    headers, body = tools_call("echo", {"text": "hello"})
+    cases: dict[str, Case] = {}
+    for name in ("queued", "written"):
+        audit = {"sinks": [{"type": "sqlite", "path": "audit.db"}], "durability": name}
+        via, token, pid = gateway(processes, tmp / f"b11-{name}", direct, audit=audit)
+        cases[name] = (via, wrk_script(tmp / f"b11-{name}.lua", {**headers, "Authorization": f"Bearer {token}"},
+                                       body), pid)
+    c32, c1 = both(cases, "B11 audit durability queued / written (SQLite), trivial upstream", rounds, seconds)
+    rps, rps_spread = ratio(c32, "written", "queued", "rps")
+    p50, p50_spread = ratio(c1, "written", "queued", "p50_ms")
+    p99 = ratio(c1, "written", "queued", "p99_ms")[0]
+    print(f"  written/queued at c=32: throughput {rps:.2f}x (spread {rps_spread:.0%}); at c=1: p50 {p50:.2f}x "
+          f"(spread {p50_spread:.0%}), p99 {p99:.2f}x")
+    return {"c32": summary(c32), "c1": summary(c1), "rps_ratio": rps, "p50_ratio": p50, "p99_ratio": p99}
+
+
+BENCHES = {"HOP": hop, "B1": b1, "B2": b2, "B3": b3, "B4": b4, "B9": b9, "B10": b10,
+           "B11": b11}  # in the order they run
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=5)
-    parser.add_argument("--only", default="HOP,B1,B2,B3,B4,B9")
+    parser.add_argument("--only", default="HOP,B1,B2,B3,B4,B9,B10,B11")
     args = parser.parse_args()
     wanted = set(args.only.upper().split(","))
     results: dict[str, Any] = {"rounds": args.rounds, "seconds": args.seconds, "protocol": MODERN}

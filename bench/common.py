@@ -87,7 +87,7 @@ POLICY = {
 
 
 def gateway(processes: Processes, directory: Path, upstream_url: str | None, *, command: Sequence[str] = (),
-            **overrides: Any) -> tuple[str, str, int]:
+            serve: Sequence[str] = (), **overrides: Any) -> tuple[str, str, int]:
     """Start `mcp-gateway serve` with every security feature on (gateway JWTs, policy, SQLite audit, metrics)
     in front of `upstream_url` (or the stdio server `command`); (its MCP URL, a token for it, its pid)."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -105,7 +105,7 @@ def gateway(processes: Processes, directory: Path, upstream_url: str | None, *, 
     path = directory / "gateway.yaml"
     path.write_text(yaml.safe_dump(config))
     cli = [PYTHON, "-m", "gateway.cli"]
-    process = processes.start([*cli, "serve", "--config", str(path)], port, log=directory / "gateway.log")
+    process = processes.start([*cli, "serve", "--config", str(path), *serve], port, log=directory / "gateway.log")
     token = subprocess.run([*cli, "issue-token", "--config", str(path), "--subject", "bench", "--scope", "mcp:tools",
                             "--ttl", "86400"], capture_output=True, text=True, check=True, cwd=ROOT).stdout.strip()
     return f"http://127.0.0.1:{port}/mcp", token, process.pid
@@ -156,9 +156,17 @@ def wrk(url: str, script: Path, connections: int, seconds: float) -> dict[str, f
 
 
 def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system, every thread) a process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU time (user + system, every thread) a process and its running children (`serve --workers`'s worker
+    processes) have used so far."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if stat.parent.name == str(pid) or fields[1] == str(pid):  # fields[1]: the parent's pid
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def median_spread(values: Sequence[float]) -> tuple[float, float]:

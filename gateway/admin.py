@@ -23,7 +23,6 @@ not, naming the operator; the actions themselves are `operators`'.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -138,8 +137,12 @@ async def serve(runtime: Runtime, scope: ASGIScope, receive: ASGIReceive, send: 
     headers = [(b"www-authenticate", challenge.encode())] if challenge is not None else []
     event.status = status
     event.duration_ms = round((time.perf_counter() - started) * 1000, 3)
-    with contextlib.suppress(AuditUnavailable):  # counted by the audit log; the caller still gets its answer
+    try:
         runtime.audit.record(event)
+        await runtime.audit.written()
+    except AuditUnavailable as unavailable:  # the change is made: the operator is told so, the log says this
+        log.error("admin answer %s sent before its audit event %s was on record: %s", event.reason, event.id,
+                  unavailable)
     await send_json(send, status, payload, headers)
 
 

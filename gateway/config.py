@@ -78,6 +78,11 @@ class Audit(StrictModel):
     # memory and retry, refusing only when that is full. Neither drops an event without counting it.
     on_sink_failure: Literal["fail_closed", "buffer"] = "fail_closed"
     max_buffer: int = Field(100_000, gt=0)
+    # written: an answer's last byte waits until its events are on every sink, so a process killed at any
+    # moment has lost no event of an answer a client received whole; past write_timeout_s the answer is cut off
+    # (a refusal becomes the audit-unavailable one). queued: it waits only for the event to be queued.
+    durability: Literal["written", "queued"] = "written"
+    write_timeout_s: float = Field(3.0, gt=0)  # under the 5 s many HTTP clients give up at: they see why
     batch_size: int = Field(500, gt=0)
     redact_keys: tuple[str, ...] = ("password", "secret", "token", "key", "authorization")
     max_arguments_bytes: int = Field(4096, gt=0)

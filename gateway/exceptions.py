@@ -21,7 +21,8 @@ imports nothing from the package, so every module may import it.
   + ClaimTypeError ............ principal: a token claim of the wrong JSON type (also a ValueError)
   + SigningKeyError ........... auth.keys: the gateway's signing key file is missing or unusable (also a ValueError)
   + IntrospectionUnavailable .. auth.introspection: the introspection endpoint gave no usable answer
-  + AuditUnavailable .......... audit.writer: the audit queue is full; the event would be lost
+  + AuditUnavailable .......... audit.writer: the audit queue is full, or events were not written in time
+  + AnswerWithheld ............ inspect: an answer begun whose events were not written: its end is never sent
   + BadQuery .................. audit.reading: an audit query parameter that cannot be understood (also a ValueError)
   + EventTooLarge ............. sse: one SSE event grew past the decoder's bound (also a ValueError)
   + UpstreamError ............. upstream_http: the upstream cannot be reached or broke HTTP/1.1

@@ -60,6 +60,8 @@ class Exchange:
     approvals: dict[int, Verdict] = field(default_factory=dict)
     # the middleware: its trace, when tracing is on (`tracing`); the stages report to it
     trace: RequestTrace = NO_TRACE
+    # the recorder: an event of this request could not even be queued (the audit buffer was full)
+    unrecorded: bool = False
 
     def __post_init__(self) -> None:
         self.http_method = self.scope["method"]

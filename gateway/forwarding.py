@@ -26,7 +26,7 @@ from gateway.auth.authenticator import bearer_token
 from gateway.inspect import ResponseInspector
 from gateway.policy.engine import roles_for
 from gateway.response_rules import Gateway, ResponseRules
-from gateway.types import ASGIApp, ASGIMessage, ASGIReceive, ASGIScope, ASGISend, RequestState, send_json
+from gateway.types import ASGIApp, ASGIMessage, ASGIReceive, ASGIScope, ASGISend, RequestState
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -104,26 +104,30 @@ class Forwarder:
                     max(0.0, time.perf_counter() - ex.started - upstream_s))
             self._recorder.exchange(ex, status, state.upstream_error)
 
+        async def complete(status: int) -> None:
+            """On record (and, under audit.durability: written, on every sink) before the client can see the
+            answer end."""
+            audit(status)
+            await self._recorder.written(ex)
+
         inspector = ResponseInspector(send, rules, max_bytes=self._config.limits.max_inspected_bytes,
-                                      upstream_error=lambda: state.upstream_error, on_complete=audit,
+                                      upstream_error=lambda: state.upstream_error, on_complete=complete,
                                       # a legacy GET stream can stay open for hours: it is recorded when it opens
                                       complete_on_start=ex.http_method == "GET",
                                       before_start=lambda status, headers: self._handles.track_session(
                                           ex, status, headers))
         try:
-            await self._app_for(ex)(inner_scope, _replay(body, receive), inspector.send)
-        except Exception:
-            log.exception("error in the wrapped app for %s", ex.upstream.name)
-            state.upstream_error = state.upstream_error or "exception"
-            if not inspector.response_started:
-                only_id = state.request_ids[0] if len(state.request_ids) == 1 else None
-                await send_json(send, 500, errors.error_body(errors.INTERNAL, only_id))
-                inspector.status = 500
-            elif not inspector.finished:
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            try:
+                await self._app_for(ex)(inner_scope, _replay(body, receive), inspector.send)
+            except Exception:
+                if not inspector.withheld:  # else the app only passed on the inspector's own failure
+                    log.exception("error in the wrapped app for %s", ex.upstream.name)
+                    state.upstream_error = state.upstream_error or "exception"
+            finally:
+                ex.trace.upstream_done(inspector.status or 500, state.upstream_error)
+            await inspector.close()
         finally:
-            ex.trace.upstream_done(inspector.status or 500, state.upstream_error)
-            audit(inspector.status or 500)
+            audit(inspector.status or 500)  # if cancelled (the client went away) before that: on record still
 
     def tell_upstream(self, ex: Exchange, op: Operation) -> None:
         """Answer a refused server->client request to the upstream on the client's behalf, so it does not wait."""

@@ -26,14 +26,17 @@ through as it comes.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from gateway import errors, sse
+from gateway.audit.writer import AuditUnavailable
 from gateway.exceptions import GatewayError
 from gateway.jsonrpc import id_key, valid_id
+from gateway.types import send_json
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -48,15 +51,23 @@ class _Unreadable(GatewayError):
     """An answer (or an event of one) that cannot be inspected."""
 
 
+class AnswerWithheld(GatewayError):
+    """An answer whose head went out but whose events could not be written: the connection is to close without
+    its end, so that the client never holds a whole answer the audit trail does not."""
+
+
 class ResponseInspector:
     """An ASGI `send` wrapper applying one exchange's `ResponseRules` to its answer."""
 
     def __init__(self, send: ASGISend, rules: ResponseRules, *, max_bytes: int,
-                 upstream_error: Callable[[], str | None], on_complete: Callable[[int], None],
+                 upstream_error: Callable[[], str | None], on_complete: Callable[[int], Awaitable[None]],
                  complete_on_start: bool = False,
                  before_start: Callable[[int, list[tuple[bytes, bytes]]], Awaitable[None]] | None = None) -> None:
         self._send = send
-        self._on_complete = on_complete  # called just before the last byte goes out (or at the start: streams)
+        # awaited before the client can see the answer end: its last byte, the first event answering one of its
+        # requests in a stream, or the start of a stream the client opened (GET); if it raises, nothing more goes
+        # out and the exception propagates (the connection closes with the answer cut off)
+        self._on_complete = on_complete
         self._complete_on_start = complete_on_start
         self._before_start = before_start  # runs before the client sees the status line (session binding)
         self._rules = rules
@@ -64,9 +75,12 @@ class ResponseInspector:
         self._max = max_bytes
         self._upstream_error = upstream_error
         self.status = 0
-        self.response_started = False
         self.started_at: float | None = None  # perf_counter when the upstream began to answer
         self.finished = False
+        self.completed = False
+        self.withheld = False  # completing failed: the answer's end was never sent
+        self.head_sent = False  # the client has the status line
+        self._head: ASGIMessage | None = None  # a response start to send with the body's first chunk
         self._decoder: sse.Decoder | None = None
         self._held: ASGIMessage | None = None  # a response start, held while its body is collected
         self._body: list[bytes] = []
@@ -87,7 +101,6 @@ class ResponseInspector:
             await self._send(message)
 
     async def _start(self, message: ASGIMessage) -> None:
-        self.response_started = True
         self.started_at = time.perf_counter()
         self.status = message["status"]
         # Already failed as the answer starts: this is the forwarding hop's own error answer, whole as it is.
@@ -95,19 +108,19 @@ class ResponseInspector:
         if self._before_start is not None:
             await self._before_start(self.status, list(message.get("headers", [])))
         if self._complete_on_start:
-            self._on_complete(self.status)
+            await self.complete()
         headers = [(n.lower(), v) for n, v in message.get("headers", [])]
         content_type = next((v for n, v in headers if n == b"content-type"), b"").lower()
         if content_type.startswith(b"text/event-stream"):
             self._decoder = sse.Decoder(self._max)
             headers = [(n, v) for n, v in headers if n != b"content-length"]
-            await self._send({**message, "headers": headers})
+            await self._send_head({**message, "headers": headers})
         elif self._rules.extra and self.status == 202:
             # Every forwarded member was a notification; the refused requests still need their answers.
             self._held = {**message, "status": 200, "headers": []}  # _release labels what it sends
             self.status = 200
         elif content_type.startswith(_JSON_TYPE) and not self._rules.holds_json:
-            await self._send(message)
+            self._head = message  # goes out with the first chunk of the body (after completing, if that is the last)
         else:  # read whole as JSON, whatever the label: a list labelled text/plain is still a list
             self._held = {**message, "headers": [(n, v) for n, v in headers
                                                  if n not in (b"content-length", b"content-type")]}
@@ -151,6 +164,8 @@ class ResponseInspector:
             more = False
         if not more and not self._refused:
             out += self._tail(errors.UPSTREAM_UNAVAILABLE, self._upstream_error())
+        if more and self._ids & self._answered:
+            await self.complete()  # before the first answer goes out: the stream may stay open a while
         if out or not more:
             await self._body_out(out, more)
 
@@ -215,25 +230,69 @@ class ResponseInspector:
 
     async def _replace(self, refusal: errors.Refusal, why: str, *, keep_status: bool = False) -> None:
         """Answer with `refusal` instead of the held answer (for the one request, or null for several)."""
-        ids = self._rules.request_ids
         if not keep_status:
             self.status = refusal.http_status
         assert self._held is not None
         self._held = {**self._held, "status": self.status, "headers": []}
-        await self._release(errors.error_body(refusal, ids[0] if len(ids) == 1 else None, why))
+        await self._release(errors.error_body(refusal, self._only_id, why))
 
     async def _release(self, payload: bytes) -> None:
         assert self._held is not None
         framing = [(b"content-type", _JSON_TYPE)] if payload else []
         headers = [*self._held["headers"], *framing, (b"content-length", str(len(payload)).encode())]
-        await self._send({**self._held, "headers": headers})
-        self._held = None
+        self._head, self._held = {**self._held, "headers": headers}, None
         await self._body_out(payload, False)
+
+    async def complete(self) -> None:
+        """Put the exchange on record (once) before the client can see its answer end."""
+        if self.completed:
+            return
+        self.completed = True
+        try:
+            await self._on_complete(self.status)
+        except Exception:
+            self.withheld = self._refused = True  # nothing more of this answer goes out
+            raise
+
+    async def close(self) -> None:
+        """After the wrapped app is done, having raised or not: an answer it left unfinished is finished here,
+        on record first. One that could not be put on record is withheld: answered with the audit-unavailable
+        error if nothing of it went out, else never ended (`AnswerWithheld`: the connection closes)."""
+        if self.finished:
+            return
+        if not self.head_sent and not self.withheld:
+            self.status = 500  # the app failed before an answer could go out
+        with contextlib.suppress(AuditUnavailable):
+            await self.complete()
+        only_id = self._only_id
+        if self.withheld and self.head_sent:
+            raise AnswerWithheld("the answer's events could not be written: its end is not sent")
+        if self.withheld:
+            self.status = errors.AUDIT_UNAVAILABLE.http_status
+            await send_json(self._send, self.status, errors.error_body(
+                errors.AUDIT_UNAVAILABLE, only_id, "the answer's audit events could not be written"))
+        elif not self.head_sent:
+            await send_json(self._send, 500, errors.error_body(errors.INTERNAL, only_id))
+        else:
+            await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+        self.finished = True
+
+    @property
+    def _only_id(self) -> Any:
+        """The id an error answer names: the one request's, or null for several."""
+        ids = self._rules.request_ids
+        return ids[0] if len(ids) == 1 else None
+
+    async def _send_head(self, message: ASGIMessage) -> None:
+        await self._send(message)
+        self.head_sent = True
 
     async def _body_out(self, body: bytes, more: bool) -> None:
         if not more:
-            # The decision is on record before the client can see the answer end.
-            self._on_complete(self.status)
+            await self.complete()  # before the head too, if it is still here: then it can be answered otherwise
+        if self._head is not None:
+            head, self._head = self._head, None
+            await self._send_head(head)
         await self._send({"type": "http.response.body", "body": body, "more_body": more})
         self.finished = not more
 

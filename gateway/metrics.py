@@ -83,7 +83,8 @@ class Metrics:
         )
         self.requests_refused_for_audit = Counter(
             "mcp_gateway_requests_refused_audit_total",
-            "Requests refused with 503 because the audit trail could not take them.", registry=self.registry,
+            "Requests refused with 503, or answers withheld, because the audit trail could not take or write them.",
+            registry=self.registry,
         )
         self.active_sessions = Gauge(
             "mcp_gateway_active_sessions", "Legacy-era sessions bound to a principal and not ended.",

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from gateway import errors, guards, mcp, refusals
 from gateway.approvals.stream import HeldAnswer, progress_token
 from gateway.audit.recording import Recorder
+from gateway.audit.writer import AuditUnavailable
 from gateway.auth.authenticator import AuthFailed
 from gateway.config import Config, Upstream, load_config
 from gateway.endpoints import Endpoints
@@ -133,8 +134,8 @@ class MCPSecurityMiddleware:
         denied = self._denials(ex)
         if denied and len(denied) == len(ex.decisions):
             status, payload, answer_headers = refusals.answer_denials(list(denied.values()), len(ex.messages))
-            await send_json(send, status, payload, answer_headers)
             self._recorder.exchange(ex, status)
+            await self._answer(ex, send, status, payload, answer_headers)
             return
         await self._forwarder.forward(ex, receive, body, denied, send, self)
 
@@ -171,8 +172,22 @@ class MCPSecurityMiddleware:
     async def _refuse(self, ex: Exchange, send: ASGISend, refusal: errors.GatewayRefusal) -> None:
         challenge = refusal.challenge if isinstance(refusal, AuthFailed) else None
         status, payload, headers = refusals.refusal_answer(refusal, ex.only_id, challenge)
-        await send_json(send, status, payload, headers)
         self._recorder.refused(ex, refusal)
+        if refusal.refusal is errors.AUDIT_UNAVAILABLE:  # the one answer that cannot wait for the audit trail
+            await send_json(send, status, payload, headers)
+        else:
+            await self._answer(ex, send, status, payload, headers)
+
+    async def _answer(self, ex: Exchange, send: ASGISend, status: int, payload: bytes,
+                      headers: list[tuple[bytes, bytes]]) -> None:
+        """The gateway's own answer, once its events are on record (under audit.durability: written, on every
+        sink); if they cannot be written in time, the audit-unavailable refusal instead."""
+        try:
+            await self._recorder.written(ex)
+        except AuditUnavailable:
+            status, payload, headers = refusals.refusal_answer(
+                errors.GatewayRefusal(errors.AUDIT_UNAVAILABLE, "audit trail unavailable"), ex.only_id, None)
+        await send_json(send, status, payload, headers)
 
     # ---- what the response rules ask of the gateway (`response_rules.Gateway`) -------------------
 

@@ -4,6 +4,7 @@ the real in-memory one."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from gateway.config import Sessions, Upstream
@@ -74,3 +75,12 @@ async def fixed_rules(seen: list[Any] | None = None, *, lists: dict[JsonRpcId, s
     ex.messages = tuple(messages)
     ex.operations = tuple(classify(m) for m in messages)
     return ResponseRules(ex, range(len(messages)), gateway, extra=extra or []), gateway
+
+
+def completions(into: list[int]) -> Callable[[int], Awaitable[None]]:
+    """A ResponseInspector `on_complete` that notes each status it is called with in `into`."""
+
+    async def complete(status: int) -> None:
+        into.append(status)
+
+    return complete

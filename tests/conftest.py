@@ -1,19 +1,26 @@
-"""Fixtures: a gateway in each deployment mode in front of a real MCP upstream."""
+"""Fixtures: a gateway in each deployment mode in front of a real MCP upstream; an audit table of a test's own in
+the PostgreSQL on 127.0.0.1:5432."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import ssl
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import asyncpg
 import httpx._transports.default
 import httpx2._transports.default
 import pytest
 
 from tests.harness import Deployment, deploy
+
+DSN = "postgresql://127.0.0.1/test"
 
 
 def _one_default_ssl_context(transport: ModuleType) -> None:
@@ -53,3 +60,29 @@ def stateless_gateway(request: pytest.FixtureRequest, tmp_path: Path) -> Iterato
     deployment = deploy(request.param, tmp_path, stateless=True, json_response=True)
     yield deployment
     deployment.stop()
+
+
+@contextlib.contextmanager
+def pg_audit_table() -> Iterator[str]:
+    """The name of an audit table of its own in the PostgreSQL at DSN (created by the gateway's sink), dropped
+    when done: for a fixture of a wider scope than `pg_table`'s."""
+    table = f"audit_{uuid.uuid4().hex[:10]}"
+    try:
+        yield table
+    finally:
+        async def drop() -> None:
+            conn = await asyncpg.connect(DSN)
+            try:
+                await conn.execute(f"DROP TABLE IF EXISTS {table}")
+                await conn.execute(f"DROP TABLE IF EXISTS {table}_away")
+            finally:
+                await conn.close()
+
+        asyncio.run(drop())
+
+
+@pytest.fixture
+def pg_table() -> Iterator[str]:
+    """The name of an audit table of this test's own (created by the gateway's sink), dropped afterwards."""
+    with pg_audit_table() as table:
+        yield table

@@ -29,7 +29,7 @@ from gateway import jsonrpc, mcp, mcp_headers, sse
 from gateway.inspect import ResponseInspector
 from gateway.policy.uri import InvalidUri, normalize_uri
 from gateway.upstream_http import _Connection
-from tests.answer_rules import fixed_rules
+from tests.answer_rules import completions, fixed_rules
 
 # ---- JSON and JSON-RPC -------------------------------------------------------------------------
 
@@ -259,7 +259,7 @@ def check_inspector(answer: tuple[bytes | None, int, list[bytes]], listing: bool
     async def run() -> None:
         rules, _ = await fixed_rules(lists={1: "tools/list"} if listing else {})
         inspector = ResponseInspector(send, rules, max_bytes=4096, upstream_error=lambda: None,
-                                      on_complete=completed.append)
+                                      on_complete=completions(completed))
         await inspector.send({"type": "http.response.start", "status": status,
                               "headers": [(b"content-type", label)] if label is not None else []})
         for index, chunk in enumerate(chunks):

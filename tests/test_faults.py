@@ -185,7 +185,7 @@ def test_postgres_stopped_and_started_loses_no_event(tmp_path: Path, mode: str) 
     deployment = deploy("proxy", tmp_path, audit={
         "sinks": [{"type": "sqlite", "path": str(tmp_path / "audit.db")},
                   {"type": "postgres", "dsn": f"postgresql://127.0.0.1:{link.port}/test", "table": table}],
-        "on_sink_failure": mode})
+        "on_sink_failure": mode, "write_timeout_s": 1})
     token = deployment.token()
     try:
         assert call(deployment.url, token).status_code == 200

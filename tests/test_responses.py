@@ -11,7 +11,7 @@ import pytest
 from gateway import sse
 from gateway.inspect import ResponseInspector
 from gateway.response_rules import ResponseRules
-from tests.answer_rules import CALLER, fixed_rules
+from tests.answer_rules import CALLER, completions, fixed_rules
 
 SAMPLE = {"method": "sampling/createMessage", "params": {"messages": [], "maxTokens": 5}}
 ELICIT = {"method": "elicitation/create", "params": {"message": "name?", "requestedSchema": {}}}
@@ -34,7 +34,7 @@ async def run(rules_: ResponseRules, content_type: bytes | None, chunks: list[by
 
     failure: list[str] = []  # `upstream_error` is reported once the answer has started, as the hop reports a break
     inspector = ResponseInspector(send, rules_, max_bytes=max_bytes, upstream_error=lambda: (failure or [None])[0],
-                                  on_complete=completed.append)
+                                  on_complete=completions(completed))
     labels = [(b"content-type", content_type)] if content_type is not None else []
     await inspector.send({"type": "http.response.start", "status": status, "headers": labels})
     if upstream_error is not None:
@@ -234,9 +234,38 @@ async def test_refused_batch_members_answered_after_a_202_carry_one_content_type
         sent.append(message)
 
     inspector = ResponseInspector(send, await rules(request_ids=(), extra=[refused]), max_bytes=1 << 20,
-                                  upstream_error=lambda: None, on_complete=lambda _: None)
+                                  upstream_error=lambda: None, on_complete=completions([]))
     await inspector.send({"type": "http.response.start", "status": 202, "headers": []})
     await inspector.send({"type": "http.response.body", "body": b"", "more_body": False})
     names = [name for name, _ in sent[0]["headers"]]
     assert sent[0]["status"] == 200 and names.count(b"content-type") == 1
     assert json.loads(sent[1]["body"]) == [json.loads(refused)]
+
+
+@pytest.mark.parametrize("request_ids", [(1,), (1, 2)])  # one call; a 2025-03-26 batch answered event by event
+async def test_a_stream_is_on_record_before_the_first_answer_to_one_of_its_requests_goes_out(
+        request_ids: tuple[int, ...]) -> None:
+    """Completion (the exchange's events recorded and, under audit.durability: written, on every sink) comes
+    before the first event that answers a request, not at the end of the stream: a client holds no answer the
+    audit trail does not."""
+    sent: list[dict[str, Any]] = []
+    out_at_completion: list[bytes] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async def complete(_status: int) -> None:
+        out_at_completion.append(b"".join(m.get("body", b"") for m in sent))
+
+    inspector = ResponseInspector(send, await rules(request_ids=request_ids), max_bytes=1 << 20,
+                                  upstream_error=lambda: None, on_complete=complete)
+    await inspector.send({"type": "http.response.start", "status": 200,
+                          "headers": [(b"content-type", b"text/event-stream")]})
+    progress = {"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progressToken": 1, "progress": 1}}
+    chunks = [sse.encode(json.dumps(progress), event="message")]
+    chunks += [sse.encode(answer({"content": []}, id=i).decode(), event="message") for i in request_ids]
+    for index, chunk in enumerate(chunks):
+        await inspector.send({"type": "http.response.body", "body": chunk, "more_body": index < len(chunks) - 1})
+    assert len(out_at_completion) == 1, "not completed exactly once"
+    assert b"notifications/progress" in out_at_completion[0] and b'"id":1' not in out_at_completion[0]
+    assert b'"id":1' in b"".join(m.get("body", b"") for m in sent)

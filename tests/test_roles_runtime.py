@@ -159,7 +159,7 @@ def test_no_role_changes_while_the_audit_trail_cannot_record_them(tmp_path: Path
 
     path = tmp_path / "audit.jsonl"
     gateway = deploy("proxy", tmp_path, audit={"sinks": [{"type": "jsonl", "path": str(path)}],
-                                               "on_sink_failure": "fail_closed"})
+                                               "on_sink_failure": "fail_closed", "write_timeout_s": 1})
     headers, ping = modern("tools/call", {"name": "echo", "arguments": {"text": "x"}})
     headers = {**BASE_HEADERS, **headers, "authorization": f"Bearer {gateway.token()}"}
     try:

@@ -324,7 +324,7 @@ def test_postgres_down_under_two_replicas_sharing_the_table_holds_the_audit_mode
         sessions={"backend": "redis", "url": "redis://127.0.0.1:6379/0"},
         role_assignments={"backend": "postgres", "dsn": DSN, "table": tables["roles"]},  # not behind the link
         audit={"sinks": [{"type": "postgres", "dsn": f"postgresql://127.0.0.1:{link.port}/test",
-                          "table": tables["audit"]}], "on_sink_failure": mode})
+                          "table": tables["audit"]}], "on_sink_failure": mode, "write_timeout_s": 1})
     replicas = start(configs)
     clients = {name: Clients.of(config) for name, config in configs.items()}
     token = clients["a"].token(subject("alice"))  # one principal: the limit below is per principal
@@ -337,7 +337,9 @@ def test_postgres_down_under_two_replicas_sharing_the_table_holds_the_audit_mode
         during: dict[str, list[int]] = {}
         for replica in replicas:
             c = clients[replica.name]
-            if mode == "fail_closed":  # a replica learns the sink is down from its next write, then refuses
+            if mode == "fail_closed":
+                # A replica learns the sink is down from its next write: the answer waiting for it is withheld (503
+                # after write_timeout_s), and from then on it refuses.
                 statuses: list[int] = []
 
                 def refusing(c: Clients = c, replica: Replica = replica, statuses: list[int] = statuses) -> bool:
@@ -368,8 +370,12 @@ def test_postgres_down_under_two_replicas_sharing_the_table_holds_the_audit_mode
         rows = one_row_per_request(tables["audit"], replicas, clients)
         for replica in replicas:
             refused = [r for r in rows[replica.name] if r["reason"] == "audit_unavailable"]
-            answered = list(clients[replica.name].ledger.answered.values())  # the recovery's probes included
-            assert len(refused) == answered.count(503) >= (4 if mode == "fail_closed" else 0)
+            answered = clients[replica.name].ledger.answered  # id -> status, the recovery's probes included
+            # on record as the upstream answered it; the client got 503 instead
+            withheld = [r for r in rows[replica.name] if r["status"] == 200 and answered[r["request_id"]] == 503]
+            assert len(withheld) == (mode == "fail_closed")
+            assert len(refused) + len(withheld) == list(answered.values()).count(503) >= (4 if mode == "fail_closed"
+                                                                                           else 0)
             assert all(r["status"] == 503 for r in refused)
         done = audit_verify(configs["a"])
         assert done.returncode == 0, done.stdout + done.stderr

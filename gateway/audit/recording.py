@@ -129,6 +129,19 @@ class Recorder:
         self._decided(ex, op, decision)
         self.record(ex, server_request_event(op, decision), op.method)
 
+    async def written(self, ex: Exchange) -> None:
+        """Before the client can see `ex`'s answer end: under `audit.durability: written`, its events on every
+        sink. Raises AuditUnavailable (counted, logged) if they are not within `write_timeout_s`, or if one of
+        them could not even be queued; the caller withholds the answer."""
+        try:
+            if ex.unrecorded and self._config.durability == "written":
+                raise AuditUnavailable("an event of this request could not be queued (the audit buffer is full)")
+            await self._audit.written()
+        except AuditUnavailable as unavailable:
+            self._metrics.requests_refused_for_audit.inc()
+            log.error("answer withheld: %s", unavailable, extra={"upstream": ex.upstream.name})
+            raise
+
     def _decided(self, ex: Exchange, op: Operation, decision: Decision) -> None:
         """The decisions metric: by result and rule (and, under mode audit_only, the refusal it would have been),
         and by tool when the policy names the tool."""
@@ -157,6 +170,7 @@ class Recorder:
         try:
             self._audit.record(event)
         except AuditUnavailable:
+            ex.unrecorded = True
             log.error("audit buffer full: event %s could not be queued", event.id,
                       extra={"audit_id": event.id, "result": event.result, "reason": event.reason})
         if log.isEnabledFor(logging.INFO):

@@ -13,6 +13,18 @@ sink fails, and the flush on shutdown.
   false and the gateway refuses new requests (503); the refusals themselves are
   queued and written once the sink recovers. `buffer` — requests go on and events
   accumulate, up to `max_buffer`.
+- `durability: written` — `written()` waits until every event recorded so far
+  is on every sink (committed; the JSONL file fsynced). The request path awaits
+  it before an answer's last byte, so an answer a client received whole has its
+  events written: a process killed at any moment has lost none of them. While
+  anyone waits the writer does not linger for a batch to gather: what queued
+  during one sink write goes in the next (group commit). `queued` — `written()`
+  returns at once; an answer waits only for its event to be queued, and a
+  killed process loses the events still queued. Past `write_timeout_s`
+  `written()` raises `AuditUnavailable` and the answer is withheld; under
+  `buffer`, while a sink is failing and until what was held meanwhile is
+  written, nobody waits (the events are held in memory, which is what `buffer`
+  chooses).
 """
 
 from __future__ import annotations
@@ -65,6 +77,10 @@ class AuditLog:
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._closing = False
+        self._recorded = 0  # events recorded in the life of the process
+        self._written = 0  # of those, how many are on every sink (events are written in the order recorded)
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()  # (events recorded, ...) in that order
+        self._backlog_end = 0  # under buffer: the events recorded when the failing sinks recovered
         self.failing: set[str] = set()  # names of sinks whose last write failed
         self.chain = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"  # this writer's hash chain
         # the policy in force, which every event names (the runtime keeps it current across reloads)
@@ -105,14 +121,45 @@ class AuditLog:
         if event.rule is None:  # whatever refused or recorded it without a policy rule: the check is its reason
             event.rule = event.reason
         self._queue.append(event)
+        self._recorded += 1
         self._metrics.audit_queue_depth.set(len(self._queue))
         self._wake.set()
+
+    async def written(self) -> None:
+        """Under `durability: written`, return once every event recorded so far is on every sink; raise
+        `AuditUnavailable` if that takes longer than `write_timeout_s` (the events stay queued). Under `queued`,
+        return at once."""
+        if self._config.durability == "queued" or self._written >= self._recorded or self._buffering():
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append((self._recorded, waiter))
+        self._wake.set()
+        try:
+            await asyncio.wait_for(waiter, self._config.write_timeout_s)
+        except TimeoutError:
+            raise AuditUnavailable(f"audit events not written within {self._config.write_timeout_s} s (failing "
+                                   f"sinks: {', '.join(sorted(self.failing)) or 'none'}; {len(self._queue)} queued)"
+                                   ) from None
+
+    def _buffering(self) -> bool:
+        """on_sink_failure: buffer, and a sink is failing, or the events held meanwhile are still being written:
+        answers go out with their events held in memory (not behind a backlog of up to max_buffer events)."""
+        return self._config.on_sink_failure == "buffer" and bool(self.failing or self._written < self._backlog_end)
+
+    def _release_waiters(self) -> None:
+        waiters, written = self._waiters, self._written
+        if self._buffering():
+            written = self._recorded
+        while waiters and waiters[0][0] <= written:
+            _, waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def _run(self) -> None:
         await self._open_sinks()
         while True:
             await self._wake.wait()
-            if len(self._queue) < self._config.batch_size and not self._closing:
+            if len(self._queue) < self._config.batch_size and not self._closing and not self._waiters:
                 await asyncio.sleep(_LINGER_S)  # let a batch gather: one transaction per batch, not per event
             self._wake.clear()
             await self._drain()
@@ -153,6 +200,8 @@ class AuditLog:
                         self._metrics.audit_written.labels(sink.name).inc(len(batch))
                 for _ in range(size):
                     self._queue.popleft()
+                self._written += size
+                self._release_waiters()
                 self._offsets = [offset - size for offset in self._offsets]
                 self._metrics.audit_queue_depth.set(len(self._queue))
                 self._metrics.audit_buffered.set(len(self._queue) if self.failing else 0)
@@ -163,11 +212,14 @@ class AuditLog:
         self.failing.add(sink.name)
         self._metrics.audit_sink_errors.labels(sink.name).inc()
         self._metrics.audit_buffered.set(len(self._queue))
+        self._release_waiters()
 
     def _recovered(self, sink: Sink) -> None:
         if sink.name in self.failing:
             self.failing.discard(sink.name)
             log.warning("audit sink %s recovered", sink.name)
+            if not self.failing:
+                self._backlog_end = self._recorded
 
     async def flush(self) -> None:
         """Wait until everything queued so far is written to every sink (events leave the queue only then)."""

@@ -147,6 +147,7 @@ class AuthorizationServer:
         event.duration_ms = round((time.perf_counter() - started) * 1000, 3)
         try:
             self._runtime.audit.record(event)
+            await self._runtime.audit.written()  # a token handed out is on record first
         except AuditUnavailable:
             await _json(send, 503, {"error": "temporarily_unavailable", "error_description": "audit unavailable"})
             return

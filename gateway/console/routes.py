@@ -18,7 +18,6 @@ the admin API's are), refused ones included.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 import time
@@ -144,8 +143,12 @@ class Console:
         if event.reason and not (quiet and event.result == "allowed"):
             event.status = answer.status
             event.duration_ms = round((time.perf_counter() - started) * 1000, 3)
-            with contextlib.suppress(AuditUnavailable):  # counted by the audit log; the answer still goes out
+            try:
                 self._runtime.audit.record(event)
+                await self._runtime.audit.written()
+            except AuditUnavailable as unavailable:  # the answer goes out: what it did is done
+                log.error("console answer %s sent before its audit event %s was on record: %s", event.reason,
+                          event.id, unavailable)
         await _send(send, answer)
 
     async def _answer(self, scope: ASGIScope, receive: ASGIReceive, event: AuditEvent) -> tuple[Answer, bool]:
