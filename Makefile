@@ -7,9 +7,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test test-loop fuzz soak lint bench clean
 
-$(STAMP): pyproject.toml tests/node/package.json tests/node/package-lock.json
+$(STAMP): pyproject.toml requirements.lock tests/node/package.json tests/node/package-lock.json
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	@# the runtime dependencies at the versions the container image ships (hash-checked), then the dev tools
+	$(BIN)/pip install --quiet --require-hashes -r requirements.lock
 	$(BIN)/pip install --quiet -e '.[dev]'
 	cd tests/node && npm ci --no-audit --no-fund --loglevel=error
 	@# The console's browser tests drive Debian's chromium with Playwright (executable_path, no downloaded browser)
@@ -24,7 +26,7 @@ demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
 test: $(STAMP)
-	$(BIN)/ruff check gateway tests examples bench
+	$(BIN)/ruff check gateway tests examples bench deploy
 	$(BIN)/mypy gateway
 	$(BIN)/pytest -q
 
@@ -51,7 +53,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_quota.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check gateway tests examples bench
+	$(BIN)/ruff check gateway tests examples bench deploy
 	$(BIN)/mypy gateway
 
 clean:

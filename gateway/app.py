@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gateway import logs
 from gateway.config import Config, ConfigError, Upstream, load_config
 from gateway.errors import StateUnavailable
 from gateway.http_server import HeadDeadlineProtocol
@@ -30,11 +31,16 @@ from gateway.stdio.upstream import StdioUpstream
 from gateway.types import ASGIApp
 
 CONFIG_ENV = "MCP_GATEWAY_CONFIG"
+LISTEN_ENV = "MCP_GATEWAY_LISTEN"  # where `serve --workers N` listens, for each worker's start-up line
 
 
 def app_from_environment() -> MCPSecurityMiddleware:
-    """The app for each uvicorn worker (`serve --workers N`): the config path comes from MCP_GATEWAY_CONFIG."""
-    app = create_app(os.environ[CONFIG_ENV])
+    """The app for each uvicorn worker (`serve --workers N`): the config path comes from MCP_GATEWAY_CONFIG. A
+    worker is a fresh interpreter: its log lines take the config's format here, or they would not be written."""
+    config = load_config(os.environ[CONFIG_ENV])
+    logs.configure(config.log_level, config.log_format)
+    app = create_app(config)
+    app.runtime.listen = os.environ.get(LISTEN_ENV)
     HeadDeadlineProtocol.head_timeout_s = app.config.limits.client_header_timeout_s  # this worker's own class
     settle_garbage_collector()
     return app
@@ -54,10 +60,11 @@ def settle_garbage_collector() -> None:
 
 def create_app(config: Config | str | Path) -> MCPSecurityMiddleware:
     """The reverse-proxy gateway as one ASGI app: each upstream reached over HTTP (`url`) or run as a stdio
-    program (`command`). Raises ConfigError for an upstream with neither, or a process user the gateway cannot
-    switch to."""
+    program (`command`). Raises ConfigError for an upstream with neither, a process user the gateway cannot
+    switch to, or a config loaded without its upstreams' credentials (`load_config(upstream_secrets=False)`)."""
     if not isinstance(config, Config):
         config = load_config(config)
+    config.require_upstream_secrets()  # the proxies below send them
     problems = [f"{config.source}: upstreams[{i}].url: required to run as a reverse proxy (or command, for a "
                 "stdio server)"
                 for i, u in enumerate(config.upstreams) if u.url is None and u.command is None]

@@ -34,6 +34,7 @@ import orjson
 
 from gateway.assignments import Assignment
 from gateway.errors import StateUnavailable
+from gateway.private_files import private_directory
 
 _FIELDS = ("id", "subject", "client_id", "role", "assigned_by", "assigned_at", "expires_at", "reason")
 _P = ParamSpec("_P")
@@ -79,7 +80,7 @@ class SqliteAssignments:
 
     def _connection(self) -> sqlite3.Connection:
         if self._db is None:
-            self._path.parent.mkdir(parents=True, exist_ok=True)
+            private_directory(self._path.parent)
             os.close(os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))  # sqlite would make 0644
             db = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
             try:

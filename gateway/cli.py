@@ -1,9 +1,14 @@
-"""The `mcp-gateway` command: serve, check-config, issue-token, hash-secret, policy explain|test,
-audit query|verify; the operator's commands (`cli_admin`): sessions, approvals, roles, admin-login, and
-(`cli_tools`) tools; and the client side (`cli_connect`): connect, logout, tokens list.
+"""The `mcp-gateway` command: serve, check-config, issue-token, hash-secret, policy explain|test (`cli_policy`:
+lint|cedar-schema); `cli_audit`: audit query|verify; the operator's commands (`cli_admin`): sessions, approvals,
+roles, admin-login, and (`cli_tools`) tools; and the client side (`cli_connect`): connect, logout, tokens list.
 
 Owns argument parsing and exit codes: 0 success, 2 invalid configuration
-(each problem printed as `FILE: key.path: why`), 1 anything else.
+(each problem printed as `FILE: key.path: why`), 1 anything else (one line,
+`mcp-gateway: ...`, never a traceback for an error of the gateway's own).
+Only `serve`, `check-config` and the commands that ask an upstream itself
+(`policy lint|cedar-schema`, `tools list --live`) need the upstreams'
+credentials in their environment: the others load the config without them
+(`load_config(upstream_secrets=False)`).
 """
 
 from __future__ import annotations
@@ -14,8 +19,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from gateway import cli_admin, cli_connect, cli_policy, cli_tools
-from gateway.config import load_config
+from gateway import cli_admin, cli_audit, cli_connect, cli_policy, cli_tools
+from gateway.config import check_port, load_config
+from gateway.config_auth import MAX_TOKEN_TTL_S
+from gateway.exceptions import GatewayError
 from gateway.yamlfile import ProblemsError
 
 
@@ -26,8 +33,9 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway import http_server, logs
-    from gateway.app import CONFIG_ENV, create_app, settle_garbage_collector
+    from gateway.app import CONFIG_ENV, LISTEN_ENV, create_app, settle_garbage_collector
     from gateway.auth.keys import load_or_create_signing_key
+    from gateway.startup_summary import listen_address
 
     quickstart = None
     if args.stdio:
@@ -49,10 +57,12 @@ def _serve(args: argparse.Namespace) -> int:
     app = create_app(config)  # every check a worker would make, made once here with a clear message
     logs.configure(config.log_level, config.log_format)
     http_server.HeadDeadlineProtocol.head_timeout_s = config.limits.client_header_timeout_s
+    host, port = args.host or config.listen.host, args.port if args.port is not None else config.listen.port
+    app.runtime.listen = listen = listen_address(host, port)
     common = {
         "http": http_server.HeadDeadlineProtocol,
-        "host": args.host or config.listen.host,
-        "port": args.port if args.port is not None else config.listen.port,
+        "host": host,
+        "port": port,
         "lifespan": "on",
         "access_log": False,
         "log_level": config.log_level.lower(),
@@ -72,6 +82,7 @@ def _serve(args: argparse.Namespace) -> int:
     # Several workers: each loads the config itself; /metrics adds up every worker's values.
     load_or_create_signing_key(config.auth.clients.signing_key_file)  # created once, before the workers race
     os.environ[CONFIG_ENV] = str(Path(args.config).resolve())
+    os.environ[LISTEN_ENV] = listen
     os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="mcp-gateway-metrics-"))
     uvicorn.run("gateway.app:app_from_environment", factory=True, workers=args.workers, **common)  # type: ignore[arg-type]
     return 0
@@ -89,7 +100,7 @@ def _issue_token(args: argparse.Namespace) -> int:
     from gateway.auth.authenticator import Authenticator
     from gateway.auth.keys import SigningKeyError, load_signing_key
 
-    config = load_config(args.config)
+    config = load_config(args.config, upstream_secrets=False)
     try:  # the running gateway's key: a key made here would sign tokens the gateway refuses
         signing_key = load_signing_key(config.auth.clients.signing_key_file)
     except SigningKeyError as exc:
@@ -132,7 +143,7 @@ def _policy_explain(args: argparse.Namespace) -> int:
     from gateway.policy.explain import explain, operation_for, principal_from
     from gateway.ratelimit.rules import Limits
 
-    config = load_config(args.config) if args.config else None
+    config = load_config(args.config, upstream_secrets=False) if args.config else None
     if args.policy is not None:
         policy = load_policy(Path(args.policy))
     elif config is not None:
@@ -208,78 +219,6 @@ def _policy_test(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _audit_query(args: argparse.Namespace) -> int:
-    import asyncio
-
-    from gateway.audit.reading import BadQuery, query_from, reader_for, table
-
-    config = load_config(args.config)
-    try:
-        query = query_from({"since": args.since, "until": args.until, "user": args.user, "client": args.client,
-                            "operation": args.operation, "tool": args.tool, "resource": args.resource,
-                            "result": args.result, "rule": args.rule, "policy_version": args.policy_version,
-                            "would_deny": args.would_deny, "limit": str(args.limit), "offset": str(args.offset)})
-        reader = reader_for(config.audit, args.sink)
-    except BadQuery as exc:
-        print(exc, file=sys.stderr)
-        return 2
-
-    async def read() -> list[dict[str, object]]:
-        try:
-            return await reader.query(query)
-        finally:
-            await reader.close()
-
-    events = asyncio.run(read())
-    if args.format == "json":
-        print(json.dumps(events, indent=2))
-        return 0
-    for line in table(events):
-        print(line)
-    print(f"{len(events)} event(s) from {reader.name}")
-    return 0
-
-
-def _audit_verify(args: argparse.Namespace) -> int:
-    """Check every event of each sink against the chain key; exit 1 on the first broken link of any sink."""
-    import asyncio
-
-    from gateway.audit.chainkey import read_chain_key
-    from gateway.audit.event import ChainReport
-    from gateway.audit.sinks import Sink, open_sink
-
-    config = load_config(args.config)
-    specs = list(enumerate(config.audit.sinks))
-    if args.sink is not None:
-        specs = [(i, s) for i, s in specs if str(i) == args.sink or s.type == args.sink]
-        if not specs:
-            print(f"no audit sink {args.sink!r}", file=sys.stderr)
-            return 2
-    key = read_chain_key(config.audit.chain_key_file)  # never created here: a new key would vouch for nothing
-
-    async def check(sink: Sink) -> ChainReport:
-        try:
-            return await sink.verify(key)
-        finally:
-            await sink.close()
-
-    broken = False
-    for _, spec in specs:
-        sink = open_sink(spec)
-        try:
-            report = asyncio.run(check(sink))
-        except Exception as exc:
-            print(f"{sink.name}: cannot read: {exc}")
-            broken = True
-            continue
-        if report.ok:
-            print(f"{sink.name}: OK, {report.count} events, chain intact")
-        else:
-            broken = True
-            print(f"{sink.name}: BROKEN at event {report.broken_at} (id {report.event_id}): {report.why}")
-    return 1 if broken else 0
-
-
 def _hash_secret(args: argparse.Namespace) -> int:
     import getpass
 
@@ -305,6 +244,19 @@ def _hash_secret(args: argparse.Namespace) -> int:
     return 0
 
 
+def _port(value: str) -> int:
+    try:
+        return check_port(int(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value} is not a port number (1 to 65535)") from None
+
+
+def _ttl(value: str) -> int:
+    if not value.isdigit() or not 0 < int(value) <= MAX_TOKEN_TTL_S:
+        raise argparse.ArgumentTypeError(f"{value}: a token lives from 1 to {MAX_TOKEN_TTL_S} seconds (a day)")
+    return int(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mcp-gateway", description="A security gateway for MCP servers.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -316,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="quick start: serve the stdio MCP server COMMAND, with a generated config and token")
     serve.add_argument("command", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
+    serve.add_argument("--port", type=_port)
     serve.add_argument("--workers", type=int, default=1, help="worker processes (metrics are summed across them)")
     serve.set_defaults(func=_serve)
 
@@ -331,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--claim", action="append", default=[], help="KEY=VALUE, repeatable; VALUE may be JSON")
     token.add_argument("--client-id")
     token.add_argument("--upstream", help="the upstream (resource) the token is for; default: the first")
-    token.add_argument("--ttl", type=int, help="seconds; default auth.clients.token_ttl_s")
+    token.add_argument("--ttl", type=_ttl, help=f"seconds, at most {MAX_TOKEN_TTL_S}; default "
+                       "auth.clients.token_ttl_s")
     token.set_defaults(func=_issue_token)
 
     hashing = commands.add_parser("hash-secret", help="print the scrypt hash of a client secret read from stdin")
@@ -361,33 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     test.set_defaults(func=_policy_test)
     cli_policy.register(policy)
 
-    audit = commands.add_parser("audit", help="read and verify the audit trail").add_subparsers(dest="action",
-                                                                                               required=True)
-    query = audit.add_parser("query", help="print audit events")
-    query.add_argument("--config", required=True)
-    query.add_argument("--sink", help="index or type of the sink to read (default: sqlite, postgres, then jsonl)")
-    query.add_argument("--since", help="15m, 1h, 2d, an ISO 8601 time or UNIX seconds")
-    query.add_argument("--until")
-    query.add_argument("--user")
-    query.add_argument("--client")
-    query.add_argument("--operation", help="e.g. tools/call")
-    query.add_argument("--tool")
-    query.add_argument("--resource")
-    query.add_argument("--result", choices=["allowed", "denied", "rate_limited", "auth_failed", "invalid_request",
-                                            "upstream_error", "error"])
-    query.add_argument("--rule", help="the rule or check that decided, e.g. role:reader:tool")
-    query.add_argument("--policy-version", help="decided under this policy version")
-    query.add_argument("--would-deny", help="allowed under mode audit_only, that this rule would have refused")
-    query.add_argument("--limit", type=int, default=100)
-    query.add_argument("--offset", type=int, default=0)
-    query.add_argument("--format", choices=["table", "json"], default="table")
-    query.set_defaults(func=_audit_query)
-    verify = audit.add_parser("verify", help="check every sink's hash chain with the chain key "
-                              "(audit.chain_key_file); report the first broken link")
-    verify.add_argument("--config", required=True)
-    verify.add_argument("--sink", help="index or type of one sink (default: all)")
-    verify.set_defaults(func=_audit_verify)
-
+    cli_audit.register(commands)
     cli_admin.register(commands)
     cli_tools.register(commands)
     cli_connect.register(commands)
@@ -402,6 +329,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return 2
+    except GatewayError as exc:  # worded for a person (a sink not there, a store unreachable): not a traceback
+        print(f"mcp-gateway: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

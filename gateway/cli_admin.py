@@ -112,7 +112,7 @@ def _call(args: argparse.Namespace, config: Config, method: str, path: str, scop
 
 
 def _run(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = load_config(args.config, upstream_secrets=False)
     try:
         command = f"{args.command} {args.action}"
         if command == "sessions list":
@@ -203,7 +203,7 @@ def _print(args: argparse.Namespace, items: list[dict[str, Any]], columns: list[
 def _admin_login(args: argparse.Namespace) -> int:
     from gateway.console import login_url
 
-    config = load_config(args.config)
+    config = load_config(args.config, upstream_secrets=False)
     try:
         authenticator = _signer(config)
     except _Refused as refused:

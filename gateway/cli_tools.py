@@ -5,7 +5,8 @@ Owns those commands' arguments, output and exit codes (as `cli_admin`'s: 0 done,
 bad configuration or arguments). Each is a client of the running gateway's admin API (`/admin/tools`), with a
 one-minute token it signs with the gateway's key, as `cli_admin`'s commands are; `--as NAME` is who approved,
 in the audit trail. `tools pin --write FILE` also writes the pins file the operator commits
-(`upstreams[].pins_file`): a restarted gateway loads it, and its pins win over the store's.
+(`upstreams[].pins_file`): a restarted gateway loads it, and its pins win over the store's. Only `--live` needs
+the upstreams' credentials in the environment (`Config.require_upstream_secrets`).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def register(commands: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = load_config(args.config, upstream_secrets=False)
     scope = config.admin.tools_scope
     try:
         if args.action == "list" and args.live:

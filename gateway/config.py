@@ -5,6 +5,12 @@ from the environment; `load_config(path) -> Config`, which raises
 `ConfigError` listing every problem as `FILE: key.path: why` (the policy file
 and the pins files it names included). Nothing else in the package reads YAML
 or the environment for settings.
+
+An upstream's credentials (`upstreams[].headers`, `.env`, `.oauth.client_secret`) are needed only by what talks
+to the upstream: a command that does not (`audit query`, `issue-token`, ...) loads the config with
+`upstream_secrets=False`, and a variable they name may then be unset. Such a value is left empty and the
+config remembers why: `Config.require_upstream_secrets()`, called by whatever would send it, refuses it. A
+variable unset anywhere else (an upstream's `oauth.token_url`, say) is a problem of the config for every command.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from gateway.config_auth import Auth, GatewayClients
 from gateway.config_tracing import Tracing
@@ -32,9 +38,21 @@ class ConfigError(ProblemsError):
     """The config (or a file it names) is invalid. `problems` holds one `FILE: key.path: why` line each."""
 
 
+def check_port(value: int) -> int:
+    """`value` if it is a TCP port a server can listen on (`listen.port`, `serve --port`)."""
+    if not 1 <= value <= 65535:  # the OS would take 99999 modulo 65536 and bind another port without a word
+        raise ValueError(f"{value} is not a port number (1 to 65535)")
+    return value
+
+
 class Listen(StrictModel):
     host: str = "127.0.0.1"
-    port: int = Field(8080, ge=0, le=65535)
+    port: int = 8080
+
+    @field_validator("port")
+    @classmethod
+    def _port(cls, value: int) -> int:
+        return check_port(value)
 
 
 class Limits(StrictModel):
@@ -169,6 +187,11 @@ class Config(StrictModel):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
     source: Path | None = None
+    # where the files the gateway creates resolve when given relative (default: $MCP_GATEWAY_DATA_DIR, else the
+    # config file's directory); what it only reads (the policy, pins, certificates) resolves beside the config
+    data_dir: Path | None = None
+    # `FILE: key: why` of each upstream credential left unset by load_config(upstream_secrets=False)
+    _unset_secrets: tuple[str, ...] = PrivateAttr(())
 
     @field_validator("public_url")
     @classmethod
@@ -238,12 +261,23 @@ class Config(StrictModel):
         """The protected resource's URL for an upstream: what tokens' `aud` must name."""
         return self.auth.resource or f"{self.public_url}{upstream.path}"
 
+    def require_upstream_secrets(self) -> None:
+        """ConfigError naming each upstream credential whose variable was unset when this config was loaded
+        with upstream_secrets=False: called before anything reaches an upstream with them."""
+        if self._unset_secrets:
+            raise ConfigError(list(self._unset_secrets))
+
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# Where an upstream's credentials live: its headers, a stdio upstream's environment, its OAuth client secret
+# (config_upstream, config_auth.UpstreamOAuth). Its other settings are needed to load the config at all.
+_UPSTREAM_SECRET = re.compile(r"^upstreams\.\d+\.(headers\..+|env\..+|oauth\.client_secret)$")
 
 
-def _expand(value: Any, env: Mapping[str, str], file: Path, where: str, problems: list[str]) -> Any:
-    """Replace `${VAR}` (or `${VAR:-default}`) in every string; an unset VAR without default is a problem."""
+def _expand(value: Any, env: Mapping[str, str], file: Path, where: str, problems: list[str],
+            deferred: list[str] | None = None) -> Any:
+    """Replace `${VAR}` (or `${VAR:-default}`) in every string; an unset VAR without default is a problem, or
+    (given `deferred`) for an upstream's credential, a note in `deferred`."""
     if isinstance(value, str):
 
         def substitute(match: re.Match[str]) -> str:
@@ -252,19 +286,25 @@ def _expand(value: Any, env: Mapping[str, str], file: Path, where: str, problems
                 return env[name]
             if default is not None:
                 return default
-            problems.append(f"{file}: {where}: environment variable {name} is not set")
+            unset = f"{file}: {where}: environment variable {name} is not set"
+            (deferred if deferred is not None and _UPSTREAM_SECRET.match(where) else problems).append(unset)
             return ""
 
         return _VAR.sub(substitute, value)
     if isinstance(value, dict):
-        return {k: _expand(v, env, file, f"{where}.{k}" if where else str(k), problems) for k, v in value.items()}
+        return {k: _expand(v, env, file, f"{where}.{k}" if where else str(k), problems, deferred)
+                for k, v in value.items()}
     if isinstance(value, list):
-        return [_expand(v, env, file, f"{where}.{i}", problems) for i, v in enumerate(value)]
+        return [_expand(v, env, file, f"{where}.{i}", problems, deferred) for i, v in enumerate(value)]
     return value
 
 
-def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
-    """Load and validate the config file and the policy it names. Raises ConfigError with every problem."""
+def load_config(path: str | Path, env: Mapping[str, str] | None = None, *, upstream_secrets: bool = True) -> Config:
+    """Load and validate the config file and the policy it names. Raises ConfigError with every problem.
+
+    upstream_secrets=False: for a caller that never talks to an upstream, a variable left unset in an upstream's
+    headers, env or oauth.client_secret is no problem; `Config.require_upstream_secrets()` refuses the config where
+    it is."""
     path = Path(path)
     try:
         raw, _ = read_yaml(path)
@@ -275,7 +315,8 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Confi
     if not isinstance(raw, dict):
         raise ConfigError([f"{path}: (top level): must be a mapping of keys"])
     problems: list[str] = []
-    data = _expand(raw, os.environ if env is None else env, path, "", problems)
+    deferred: list[str] | None = None if upstream_secrets else []
+    data = _expand(raw, os.environ if env is None else env, path, "", problems, deferred)
     policy_ref = data.get("policy")
     if policy_ref is None:
         problems.append(f"{path}: policy: required (the policy file to enforce)")
@@ -286,7 +327,9 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Confi
             problems.extend(exc.problems)
     if problems:
         raise ConfigError(problems)
-    _resolve_relative_paths(data, path.parent)
+    data_dir = data.get("data_dir") or (os.environ if env is None else env).get("MCP_GATEWAY_DATA_DIR")
+    data["data_dir"] = path.parent / data_dir if isinstance(data_dir, str) and data_dir else path.parent
+    _resolve_relative_paths(data, path.parent, data["data_dir"])
     data["source"] = path
     try:
         config = Config.model_validate(data)
@@ -301,17 +344,20 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Confi
             problems.extend(exc.problems)
     if problems:
         raise ConfigError(problems)
+    config._unset_secrets = tuple(deferred or ())
     return config
 
 
-def _resolve_relative_paths(data: dict[str, Any], base: Path) -> None:
-    """Paths in the config (given or defaulted) are relative to the config file, not to the working directory."""
+def _resolve_relative_paths(data: dict[str, Any], base: Path, state: Path) -> None:
+    """Paths in the config (given or defaulted) are relative to the config file's directory `base`, never to the
+    working directory; those of the files the gateway creates and writes (its signing key, the audit chain key,
+    audit files, the role assignments database) to the data directory `state`."""
     auth = data.setdefault("auth", {})
     clients = auth.setdefault("clients", {}) if isinstance(auth, dict) else None
     if isinstance(clients, dict):
         key_file = clients.get("signing_key_file", str(GatewayClients.model_fields["signing_key_file"].default))
         if isinstance(key_file, str):
-            clients["signing_key_file"] = str(base / key_file)
+            clients["signing_key_file"] = str(state / key_file)
     if data.get("audit") is None:
         data["audit"] = {}
     audit = data["audit"]
@@ -320,10 +366,10 @@ def _resolve_relative_paths(data: dict[str, Any], base: Path) -> None:
         if isinstance(audit["sinks"], list):
             for sink in audit["sinks"]:
                 if isinstance(sink, dict) and isinstance(sink.get("path"), str):
-                    sink["path"] = str(base / sink["path"])
+                    sink["path"] = str(state / sink["path"])
         key_file = audit.get("chain_key_file", str(Audit.model_fields["chain_key_file"].default))
         if isinstance(key_file, str):
-            audit["chain_key_file"] = str(base / key_file)
+            audit["chain_key_file"] = str(state / key_file)
     if data.get("role_assignments") is None:
         # Not given: where the other shared state lives. A gateway whose sessions are in Redis is one of several
         # replicas or workers, and a role granted or withdrawn through one must hold on every other.
@@ -336,7 +382,7 @@ def _resolve_relative_paths(data: dict[str, Any], base: Path) -> None:
     if isinstance(assignments, dict) and assignments.get("backend", "sqlite") == "sqlite":
         store = assignments.get("path", str(RoleAssignmentsStore.model_fields["path"].default))
         if isinstance(store, str):
-            assignments["path"] = str(base / store)
+            assignments["path"] = str(state / store)
     upstreams = data.get("upstreams")
     for upstream in upstreams if isinstance(upstreams, list) else ():
         for key in ("cwd", "pins_file"):

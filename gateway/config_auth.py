@@ -20,6 +20,13 @@ from gateway.oauth.metadata import trusted_url
 from gateway.principal import check_claim_types
 from gateway.yamlfile import StrictModel
 
+# A token the gateway signs can be taken back only by revoking it, which the session store must remember until
+# the token expires (in memory: lost on a restart; and `sessions revoke` finds it among at most
+# sessions.max_sessions token sessions). A day bounds that exposure, for `issue-token --ttl` and
+# `auth.clients.token_ttl_s` alike; a machine that needs access for longer is a registered client
+# (auth.clients.registered), which gets a fresh token whenever it needs one.
+MAX_TOKEN_TTL_S = 86400
+
 
 def http_url(value: str) -> str:
     """`value` if it is an http(s) URL with a host and no credentials in it."""
@@ -68,7 +75,7 @@ class GatewayClients(StrictModel):
     """Tokens the gateway signs itself: for registered clients (POST /oauth/token) and `mcp-gateway issue-token`."""
 
     signing_key_file: Path = Path("gateway-signing-key.pem")
-    token_ttl_s: int = Field(900, gt=0)
+    token_ttl_s: int = Field(900, gt=0, le=MAX_TOKEN_TTL_S)
     registered: tuple[RegisteredClient, ...] = ()
     max_failures: int = Field(5, gt=0)  # failed secrets per client or source before answers slow down
 

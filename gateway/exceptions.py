@@ -24,6 +24,7 @@ imports nothing from the package, so every module may import it.
   + AuditUnavailable .......... audit.writer: the audit queue is full, or events were not written in time
   + AnswerWithheld ............ inspect: an answer begun whose events were not written: its end is never sent
   + BadQuery .................. audit.reading: an audit query parameter that cannot be understood (also a ValueError)
+  + SinkUnreadable ............ audit.sinks: an audit sink cannot be read back (not there yet, unreachable)
   + EventTooLarge ............. sse: one SSE event grew past the decoder's bound (also a ValueError)
   + UpstreamError ............. upstream_http: the upstream cannot be reached or broke HTTP/1.1
   + Broken .................... stdio.channel: a stdio upstream's process cannot serve (exited, protocol, timeout)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from gateway import errors
 from gateway.assignments import Assignment
 from gateway.audit.reading import BadQuery, query_from, reader_for
+from gateway.audit.sinks import SinkUnreadable
 from gateway.pins import short
 from gateway.policy.engine import roles_for
 
@@ -66,6 +67,8 @@ async def read_audit(runtime: Runtime, params: Mapping[str, str]) -> Done:
         raise _bad(str(exc), "admin:bad_query") from None
     try:
         events = await reader.query(query)
+    except SinkUnreadable as exc:
+        raise errors.GatewayRefusal(errors.AUDIT_UNAVAILABLE, str(exc), reason="admin:audit_unreadable") from None
     finally:
         await reader.close()
     return Done({"sink": reader.name, "count": len(events), "events": events}, "admin:audit_read")

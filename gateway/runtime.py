@@ -35,6 +35,7 @@ from gateway.policy.lint import literal_lint, schema_lint
 from gateway.policy.source import policy_files, reread_policy
 from gateway.ratelimit.gate import RateLimiter
 from gateway.sessions import SessionStore, open_sessions
+from gateway.startup_summary import startup_fields
 from gateway.tracing import open_tracing
 
 if TYPE_CHECKING:
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.policy")
 lint_log = logging.getLogger("gateway.policy.lint")
+startup_log = logging.getLogger("gateway")
 
 
 class Runtime:
@@ -80,12 +82,16 @@ class Runtime:
         # app), read by the console's health page.
         self.upstream_apps: dict[str, UpstreamProxy | StdioUpstream] = {}
         self.started = False
+        # Where the server running this gateway listens, when the gateway runs it (`serve`): for the start-up line.
+        self.listen: str | None = None
+        self._announced = False
         self._watcher: asyncio.Task[None] | None = None
         self._policy_stamp = _stamp(self.policy)
         _warn_literals(self.policy)
 
     def start(self) -> None:
-        """Start background work on the running loop (idempotent; also called lazily on first request)."""
+        """Start background work on the running loop (idempotent; also called lazily on first request), and say
+        once what the gateway runs with (`startup_summary`)."""
         if self.started:
             return
         self.audit.start()
@@ -99,6 +105,9 @@ class Runtime:
             except (NotImplementedError, RuntimeError, AttributeError):
                 log.info("no SIGHUP on this platform: the policy reloads on file change only")
         self.started = True
+        if not self._announced:  # once: a start after close() is the same gateway
+            self._announced = True
+            startup_log.info("gateway started", extra=startup_fields(self.config, self.policy, self.listen))
 
     async def close(self) -> None:
         """Flush the audit trail and stop."""

@@ -29,12 +29,14 @@ class ListingFailed(GatewayError):
 
 
 async def list_tools(config: Config, upstream: Upstream) -> list[dict[str, Any]]:
-    """Every tool `upstream` lists, as it lists them; ListingFailed with the reason when it cannot be asked."""
+    """Every tool `upstream` lists, as it lists them; ListingFailed with the reason when it cannot be asked,
+    ConfigError when `config` was loaded without the upstreams' credentials."""
     from gateway.metrics import Metrics
     from gateway.oauth.upstream import UpstreamCredential
     from gateway.proxy import UpstreamProxy
     from gateway.stdio.upstream import StdioUpstream
 
+    config.require_upstream_secrets()  # the upstream is asked with them
     app: UpstreamProxy | StdioUpstream
     if upstream.url is not None:
         credential = (UpstreamCredential(upstream.name, upstream.url, upstream.oauth)

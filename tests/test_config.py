@@ -61,6 +61,9 @@ BAD = [
      "oauth: only for an HTTP upstream"),
     ({"upstreams": [{**UPSTREAM, "oauth": {**OAUTH, "grant": "token_exchange"}}]},
      "token_exchange needs token_url or issuer"),
+    # the lifetime of a token issue-token (without --ttl) and POST /oauth/token sign: at most a day, as --ttl's
+    ({"upstreams": [UPSTREAM], "auth": {"clients": {"token_ttl_s": 86401}}},
+     "auth.clients.token_ttl_s: Input should be less than or equal to 86400"),
 ]
 
 

@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 from gateway.audit.event import KEY_BYTES, ChainKey
+from gateway.private_files import private_directory
 from gateway.yamlfile import ProblemsError
 
 
@@ -45,7 +46,7 @@ def load_or_create_chain_key(path: Path) -> ChainKey:
     """
     if not path.exists():
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            private_directory(path.parent)
             draft = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
             fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:

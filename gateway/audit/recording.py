@@ -174,12 +174,23 @@ class Recorder:
             log.error("audit buffer full: event %s could not be queued", event.id,
                       extra={"audit_id": event.id, "result": event.result, "reason": event.reason})
         if log.isEnabledFor(logging.INFO):
-            log.info("request", extra={
-                "audit_id": event.id, "upstream": ex.upstream.name, "operation": event.operation,
-                "result": event.result, "reason": event.reason, "status": event.status, "user_id": event.user_id,
-                "client_id": event.client_id, "duration_ms": event.duration_ms, "source_ip": event.source_ip,
-                **({"would_deny": event.would_deny} if event.would_deny else {}),
-            })
+            log.info("request", extra=request_fields(event))
+
+
+def request_fields(event: AuditEvent) -> dict[str, object]:
+    """The request line's fields (`logs`): always these, in this order, then the reason when it says more than the
+    rule (a refusal's, an upstream's failure) and what a rule in audit_only mode would have refused."""
+    fields: dict[str, object] = {
+        "audit_id": event.id, "user": event.user_id, "client": event.client_id, "method": event.operation,
+        "target": event.tool_executed or event.resource_accessed or event.prompt, "result": event.result,
+        "rule": event.rule, "status": event.status, "duration_ms": event.duration_ms, "upstream": event.upstream,
+        "source_ip": event.source_ip,
+    }
+    if event.reason != event.rule:
+        fields["reason"] = event.reason
+    if event.would_deny:
+        fields["would_deny"] = event.would_deny
+    return fields
 
 
 def _refused(decision: Decision) -> str:

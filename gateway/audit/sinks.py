@@ -6,7 +6,14 @@ writer started (several workers or replicas may share a sink; see
 `event.verify_chain`). A batch is written whole or not at all (a transaction; for
 JSONL, a failed append is cut back), so a retried batch is never stored twice.
 A table created before a column of `AuditEvent` existed gets that column when
-the sink opens (rows written before it hold NULL there).
+the sink opens (rows written before it hold NULL there). A file or directory a
+sink creates is its owner's only (0600, 0700): the trail holds who did what; a
+file found open to every user is left as it is, with a warning.
+
+Reading back (`query`, `count`, `verify`) raises `SinkUnreadable`, saying why,
+for a sink that does not exist yet or cannot be reached; so does any use of a
+PostgreSQL sink whose DSN cannot be read. A message shows a DSN as
+`url_redaction.redact_url` does: it reaches the admin API, the CLI and the log.
 
     sqlite    WAL mode, one transaction per batch, in a worker thread (the event loop never waits on disk)
     jsonl     one line per event, flushed per batch; rotated past rotate_mb (audit.jsonl.1, .2, ...)
@@ -16,20 +23,36 @@ the sink opens (rows written before it hold NULL there).
 from __future__ import annotations
 
 import asyncio
+import logging
 import operator
 import os
 import sqlite3
-from collections.abc import Iterator
+import stat
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 import orjson
 
 from gateway.audit.event import COLUMNS, GENESIS, AuditEvent, ChainKey, ChainReport, Sealed, seal, verify_chain
 from gateway.config import AuditSink
+from gateway.exceptions import GatewayError
+from gateway.private_files import owner_only, private_directory
+from gateway.url_redaction import redact_url
+
+log = logging.getLogger("gateway.audit")
 
 _SQL_COLUMNS = (*COLUMNS, "record", "prev_hash", "hash")
+_NOTHING_YET = "(nothing recorded yet?)"
+
+
+class SinkUnreadable(GatewayError):
+    """An audit sink cannot be read back: it does not exist yet, or cannot be reached (nor, for a DSN that cannot
+    be read, written). The message names the sink and says why, showing no credential."""
+
+    def __init__(self, sink: str, why: str) -> None:
+        super().__init__(f"audit sink {sink}: {why}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +72,7 @@ class AuditQuery:
     would_deny: str | None = None
     limit: int = 100
     offset: int = 0
+    order: Literal["oldest", "newest"] = "oldest"  # which end of the matching events a page starts from
 
     def filters(self) -> list[tuple[str, str, Any]]:
         """(column, operator, value) for every condition given."""
@@ -77,6 +101,17 @@ class AuditQuery:
         return True
 
 
+def _where(query: AuditQuery, placeholder: Callable[[int], str]) -> tuple[str, list[Any]]:
+    """The SQL condition of `query.filters()` (the i-th value's placeholder is `placeholder(i)`), and its values."""
+    filters = query.filters()
+    condition = " AND ".join(f"{c} {op} {placeholder(i)}" for i, (c, op, _) in enumerate(filters))
+    return condition or "1=1", [v for _, _, v in filters]
+
+
+# seq: events of one instant in the order they were written
+_ORDER = {"oldest": "ORDER BY timestamp, seq", "newest": "ORDER BY timestamp DESC, seq DESC"}
+
+
 class Sink(Protocol):
     name: str
 
@@ -88,7 +123,16 @@ class Sink(Protocol):
 
     async def query(self, query: AuditQuery) -> list[dict[str, Any]]: ...
 
+    async def count(self, query: AuditQuery) -> int: ...  # how many match, whatever the limit and offset
+
     async def verify(self, key: ChainKey) -> ChainReport: ...
+
+
+def _warn_if_open_to_all(*paths: Path) -> None:
+    for path in paths:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & (stat.S_IROTH | stat.S_IWOTH):
+            log.warning("audit file %s is open to every user (mode %04o): chmod 600 it", path, mode)
 
 
 _FIELDS = operator.attrgetter(*COLUMNS)
@@ -124,7 +168,11 @@ class SqliteSink:
         await asyncio.to_thread(self._open)
 
     def _open(self) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
+        private_directory(self._path.parent)
+        try:  # created here, empty (an empty file is an empty database), so that SQLite never creates it 0644
+            os.close(os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            _warn_if_open_to_all(self._path)
         db = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
         db.execute("PRAGMA busy_timeout=10000")  # other workers' writers share the file
         db.execute("PRAGMA journal_mode=WAL")
@@ -174,19 +222,29 @@ class SqliteSink:
             self._db = None
 
     def _read(self, sql: str, params: list[Any]) -> list[dict[str, Any]]:
-        db = sqlite3.connect(f"file:{self._path}?mode=ro", uri=True)
-        db.row_factory = sqlite3.Row
+        if not self._path.exists():  # read-only: never created here
+            raise SinkUnreadable(self.name, f"no such file {_NOTHING_YET}")
         try:
-            return [dict(row) for row in db.execute(sql, params)]
-        finally:
-            db.close()
+            db = sqlite3.connect(f"file:{self._path}?mode=ro", uri=True)
+            db.row_factory = sqlite3.Row
+            try:
+                return [dict(row) for row in db.execute(sql, params)]
+            finally:
+                db.close()
+        except sqlite3.Error as exc:
+            why = f"no audit_events table {_NOTHING_YET}" if "no such table" in str(exc) else f"cannot be read: {exc}"
+            raise SinkUnreadable(self.name, why) from None
 
     async def query(self, query: AuditQuery) -> list[dict[str, Any]]:
-        where = " AND ".join(f"{c} {op} ?" for c, op, _ in query.filters()) or "1=1"
-        params = [v for _, _, v in query.filters()] + [query.limit, query.offset]
+        where, params = _where(query, lambda _: "?")
         rows = await asyncio.to_thread(self._read, f"SELECT record FROM audit_events WHERE {where} "
-                                       "ORDER BY timestamp, seq LIMIT ? OFFSET ?", params)
+                                       f"{_ORDER[query.order]} LIMIT ? OFFSET ?", [*params, query.limit, query.offset])
         return [_event_dict(r) for r in rows]
+
+    async def count(self, query: AuditQuery) -> int:
+        where, params = _where(query, lambda _: "?")
+        rows = await asyncio.to_thread(self._read, f"SELECT count(*) AS n FROM audit_events WHERE {where}", params)
+        return int(rows[0]["n"])
 
     async def verify(self, key: ChainKey) -> ChainReport:
         rows = await asyncio.to_thread(self._read, "SELECT * FROM audit_events ORDER BY seq", [])
@@ -213,8 +271,9 @@ class JsonlSink:
         return [*rotated, self._path] if self._path.exists() else rotated
 
     async def open(self) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
+        private_directory(self._path.parent)
         files = self._files()
+        _warn_if_open_to_all(*files)
         self._last = await asyncio.to_thread(_last_hash_of, files[-1]) if files else GENESIS
 
     async def write(self, events: list[AuditEvent], key: ChainKey) -> None:
@@ -228,7 +287,7 @@ class JsonlSink:
         if self._rotate_bytes and self._path.exists() and self._path.stat().st_size >= self._rotate_bytes:
             taken = [int(p.suffix[1:]) for p in self._files() if p != self._path]
             self._path.rename(self._path.with_name(f"{self._path.name}.{max(taken, default=0) + 1}"))
-        with self._path.open("ab") as handle:
+        with open(self._path, "ab", opener=owner_only) as handle:
             start = handle.tell()
             try:
                 handle.write(lines)
@@ -242,30 +301,52 @@ class JsonlSink:
         return None
 
     def _events(self) -> Iterator[bytes]:
-        for path in self._files():
-            with path.open("rb") as handle:
-                for line in handle:
-                    if line.strip():
-                        yield line
+        files = self._files()
+        if not files:
+            raise SinkUnreadable(self.name, f"no such file {_NOTHING_YET}")
+        for path in files:
+            try:
+                with path.open("rb") as handle:
+                    yield from (line for line in handle if line.strip())
+            except OSError as exc:
+                raise SinkUnreadable(self.name, f"{path}: cannot be read: {exc.strerror or exc}") from None
+
+    def _matching(self, query: AuditQuery) -> list[dict[str, Any]]:
+        """Every event matching `query`'s filters, in the order of `query.order`."""
+        found = []
+        for line in self._events():
+            try:
+                event = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                event = None
+            if not isinstance(event, dict):
+                raise SinkUnreadable(self.name, "holds a line that is not a JSON object (`audit verify` says which)")
+            event.pop("hash", None)
+            event.pop("prev_hash", None)
+            if query.matches(event):
+                found.append(event)
+        found.sort(key=lambda e: e.get("timestamp") or 0)  # stable: events of one instant in the order written
+        if query.order == "newest":
+            found.reverse()
+        return found
 
     async def query(self, query: AuditQuery) -> list[dict[str, Any]]:
-        def scan() -> list[dict[str, Any]]:
-            found = []
-            for line in self._events():
-                event = orjson.loads(line)
-                event.pop("hash", None)
-                event.pop("prev_hash", None)
-                if query.matches(event):
-                    found.append(event)
-            found.sort(key=lambda e: e.get("timestamp") or 0)
-            return found[query.offset: query.offset + query.limit]
+        found = await asyncio.to_thread(self._matching, query)
+        return found[query.offset: query.offset + query.limit]
 
-        return await asyncio.to_thread(scan)
+    async def count(self, query: AuditQuery) -> int:
+        return len(await asyncio.to_thread(self._matching, query))
 
     async def verify(self, key: ChainKey) -> ChainReport:
         def rows() -> Iterator[tuple[bytes, str, str, dict[str, Any] | None]]:
             for line in self._events():
-                event = orjson.loads(line)
+                try:
+                    event = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    event = None
+                if not isinstance(event, dict):
+                    yield line, "", "", None  # verify_chain says what it is not
+                    continue
                 prev, digest = event.pop("prev_hash", ""), event.pop("hash", "")
                 yield orjson.dumps(event, option=orjson.OPT_SORT_KEYS), prev, digest, None
 
@@ -292,6 +373,7 @@ class PostgresSink:
     def __init__(self, dsn: str, table: str = "audit_events") -> None:
         self.name = f"postgres:{table}"
         self._dsn = dsn
+        self._server = redact_url(dsn)  # where the table is, for a person: its messages reach the admin API
         self._table = table
         self._conn: Any = None
         self._last = GENESIS
@@ -301,7 +383,11 @@ class PostgresSink:
         import asyncpg  # type: ignore[import-untyped]  # no stubs published
 
         if self._conn is None or self._conn.is_closed():
-            self._conn = await asyncpg.connect(self._dsn, timeout=5)
+            try:
+                self._conn = await asyncpg.connect(self._dsn, timeout=5)
+            except ValueError:  # its message quotes the part of the DSN it could not read: a password's, maybe
+                raise SinkUnreadable(self.name, f"cannot connect to {self._server}: not a DSN (percent-encode "
+                                                "any / ? # or @ in the user name or password)") from None
         return self._conn
 
     async def open(self) -> None:
@@ -352,20 +438,43 @@ class PostgresSink:
             await self._conn.close()
             self._conn = None
 
+    async def _read(self, sql: str, *params: Any) -> list[dict[str, Any]]:
+        import asyncpg
+
+        try:
+            conn = await self._connection()
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise SinkUnreadable(self.name, f"cannot connect to {self._server}: {_reason(exc)}") from None
+        try:
+            return [dict(r) for r in await conn.fetch(sql, *params)]
+        except asyncpg.UndefinedTableError:
+            raise SinkUnreadable(self.name, f"no table {self._table} in {self._server} {_NOTHING_YET}") from None
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise SinkUnreadable(self.name, f"cannot be read: {_reason(exc)}") from None
+
     async def query(self, query: AuditQuery) -> list[dict[str, Any]]:
-        filters = query.filters()
-        where = " AND ".join(f"{c} {op} ${i + 1}" for i, (c, op, _) in enumerate(filters)) or "TRUE"
-        n = len(filters)
-        conn = await self._connection()
-        rows = await conn.fetch(f"SELECT record FROM {self._table} WHERE {where} ORDER BY timestamp, seq "
-                                f"LIMIT ${n + 1} OFFSET ${n + 2}", *[v for _, _, v in filters],
-                                query.limit, query.offset)
-        return [_event_dict(dict(r)) for r in rows]
+        where, params = _where(query, lambda i: f"${i + 1}")
+        n = len(params)
+        rows = await self._read(f"SELECT record FROM {self._table} WHERE {where} {_ORDER[query.order]} "
+                                f"LIMIT ${n + 1} OFFSET ${n + 2}", *params, query.limit, query.offset)
+        return [_event_dict(r) for r in rows]
+
+    async def count(self, query: AuditQuery) -> int:
+        where, params = _where(query, lambda i: f"${i + 1}")
+        rows = await self._read(f"SELECT count(*) AS n FROM {self._table} WHERE {where}", *params)
+        return int(rows[0]["n"])
 
     async def verify(self, key: ChainKey) -> ChainReport:
-        conn = await self._connection()
-        rows = [dict(r) for r in await conn.fetch(f"SELECT * FROM {self._table} ORDER BY seq")]
+        rows = await self._read(f"SELECT * FROM {self._table} ORDER BY seq")
         return verify_chain(_chain_rows(rows), key)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, TimeoutError):
+        return "no answer in time"
+    return str(exc) or type(exc).__name__
 
 
 def open_sink(spec: AuditSink) -> Sink:

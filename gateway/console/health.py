@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 from gateway.stdio.pool import Running
 from gateway.stdio.upstream import StdioUpstream
+from gateway.url_redaction import redact_url
 
 if TYPE_CHECKING:
     from gateway.config import Upstream
@@ -66,14 +67,6 @@ async def probe(url: str, timeout_s: float = PROBE_TIMEOUT_S) -> Probe:
     return Probe(True, latency)
 
 
-def shown_url(url: str) -> str:
-    """The URL without credentials, query or fragment."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    netloc = f"[{host}]" if ":" in host else host
-    return f"{parts.scheme}://{netloc}{f':{parts.port}' if parts.port else ''}{parts.path}"
-
-
 def error_counts(metrics: Metrics, upstream: str) -> tuple[tuple[str, int], ...]:
     found = [(sample.labels["kind"], int(sample.value)) for family in metrics.upstream_errors.collect()
              for sample in family.samples
@@ -92,7 +85,7 @@ async def survey(runtime: Runtime) -> list[Health]:
                           processes=tuple(app.processes()), crash_looping=app.crash_looping)
         if app is None or upstream.url is None:
             return Health(upstream.name, upstream.path, "in-process", "the app this middleware wraps")
-        return Health(upstream.name, upstream.path, "http", shown_url(upstream.url), await probe(upstream.url),
+        return Health(upstream.name, upstream.path, "http", redact_url(upstream.url), await probe(upstream.url),
                       error_counts(runtime.metrics, upstream.name))
 
     return list(await asyncio.gather(*(one(u) for u in runtime.config.upstreams)))

@@ -93,6 +93,8 @@ class _Answer:
 class CedarEngine(PolicyEngine):
     """Decides for a `Policy` compiled from a Cedar file (`PolicyEngine`)."""
 
+    language = "cedar"
+
     def __init__(self, source: CedarSource, unknown_methods: Literal["deny", "allow"]) -> None:
         self._version = source.version
         self._rules = source.rules

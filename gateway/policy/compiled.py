@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from gateway.policy.constraints import ArgumentConstraint, Constraints, Violation
 from gateway.policy.globs import GlobIndex
@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 class PolicyEngine(abc.ABC):
     """A policy written in another language (Cedar: `gateway.policy.cedar`) decides in its own way; the
     `Policy` it sits in has no YAML rules, and `decide()` hands every operation to it."""
+
+    language: ClassVar[str]  # as `policy.engine` names it in the config
 
     @abc.abstractmethod
     def decide(self, principal: Principal, operation: Operation, hinted_level: int, era: str, upstream: str

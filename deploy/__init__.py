@@ -1,0 +1,1 @@
+"""Deployment files and the tools that write them (deploy/lock.py)."""
