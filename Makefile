@@ -28,7 +28,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check gateway tests examples bench deploy
 	$(BIN)/mypy gateway
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15  # the slowest, to keep the suite under its 10 minutes
 
 # The suite N times in a row (default 15), stopping at the first failure: a flaky test is a defect.
 test-loop: $(STAMP)

@@ -7,6 +7,7 @@ goes through `MCPSecurityMiddleware`, exactly as it does around an in-process ap
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import os
@@ -25,6 +26,7 @@ from gateway.errors import StateUnavailable
 from gateway.http_server import HeadDeadlineProtocol
 from gateway.middleware import MCPSecurityMiddleware
 from gateway.oauth.upstream import UpstreamCredential
+from gateway.probes import Reachability
 from gateway.proxy import UpstreamProxy
 from gateway.runtime import Runtime
 from gateway.stdio.upstream import StdioUpstream
@@ -58,6 +60,19 @@ def settle_garbage_collector() -> None:
     gc.set_threshold(10_000, middle, old)
 
 
+def reverse_proxy_problems(config: Config) -> list[str]:
+    """`FILE: key.path: why` for what keeps a config that loads from running as the reverse proxy: an upstream
+    with neither url nor command, a process user the gateway cannot switch to. `create_app` refuses them and
+    `check-config` reports them: one list, so the two never disagree."""
+    problems = [f"{config.source}: upstreams.{i}.url: required to run as a reverse proxy (or command, for a "
+                "stdio server)"
+                for i, u in enumerate(config.upstreams) if u.url is None and u.command is None]
+    problems += [f"{config.source}: upstreams.{i}.process: user and group need the gateway to run as root"
+                 for i, u in enumerate(config.upstreams)
+                 if (u.process.user or u.process.group) and os.geteuid() != 0]
+    return problems
+
+
 def create_app(config: Config | str | Path) -> MCPSecurityMiddleware:
     """The reverse-proxy gateway as one ASGI app: each upstream reached over HTTP (`url`) or run as a stdio
     program (`command`). Raises ConfigError for an upstream with neither, a process user the gateway cannot
@@ -65,12 +80,7 @@ def create_app(config: Config | str | Path) -> MCPSecurityMiddleware:
     if not isinstance(config, Config):
         config = load_config(config)
     config.require_upstream_secrets()  # the proxies below send them
-    problems = [f"{config.source}: upstreams[{i}].url: required to run as a reverse proxy (or command, for a "
-                "stdio server)"
-                for i, u in enumerate(config.upstreams) if u.url is None and u.command is None]
-    problems += [f"{config.source}: upstreams[{i}].process: user and group need the gateway to run as root"
-                 for i, u in enumerate(config.upstreams)
-                 if (u.process.user or u.process.group) and os.geteuid() != 0]
+    problems = reverse_proxy_problems(config)
     if problems:
         raise ConfigError(problems)
     runtime = Runtime(config)
@@ -79,6 +89,8 @@ def create_app(config: Config | str | Path) -> MCPSecurityMiddleware:
         else StdioUpstream(u, config.limits, config.sessions, runtime.metrics) for u in config.upstreams}
     runtime.upstream_apps = {p.upstream.name: p for p in proxies.values()}
     stdio = [p for p in proxies.values() if isinstance(p, StdioUpstream)]
+    reachability = {p.upstream.name: Reachability(p.upstream.url) for p in proxies.values()
+                    if isinstance(p, UpstreamProxy) and p.upstream.url is not None}
 
     async def healthz(_: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -86,7 +98,8 @@ def create_app(config: Config | str | Path) -> MCPSecurityMiddleware:
     async def readyz(_: Request) -> Response:
         """Ready: config loaded (it is, or we would not run), started, the audit trail taking events, the session
         store answering (without it no session, task or revocation can be checked), and the external issuer's
-        keys at hand (without them no token of its could be verified)."""
+        keys at hand (without them no token of its could be verified), and each HTTP upstream taking connections
+        (without them every call to it is a 502): a connect probe, reused for a few seconds."""
         checks = {
             "started": runtime.started,
             "audit_sinks_writable": not runtime.audit.failing,
@@ -99,9 +112,14 @@ def create_app(config: Config | str | Path) -> MCPSecurityMiddleware:
             checks["jwks_keys"] = jwks
         for upstream in stdio:  # a program that keeps breaking as it starts serves nobody
             checks[f"stdio_{upstream.upstream.name}_not_crash_looping"] = not upstream.crash_looping
+        whys = await asyncio.gather(*(r.why_not() for r in reachability.values()))
+        unreachable = {name: why for name, why in zip(reachability, whys, strict=True) if why is not None}
+        for name in reachability:
+            checks[f"upstream_{name}_reachable"] = name not in unreachable
         ready = all(checks.values())
         body = {"status": "ready" if ready else "not ready", "checks": checks,
-                "failing_sinks": sorted(runtime.audit.failing), "policy_version": runtime.policy.version}
+                "failing_sinks": sorted(runtime.audit.failing), "unreachable_upstreams": unreachable,
+                "policy_version": runtime.policy.version}
         return JSONResponse(body, status_code=200 if ready else 503)
 
     async def metrics(_: Request) -> Response:

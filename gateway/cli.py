@@ -89,10 +89,23 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
+    from gateway.app import reverse_proxy_problems
+
     config = load_config(args.config)
+    problems = reverse_proxy_problems(config)  # what `serve` would refuse, in its words
+    reached = ""
+    if args.probe:
+        import asyncio
+
+        from gateway.probes import probe, probed
+
+        problems += asyncio.run(probe(config))
+        reached = f"; reached {', '.join(probed(config))}"
+    if problems:
+        raise ProblemsError(problems)
     names = ", ".join(f"{u.name} at {u.path}" for u in config.upstreams)
     print(f"{args.config}: OK ({len(config.upstreams)} upstream(s): {names}; "
-          f"policy {config.policy.source} version {config.policy.version})")
+          f"policy {config.policy.source} version {config.policy.version}{reached})")
     return 0
 
 
@@ -274,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check-config", help="validate the config and every file it names")
     check.add_argument("--config", required=True)
+    check.add_argument("--probe", action="store_true",
+                       help="also reach what it names, once each, changing nothing: upstreams, audit sinks, Redis, "
+                       "PostgreSQL, keys, the issuer's JWKS")
     check.set_defaults(func=_check_config)
 
     token = commands.add_parser("issue-token", help="print a token signed by the gateway's own key")

@@ -131,7 +131,7 @@ class RoleAssignmentsStore(StrictModel):
     Default: a SQLite file, or the sessions' Redis when `sessions.backend` is redis."""
 
     backend: Literal["sqlite", "postgres", "redis"] = "sqlite"
-    path: Path = Path("state.db")  # sqlite (created 0600); beside the config file unless absolute
+    path: Path = Path("state.db")  # sqlite (created 0600); in data_dir unless absolute
     dsn: str | None = None  # postgres, e.g. postgresql://127.0.0.1/test
     # postgres; `<table>_generation` beside it: short enough that both are PostgreSQL identifiers (63 bytes)
     table: str = Field("role_assignments", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,51}$")

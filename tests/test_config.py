@@ -221,7 +221,7 @@ def test_serve_requires_an_upstream_url(tmp_path: Path) -> None:
     path = write(tmp_path, {"upstreams": [{"name": "demo", "path": "/mcp"}]})
     done = cli("serve", "--config", str(path))
     assert done.returncode == 2
-    assert f"{path}: upstreams[0].url: required to run as a reverse proxy" in done.stderr
+    assert f"{path}: upstreams.0.url: required to run as a reverse proxy" in done.stderr
 
 
 @pytest.mark.parametrize(("sessions", "given", "store"), [

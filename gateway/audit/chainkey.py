@@ -21,6 +21,8 @@ class ChainKeyError(ProblemsError):
 
     def __init__(self, path: Path, why: str) -> None:
         super().__init__([f"{path}: audit.chain_key_file: {why}"])
+        self.path = path
+        self.why = why
 
 
 def read_chain_key(path: Path) -> ChainKey:

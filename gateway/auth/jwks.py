@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.auth")
 
+# What a failed fetch raises: the IdP unreachable, an answer other than 200, a document that is no JWKS.
+FETCH_ERRORS = (httpx.HTTPError, httpx.InvalidURL, ValueError, RecursionError, jwt.PyJWTError)
+
 
 class JwksCache:
     """Signing keys of `config.issuer`, fetched when needed and at a bounded rate.
@@ -120,15 +123,26 @@ class JwksCache:
         self._allowance -= 1
         return True
 
+    @property
+    def jwks_uri(self) -> str | None:
+        """The JWKS URL: the configured one, else the one discovery found (None before it did)."""
+        return self._jwks_uri
+
+    async def fetch(self, timeout_s: float = 5) -> dict[str, jwt.PyJWK]:
+        """One fetch now, whatever the bucket holds, discovering `jwks_uri` first when it is not known: the
+        signature keys it got, kept nowhere. Raises one of FETCH_ERRORS when it gets none (`check-config
+        --probe` says which)."""
+        async with httpx.AsyncClient(timeout=timeout_s, follow_redirects=False) as client:
+            uri = self._jwks_uri or await self._discover(client)
+            response = await client.get(uri)
+            response.raise_for_status()
+            return signature_keys(response.json())
+
     async def _refresh(self) -> None:
         started = self._attempted_at = time.monotonic()
         try:
-            async with httpx.AsyncClient(timeout=5, follow_redirects=False) as client:
-                uri = self._jwks_uri or await self._discover(client)
-                response = await client.get(uri)
-                response.raise_for_status()
-                keys = signature_keys(response.json())
-        except (httpx.HTTPError, httpx.InvalidURL, ValueError, RecursionError, jwt.PyJWTError) as exc:
+            keys = await self.fetch()
+        except FETCH_ERRORS as exc:
             log.warning("JWKS of %s unavailable (%s); %d cached keys stay in use",
                         self._config.issuer, exc, len(self._keys))
             self._count("failed")
