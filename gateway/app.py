@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import hmac
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -70,7 +71,21 @@ def reverse_proxy_problems(config: Config) -> list[str]:
     problems += [f"{config.source}: upstreams.{i}.process: user and group need the gateway to run as root"
                  for i, u in enumerate(config.upstreams)
                  if (u.process.user or u.process.group) and os.geteuid() != 0]
+    try:
+        metrics_token(config)
+    except (OSError, ValueError) as exc:
+        problems.append(f"{config.source}: metrics_token_file: {exc}")
     return problems
+
+
+def metrics_token(config: Config) -> bytes | None:
+    """The token /metrics asks for (`metrics_token_file`, read once), or None: /metrics is open."""
+    if config.metrics_token_file is None:
+        return None
+    token = config.metrics_token_file.read_bytes().strip()
+    if len(token) < 16:
+        raise ValueError(f"{config.metrics_token_file} holds {len(token)} bytes; a token is at least 16")
+    return token
 
 
 def create_app(config: Config | str | Path) -> MCPSecurityMiddleware:
@@ -122,7 +137,14 @@ def create_app(config: Config | str | Path) -> MCPSecurityMiddleware:
                 "policy_version": runtime.policy.version}
         return JSONResponse(body, status_code=200 if ready else 503)
 
-    async def metrics(_: Request) -> Response:
+    scrape_token = metrics_token(config)
+
+    async def metrics(request: Request) -> Response:
+        if scrape_token is not None:
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), scrape_token):
+                return JSONResponse({"error": "invalid_token"}, status_code=401,
+                                    headers={"WWW-Authenticate": 'Bearer realm="metrics"'})
         runtime.metrics.audit_queue_depth.set(runtime.audit.depth)
         with contextlib.suppress(StateUnavailable):  # the store's own failure shows in /readyz and in requests
             runtime.metrics.approvals_pending.set(await runtime.approvals.pending_count())

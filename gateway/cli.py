@@ -32,7 +32,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from gateway import http_server, logs
+    from gateway import http_server, listeners, logs
     from gateway.app import CONFIG_ENV, LISTEN_ENV, create_app, settle_garbage_collector
     from gateway.auth.keys import load_or_create_signing_key
     from gateway.startup_summary import listen_address
@@ -68,6 +68,9 @@ def _serve(args: argparse.Namespace) -> int:
         "log_level": config.log_level.lower(),
         "log_config": None,  # keep the gateway's JSON handler for uvicorn's own lines
         "timeout_graceful_shutdown": 10,
+        # X-Forwarded-For names the caller only on a connection from a trusted proxy (none by default)
+        "proxy_headers": bool(config.trusted_proxies),
+        "forwarded_allow_ips": list(config.trusted_proxies) or None,
     }
     if quickstart is not None:
         from gateway.stdio.quickstart import SUBJECT, TOKEN_TTL_S, banner
@@ -75,16 +78,26 @@ def _serve(args: argparse.Namespace) -> int:
         token = app.runtime.authenticator.issue_token(subject=SUBJECT, audience=config.resource_url(
             config.upstreams[0]), ttl_s=TOKEN_TTL_S)
         print(banner(config.resource_url(config.upstreams[0]), token, quickstart, args.command), flush=True)
+    if config.admin_listen is not None and port == config.admin_listen.port:
+        raise ProblemsError([f"serve --port {port}: that is admin_listen's port"])
     if args.workers <= 1:
         settle_garbage_collector()
-        uvicorn.run(app, **common)  # type: ignore[arg-type]
+        if config.admin_listen is None:
+            uvicorn.run(app, **common)  # type: ignore[arg-type]
+        else:
+            listeners.serve(uvicorn.Config(app, **common), config.admin_listen)  # type: ignore[arg-type]
         return 0
     # Several workers: each loads the config itself; /metrics adds up every worker's values.
     load_or_create_signing_key(config.auth.clients.signing_key_file)  # created once, before the workers race
     os.environ[CONFIG_ENV] = str(Path(args.config).resolve())
     os.environ[LISTEN_ENV] = listen
     os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="mcp-gateway-metrics-"))
-    uvicorn.run("gateway.app:app_from_environment", factory=True, workers=args.workers, **common)  # type: ignore[arg-type]
+    target = "gateway.app:app_from_environment"
+    if config.admin_listen is None:
+        uvicorn.run(target, factory=True, workers=args.workers, **common)  # type: ignore[arg-type]
+    else:
+        listeners.serve(uvicorn.Config(target, factory=True, workers=args.workers, **common),  # type: ignore[arg-type]
+                        config.admin_listen)
     return 0
 
 

@@ -15,6 +15,7 @@ variable unset anywhere else (an upstream's `oauth.token_url`, say) is a problem
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -169,6 +170,11 @@ class Config(StrictModel):
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
     listen: Listen = Listen()
+    # serve: /metrics, /admin and the console on a listener of their own (and off the public one)
+    admin_listen: Listen | None = None
+    metrics_token_file: Path | None = None  # /metrics answers only `Authorization: Bearer <the file's token>`
+    # addresses or networks (of a load balancer) whose X-Forwarded-For names the caller; by default nobody's
+    trusted_proxies: tuple[str, ...] = ()
     public_url: str = "http://127.0.0.1:8080"
     allowed_origins: tuple[str, ...] = ()
     limits: Limits = Limits()
@@ -203,6 +209,11 @@ class Config(StrictModel):
             raise ValueError("must not carry a query or fragment")
         return value.rstrip("/")
 
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(str(ipaddress.ip_network(proxy, strict=False)) for proxy in value)  # ValueError names it
+
     @field_validator("allowed_origins")
     @classmethod
     def _origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
@@ -214,6 +225,8 @@ class Config(StrictModel):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
+        if self.admin_listen is not None and self.admin_listen.port == self.listen.port:
+            raise ValueError(f"admin_listen: port {self.admin_listen.port} is the public listener's (listen.port)")
         seen_paths: dict[str, str] = {}
         for upstream in self.upstreams:
             if upstream.path in seen_paths:
@@ -383,6 +396,8 @@ def _resolve_relative_paths(data: dict[str, Any], base: Path, state: Path) -> No
         store = assignments.get("path", str(RoleAssignmentsStore.model_fields["path"].default))
         if isinstance(store, str):
             assignments["path"] = str(state / store)
+    if isinstance(data.get("metrics_token_file"), str):
+        data["metrics_token_file"] = str(base / data["metrics_token_file"])
     upstreams = data.get("upstreams")
     for upstream in upstreams if isinstance(upstreams, list) else ():
         for key in ("cwd", "pins_file"):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from gateway import errors, guards, mcp, refusals
+from gateway import admin, console, errors, guards, mcp, refusals
 from gateway.approvals.stream import HeldAnswer, progress_token
 from gateway.audit.recording import Recorder
 from gateway.audit.writer import AuditUnavailable
@@ -61,6 +61,7 @@ class MCPSecurityMiddleware:
         self.config = config if isinstance(config, Config) else load_config(config)
         self.runtime = runtime = runtime or Runtime(self.config)
         self._routes = {u.path: u for u in self.config.upstreams}
+        self._admin_port = self.config.admin_listen.port if self.config.admin_listen is not None else None
         self._endpoints = Endpoints(self.config, runtime)
         self._decide = DecisionCache()  # decide(), remembered per principal, operation and policy
         self.handles = Handles(runtime.sessions, runtime.metrics,
@@ -73,6 +74,9 @@ class MCPSecurityMiddleware:
             await self._lifespan(scope, receive, send)
             return
         path: str = scope.get("path", "")
+        if self._admin_port is not None and scope["type"] == "http" and not self._on_its_listener(scope, path):
+            await send_json(send, 404, b'{"error":"not_found"}')
+            return
         upstream = self._routes.get(path.rstrip("/") or "/")
         if upstream is not None and scope["type"] == "http":
             await self._handle(upstream, scope, receive, send)
@@ -82,6 +86,15 @@ class MCPSecurityMiddleware:
             await self._endpoints(scope, receive, send)
         else:
             await self.app(scope, receive, send)
+
+    def _on_its_listener(self, scope: ASGIScope, path: str) -> bool:
+        """With `admin_listen` (serve): the operators' routes (/metrics, /admin, the console) are served on that
+        listener only, everything else on the public one only; /healthz and /readyz on both."""
+        if path in ("/healthz", "/readyz"):
+            return True
+        server = scope.get("server") or (None, None)
+        operators = path == "/metrics" or admin.serves(path) or console.serves(path)
+        return operators == (server[1] == self._admin_port)
 
     async def _handle(self, upstream: Upstream, scope: ASGIScope, receive: ASGIReceive, send: ASGISend) -> None:
         self.runtime.start()
