@@ -104,7 +104,7 @@ def create_app(config: Config | str | Path) -> MCPSecurityMiddleware:
         else StdioUpstream(u, config.limits, config.sessions, runtime.metrics) for u in config.upstreams}
     runtime.upstream_apps = {p.upstream.name: p for p in proxies.values()}
     stdio = [p for p in proxies.values() if isinstance(p, StdioUpstream)]
-    reachability = {p.upstream.name: Reachability(p.upstream.url) for p in proxies.values()
+    reachability = {p.upstream.name: Reachability(p.upstream) for p in proxies.values()
                     if isinstance(p, UpstreamProxy) and p.upstream.url is not None}
 
     async def healthz(_: Request) -> Response:

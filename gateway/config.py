@@ -403,3 +403,7 @@ def _resolve_relative_paths(data: dict[str, Any], base: Path, state: Path) -> No
         for key in ("cwd", "pins_file"):
             if isinstance(upstream, dict) and isinstance(upstream.get(key), str):
                 upstream[key] = str(base / upstream[key])
+        tls = upstream.get("tls") if isinstance(upstream, dict) else None
+        for key in ("ca_file", "client_cert", "client_key"):
+            if isinstance(tls, dict) and isinstance(tls.get(key), str):
+                tls[key] = str(base / tls[key])

@@ -33,6 +33,12 @@ def http_url(value: str) -> str:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("must be an http:// or https:// URL")
+    try:
+        port = parts.port
+    except ValueError:  # out of range, or not a number
+        port = 0
+    if port == 0:
+        raise ValueError("its port is not a number from 1 to 65535")
     # The upstream client would send user:password@ in its Host header, and URLs are logged as written.
     if "@" in parts.netloc:
         raise ValueError("must not carry credentials (user:password@); put them in upstreams[].headers "

@@ -28,6 +28,21 @@ class StdioProcesses(StrictModel):
     group: str | None = None
 
 
+class UpstreamTls(StrictModel):
+    """How the gateway checks an https upstream, and proves itself to one that asks (mutual TLS)."""
+
+    ca_file: Path | None = None  # PEM: trust these CAs instead of the system's bundle (an internal CA)
+    client_cert: Path | None = None  # PEM: the certificate to present, with its key
+    client_key: Path | None = None
+    verify: bool = True  # false: any certificate, any name (a test upstream only; logged at every start)
+
+    @model_validator(mode="after")
+    def _pair(self) -> UpstreamTls:
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("client_cert and client_key go together")
+        return self
+
+
 class Upstream(StrictModel):
     """One MCP server behind the gateway, served at `{public_url}{path}`: over HTTP (`url`), or a program the
     gateway runs and speaks to over stdio (`command`)."""
@@ -52,6 +67,13 @@ class Upstream(StrictModel):
     # whose definition no operator approved and refuses its calls; off compares nothing.
     pinning: Literal["off", "warn", "enforce"] = "warn"
     pins_file: Path | None = None  # {tools: {NAME: HASH}} the operator commits: its pins win over the store's
+    tls: UpstreamTls | None = None  # an https url's CA, client certificate (mutual TLS), verification
+
+    @model_validator(mode="after")
+    def _tls_for_https(self) -> Upstream:
+        if self.tls is not None and not (self.url or "").startswith("https://"):
+            raise ValueError("tls: only for an https:// url")
+        return self
 
     @model_validator(mode="after")
     def _one_transport(self) -> Upstream:

@@ -47,6 +47,7 @@ from gateway.auth.jwks import FETCH_ERRORS, JwksCache
 from gateway.auth.keys import SigningKeyError, load_signing_key
 from gateway.config import Config, Upstream
 from gateway.config_auth import ExternalJwt
+from gateway.upstream_http import tls_context
 from gateway.url_redaction import redact_url
 
 
@@ -80,7 +81,8 @@ def _probes(config: Config, timeout_s: float) -> list[_Probe]:
     for i, upstream in enumerate(config.upstreams):  # one with neither url nor command: reverse_proxy_problems
         what = f"upstream {upstream.name}"
         if upstream.url is not None:
-            probes.append(_Probe(f"upstreams.{i}.url", what, partial(_connects, upstream.url, timeout_s)))
+            probes.append(_Probe(f"upstreams.{i}.url", what, partial(_connects, upstream.url, timeout_s,
+                                                                     _upstream_tls(upstream))))
         if upstream.command is not None:
             probes.append(_Probe(f"upstreams.{i}.command", what, local(_program, upstream)))
         if upstream.cwd is not None:
@@ -144,14 +146,15 @@ class Reachability:
     once per `ttl_s` and one at a time, so that a load balancer polling /readyz opens no connection per poll.
 
     Args:
-        url: the upstream's url.
+        upstream: an HTTP upstream (its url, and its tls settings).
         ttl_s: how long an answer is reused (a returning upstream is ready again at most this long after).
         timeout_s: how long a probe waits for the connection and handshake: under a readiness probe's timeout.
     """
 
-    def __init__(self, url: str, *, ttl_s: float = 5.0, timeout_s: float = 2.0) -> None:
-        self._url = url
-        self._tls = ssl.create_default_context() if urlsplit(url).scheme == "https" else None  # made once
+    def __init__(self, upstream: Upstream, *, ttl_s: float = 5.0, timeout_s: float = 2.0) -> None:
+        assert upstream.url is not None
+        self._url = upstream.url
+        self._tls = _upstream_tls(upstream)  # made once
         self._ttl_s = ttl_s
         self._timeout_s = timeout_s
         self._why: str | None = None
@@ -167,8 +170,13 @@ class Reachability:
             return self._why
 
 
-async def _connects(url: str, timeout_s: float) -> str | None:
-    why = await reach(url, timeout_s)
+def _upstream_tls(upstream: Upstream) -> ssl.SSLContext | None:
+    """The TLS context the gateway reaches `upstream` with (its `tls` settings), or None for http."""
+    return tls_context(upstream.tls) if (upstream.url or "").startswith("https://") else None
+
+
+async def _connects(url: str, timeout_s: float, tls: ssl.SSLContext | None = None) -> str | None:
+    why = await reach(url, timeout_s, tls)
     return None if why is None else f"cannot connect to {redact_url(url)}: {why}"
 
 

@@ -67,7 +67,9 @@ class UpstreamProxy:
         self._query = target.query
         self._pool = UpstreamPool(upstream.url, connect_timeout=limits.upstream_connect_timeout_s,
                                   read_timeout=limits.upstream_timeout_s,
-                                  max_connections=limits.upstream_max_connections)
+                                  max_connections=limits.upstream_max_connections, tls=upstream.tls)
+        if upstream.tls is not None and not upstream.tls.verify:
+            log.warning("upstream %s: its TLS certificate is not verified (tls.verify: false)", upstream.name)
         self._credential = credential
         self._not_returned = _NOT_RETURNED | ({b"www-authenticate"} if credential is not None else set())
         public = urlsplit(public_url)

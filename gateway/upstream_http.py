@@ -42,12 +42,15 @@ import select
 import ssl
 import time
 from collections.abc import AsyncIterator, Sequence
-from typing import cast
+from typing import TYPE_CHECKING, cast
 from urllib.parse import urlsplit
 
 import httptools
 
 from gateway.exceptions import GatewayError
+
+if TYPE_CHECKING:
+    from gateway.config_upstream import UpstreamTls
 
 _HIGH_WATER = 256 * 1024  # buffered answer bytes above which reading from the upstream pauses
 # An idle connection older than this is closed, not reused: servers close idle keep-alive connections (gunicorn
@@ -292,17 +295,30 @@ class Response:
             self._connection = None
 
 
+def tls_context(tls: UpstreamTls | None) -> ssl.SSLContext:
+    """The TLS context for an https upstream: the system's CAs (or `tls.ca_file`'s), the client certificate if
+    one is configured, verification off only if `tls.verify` is false."""
+    context = ssl.create_default_context(cafile=str(tls.ca_file) if tls and tls.ca_file else None)
+    if tls is not None and tls.client_cert is not None and tls.client_key is not None:
+        context.load_cert_chain(tls.client_cert, tls.client_key)
+    if tls is not None and not tls.verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
 class UpstreamPool:
     """Keep-alive connections to one upstream origin (`http://host:port`), at most `max_connections` open."""
 
-    def __init__(self, url: str, *, connect_timeout: float, read_timeout: float, max_connections: int = 256) -> None:
+    def __init__(self, url: str, *, connect_timeout: float, read_timeout: float, max_connections: int = 256,
+                 tls: UpstreamTls | None = None) -> None:
         parts = urlsplit(url)
         if parts.username is not None or parts.password is not None:
             raise ValueError("credentials in an upstream URL are never sent: configure them as headers")
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
         # One TLS context per upstream, made once: never per request.
-        self._ssl = ssl.create_default_context() if parts.scheme == "https" else None
+        self._ssl = tls_context(tls) if parts.scheme == "https" else None
         host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 literal keeps its brackets
         self.authority = host.encode("idna") + (b":%d" % parts.port if parts.port is not None else b"")
         self.connect_timeout = connect_timeout

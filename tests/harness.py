@@ -78,11 +78,11 @@ class ServerThread:
     """uvicorn serving `app` on 127.0.0.1:`port` in a background thread, on uvloop with httptools and the
     gateway's head deadline: the stack `mcp-gateway serve` runs on, so the tests exercise what production runs."""
 
-    def __init__(self, app: Any, port: int | None = None, http: type[asyncio.Protocol] = HeadDeadlineProtocol
-                 ) -> None:
+    def __init__(self, app: Any, port: int | None = None, http: type[asyncio.Protocol] = HeadDeadlineProtocol,
+                 **options: Any) -> None:
         self.port = port or free_port()
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on",
-                                timeout_graceful_shutdown=2, http=http)
+                                timeout_graceful_shutdown=2, http=http, **options)  # options: ssl_certfile, ...
         self.server = uvicorn.Server(config)
         self.loop: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)

@@ -34,6 +34,7 @@ from gateway.app import reverse_proxy_problems
 from gateway.audit.chainkey import load_or_create_chain_key
 from gateway.auth.keys import SigningKey, SigningKeyError, load_or_create_signing_key, load_signing_key
 from gateway.cli import main
+from gateway.config_upstream import Upstream
 from gateway.probes import Reachability, probe, probed
 from tests.harness import ROOT, Recorder, ServerThread, build_server, free_port, proxy_for, write_config
 from tests.test_bad_input import BASE_HEADERS, modern
@@ -395,7 +396,8 @@ async def test_polling_readiness_opens_one_connection_per_few_seconds_and_one_at
     listener = socket.create_server(("127.0.0.1", free_port()))
     listener.setblocking(False)
     try:
-        reachability = Reachability(f"http://127.0.0.1:{listener.getsockname()[1]}/mcp", ttl_s=60)
+        upstream = Upstream(name="u", path="/mcp", url=f"http://127.0.0.1:{listener.getsockname()[1]}/mcp")
+        reachability = Reachability(upstream, ttl_s=60)
         answers = await asyncio.gather(*(reachability.why_not() for _ in range(20)))
         answers += [await reachability.why_not() for _ in range(20)]
         assert answers == [None] * 40
