@@ -72,6 +72,9 @@ def _serve(args: argparse.Namespace) -> int:
         "proxy_headers": bool(config.trusted_proxies),
         "forwarded_allow_ips": list(config.trusted_proxies) or None,
     }
+    if config.tls is not None:
+        common |= {"ssl_certfile": str(config.tls.cert_file), "ssl_keyfile": str(config.tls.key_file),
+                   "ssl_context_factory": listeners.TlsReloader(config.tls.reload_interval_s)}
     if quickstart is not None:
         from gateway.stdio.quickstart import SUBJECT, TOKEN_TTL_S, banner
 

@@ -56,6 +56,14 @@ class Listen(StrictModel):
         return check_port(value)
 
 
+class ListenerTls(StrictModel):
+    """TLS on serve's listeners: PEM certificate (chain) and key, loaded again when either file changes."""
+
+    cert_file: Path
+    key_file: Path
+    reload_interval_s: float = Field(5.0, gt=0)  # how often the two files are looked at
+
+
 class Limits(StrictModel):
     max_body_bytes: int = Field(4 * 1024 * 1024, gt=0)
     # A client must deliver a request's whole body within this long, or gets a 408 (a slow body holds no worker,
@@ -173,6 +181,7 @@ class Config(StrictModel):
     # serve: /metrics, /admin and the console on a listener of their own (and off the public one)
     admin_listen: Listen | None = None
     metrics_token_file: Path | None = None  # /metrics answers only `Authorization: Bearer <the file's token>`
+    tls: ListenerTls | None = None  # serve's listeners speak TLS (else plain HTTP behind a TLS-terminating proxy)
     # addresses or networks (of a load balancer) whose X-Forwarded-For names the caller; by default nobody's
     trusted_proxies: tuple[str, ...] = ()
     public_url: str = "http://127.0.0.1:8080"
@@ -398,6 +407,10 @@ def _resolve_relative_paths(data: dict[str, Any], base: Path, state: Path) -> No
             assignments["path"] = str(state / store)
     if isinstance(data.get("metrics_token_file"), str):
         data["metrics_token_file"] = str(base / data["metrics_token_file"])
+    listener_tls = data.get("tls")
+    for key in ("cert_file", "key_file"):
+        if isinstance(listener_tls, dict) and isinstance(listener_tls.get(key), str):
+            listener_tls[key] = str(base / listener_tls[key])
     upstreams = data.get("upstreams")
     for upstream in upstreams if isinstance(upstreams, list) else ():
         for key in ("cwd", "pins_file"):

@@ -12,7 +12,9 @@ Each runs the real `serve` in front of the demo MCPServer.
 
 from __future__ import annotations
 
+import socket
 import sqlite3
+import ssl
 import subprocess
 import sys
 import time
@@ -22,9 +24,11 @@ from typing import Any
 
 import httpx
 import pytest
+from cryptography import x509
 
 from tests.harness import ROOT, ServerThread, build_server, free_port, wait_for_port, write_config
 from tests.test_bad_input import BASE_HEADERS, modern
+from tests.test_upstream_tls import issue
 
 METRICS_TOKEN = "a-metrics-scraper-token-0123456789"
 
@@ -173,3 +177,56 @@ def test_an_admin_listener_on_the_public_port_is_a_config_error(tmp_path: Path) 
     checked = subprocess.run([sys.executable, "-m", "gateway.cli", "check-config", "--config", str(config)],
                              capture_output=True, text=True, cwd=ROOT)
     assert checked.returncode == 2 and "admin_listen" in checked.stderr
+
+
+def served_serial(port: int, ca: Path) -> int:
+    """The serial number of the certificate a new TLS connection to 127.0.0.1:port is shown."""
+    context = ssl.create_default_context(cafile=str(ca))
+    with socket.create_connection(("127.0.0.1", port)) as raw, \
+            context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def test_tls_on_the_listener_serves_mcp_and_a_renewed_certificate_without_a_restart(tmp_path: Path,
+                                                                                  upstream: str) -> None:
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    ca = issue(pki, "ca", None)
+    first, _ = issue(pki, "upstream", ca)  # a server certificate for 127.0.0.1
+    port = free_port()
+    config = write_config(tmp_path, upstream, public_url=f"https://127.0.0.1:{port}",
+                          listen={"host": "127.0.0.1", "port": port},
+                          tls={"cert_file": str(pki / "upstream.pem"), "key_file": str(pki / "upstream.key"),
+                               "reload_interval_s": 0.2})
+    log = (tmp_path / "serve.log").open("wb")
+    process = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", str(config)], cwd=ROOT,
+                               stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(port)
+        assert served_serial(port, pki / "ca.pem") == first.serial_number
+        token = subprocess.run([sys.executable, "-m", "gateway.cli", "issue-token", "--config", str(config),
+                                "--subject", "alice", "--scope", "mcp:tools"], capture_output=True, text=True,
+                               check=True, cwd=ROOT).stdout.strip()
+        h, body = modern("tools/call", {"name": "echo", "arguments": {"text": "over tls"}})
+        called = httpx.post(f"https://127.0.0.1:{port}/mcp", json=body, verify=str(pki / "ca.pem"),
+                            headers={**BASE_HEADERS, **h, "Authorization": f"Bearer {token}"})
+        assert called.status_code == 200 and called.json()["result"]["content"][0]["text"] == "over tls"
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{port}/healthz")  # plain HTTP on a TLS listener gets nowhere
+
+        renewed = pki / "renewed"
+        renewed.mkdir()
+        second, _ = issue(renewed, "upstream", ca)
+        for name in ("upstream.key", "upstream.pem"):  # as a certificate manager renews: each file replaced whole
+            (renewed / name).replace(pki / name)
+        deadline = time.monotonic() + 10
+        while served_serial(port, pki / "ca.pem") != second.serial_number:
+            assert time.monotonic() < deadline, "the renewed certificate was never served"
+            time.sleep(0.1)
+        assert httpx.get(f"https://127.0.0.1:{port}/healthz", verify=str(pki / "ca.pem")).status_code == 200
+    finally:
+        process.terminate()
+        process.wait(30)
+        log.close()
