@@ -141,21 +141,25 @@ async def reach(url: str, timeout_s: float, tls: ssl.SSLContext | None = None) -
     return None
 
 
+READINESS_TTL_S = 5.0  # how long /readyz reuses an upstream's reachability
+
+
 class Reachability:
     """Whether an HTTP upstream accepts connections, as `/readyz` reports it: the probe of `reach`, made at most
     once per `ttl_s` and one at a time, so that a load balancer polling /readyz opens no connection per poll.
 
     Args:
         upstream: an HTTP upstream (its url, and its tls settings).
-        ttl_s: how long an answer is reused (a returning upstream is ready again at most this long after).
+        ttl_s: how long an answer is reused (a returning upstream is ready again at most this long after);
+            default READINESS_TTL_S.
         timeout_s: how long a probe waits for the connection and handshake: under a readiness probe's timeout.
     """
 
-    def __init__(self, upstream: Upstream, *, ttl_s: float = 5.0, timeout_s: float = 2.0) -> None:
+    def __init__(self, upstream: Upstream, *, ttl_s: float | None = None, timeout_s: float = 2.0) -> None:
         assert upstream.url is not None
         self._url = upstream.url
         self._tls = _upstream_tls(upstream)  # made once
-        self._ttl_s = ttl_s
+        self._ttl_s = READINESS_TTL_S if ttl_s is None else ttl_s
         self._timeout_s = timeout_s
         self._why: str | None = None
         self._probed_at = float("-inf")

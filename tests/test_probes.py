@@ -29,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway import ConfigError, create_app, load_config
+from gateway import ConfigError, create_app, load_config, probes
 from gateway.app import reverse_proxy_problems
 from gateway.audit.chainkey import load_or_create_chain_key
 from gateway.auth.keys import SigningKey, SigningKeyError, load_or_create_signing_key, load_signing_key
@@ -363,8 +363,10 @@ def _until(condition: Callable[[], httpx.Response], status: int, timeout: float 
     return answer
 
 
-def test_readyz_names_an_upstream_that_stops_and_is_ready_again_when_it_returns(tmp_path: Path) -> None:
+def test_readyz_names_an_upstream_that_stops_and_is_ready_again_when_it_returns(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Finding: with its upstream down the gateway said it was ready, and every call got a 502."""
+    monkeypatch.setattr(probes, "READINESS_TTL_S", 0.5)  # the cache's rule is the next test's; here, the answers
     recorder = Recorder(build_server().streamable_http_app())
     upstream = ServerThread(recorder).start()
     deployment = proxy_for(f"{upstream.url}/mcp", recorder, tmp_path)
