@@ -51,6 +51,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_audit.py
 	$(BIN)/python bench/bench_stdio.py
 	$(BIN)/python bench/bench_quota.py
+	$(BIN)/python bench/bench_lag.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check gateway tests examples bench deploy
