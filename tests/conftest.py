@@ -18,7 +18,7 @@ import httpx._transports.default
 import httpx2._transports.default
 import pytest
 
-from tests.harness import Deployment, deploy
+from tests.harness import Deployment, ServerThread, build_server, deploy
 
 DSN = "postgresql://127.0.0.1/test"
 
@@ -86,3 +86,13 @@ def pg_table() -> Iterator[str]:
     """The name of an audit table of this test's own (created by the gateway's sink), dropped afterwards."""
     with pg_audit_table() as table:
         yield table
+
+
+@pytest.fixture(scope="module")
+def demo_upstream() -> Iterator[str]:
+    """The demo MCPServer (stateful, streamable HTTP) on a port of its own for a module's tests: its MCP URL."""
+    server = ServerThread(build_server().streamable_http_app()).start()
+    try:
+        yield f"{server.url}/mcp"
+    finally:
+        server.stop()

@@ -19,16 +19,14 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx2
-import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
 from deploy.lock import LOCK, stale
-from tests.harness import ROOT, ServerThread, build_server, free_port, wait_for_port
+from tests.harness import ROOT, free_port, wait_for_port
 
 CONFIG_DIR, DATA_DIR = "/etc/mcp-gateway", "/var/lib/mcp-gateway"
 MCP_GATEWAY = str(Path(sys.executable).with_name("mcp-gateway"))
@@ -88,15 +86,6 @@ def test_the_lock_pins_every_runtime_dependency_with_its_hash_at_the_version_the
     assert all("--hash=sha256:" in block for block in blocks), "a pin without a hash"
 
 
-@pytest.fixture
-def upstream() -> Iterator[str]:
-    server = ServerThread(build_server().streamable_http_app()).start()
-    try:
-        yield f"{server.url}/mcp"
-    finally:
-        server.stop()
-
-
 def lay_out(root: Path) -> tuple[Path, Path]:
     """The image's filesystem, as far as the gateway sees it: each COPY into the configuration directory, and
     the data directory its RUN makes (0700)."""
@@ -116,7 +105,7 @@ def listing(directory: Path) -> dict[str, int]:
 
 
 async def test_the_images_steps_as_a_plain_install_serve_from_a_config_directory_and_a_data_volume(
-        tmp_path: Path, upstream: str) -> None:
+        tmp_path: Path, demo_upstream: str) -> None:
     config_dir, data = lay_out(tmp_path / "root")
     workdir = tmp_path / "root" / "app"
     workdir.mkdir()
@@ -124,7 +113,7 @@ async def test_the_images_steps_as_a_plain_install_serve_from_a_config_directory
         path.chmod(0o555 if path.is_dir() else 0o444)  # read only, as a ConfigMap and the root filesystem are
     before = listing(config_dir)
     port = free_port()
-    env = {**os.environ, **environment(), "MCP_GATEWAY_DATA_DIR": str(data), "MCP_UPSTREAM_URL": upstream,
+    env = {**os.environ, **environment(), "MCP_GATEWAY_DATA_DIR": str(data), "MCP_UPSTREAM_URL": demo_upstream,
            "MCP_GATEWAY_PUBLIC_URL": f"http://127.0.0.1:{port}", "TMPDIR": str(tmp_path / "tmp")}
     (tmp_path / "tmp").mkdir()
     cmd = [a.replace(CONFIG_DIR, str(config_dir)).replace("0.0.0.0", "127.0.0.1").replace("8080", str(port))

@@ -34,6 +34,7 @@ from gateway import create_app, load_config
 from gateway.audit.chainkey import read_chain_key
 from gateway.auth.keys import load_signing_key
 from tests.harness import ROOT, ServerThread, build_server, write_config
+from tests.test_container import environment, instructions
 
 DEPLOY, KUBERNETES = ROOT / "deploy", ROOT / "deploy" / "kubernetes"
 BIN = Path(sys.executable).parent  # the interpreter and `mcp-gateway` that `make install` installed
@@ -42,36 +43,18 @@ KUBERNETES_VERSIONS = ("1.33", kubernetes_validate.utils.latest_version())  # th
 
 # ---- reading the files -------------------------------------------------------------------------------------------
 
-def dockerfile() -> list[tuple[str, str]]:
-    """The Dockerfile's (INSTRUCTION, arguments), continuation lines joined, comments dropped."""
-    out, pending = [], ""
-    for line in (ROOT / "Dockerfile").read_text().splitlines():
-        if not pending and (not line.strip() or line.lstrip().startswith("#")):
-            continue
-        pending += line.rstrip().removesuffix("\\").strip() + " "
-        if not line.rstrip().endswith("\\"):
-            word, _, rest = pending.strip().partition(" ")
-            out.append((word.upper(), rest.strip()))
-            pending = ""
-    return out
-
-
-def image_env() -> dict[str, str]:
-    return dict(w.split("=", 1) for word, rest in dockerfile() if word == "ENV" for w in shlex.split(rest))
-
-
 def image_user() -> str:
-    return next(rest for word, rest in dockerfile() if word == "USER")
+    return next(rest for word, rest in instructions() if word == "USER")
 
 
 def image_config_files() -> dict[str, Path]:
     """What the image COPYs into /etc/mcp-gateway: {path in the image: file in the repository}."""
-    copies = (shlex.split(rest) for word, rest in dockerfile() if word == "COPY")
+    copies = (shlex.split(rest) for word, rest in instructions() if word == "COPY")
     return {dst: ROOT / src for *sources, dst in copies if dst.startswith("/etc/mcp-gateway/") for src in sources}
 
 
 def image_config_path() -> str:
-    cmd = json.loads(next(rest for word, rest in dockerfile() if word == "CMD"))
+    cmd = json.loads(next(rest for word, rest in instructions() if word == "CMD"))
     return str(cmd[cmd.index("--config") + 1])
 
 
@@ -191,13 +174,13 @@ def lay_out(root: Path, files: dict[str, str]) -> Path:
         target = root / path.lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(relocated(text, root))
-    (root / image_env()["MCP_GATEWAY_DATA_DIR"].lstrip("/")).mkdir(parents=True, exist_ok=True)
+    (root / environment()["MCP_GATEWAY_DATA_DIR"].lstrip("/")).mkdir(parents=True, exist_ok=True)
     return root / image_config_path().lstrip("/")
 
 
 def container_env(root: Path, env: dict[str, str]) -> dict[str, str]:
     """The environment a process of the image sees: its ENV, then `env`; this interpreter's bin first on PATH."""
-    return {**{k: relocated(v, root) for k, v in image_env().items()}, **env, "HOME": str(root),
+    return {**{k: relocated(v, root) for k, v in environment().items()}, **env, "HOME": str(root),
             "PATH": f"{BIN}:/usr/bin:/bin"}
 
 
@@ -271,7 +254,7 @@ def test_gateways_read_one_config_and_one_key_volume_that_init_fills() -> None:
     init = mounts("init")
     assert init[key_dir] == (key_volume, False)
     # the image's data directory, whose owner and mode a new volume takes: without it the volume is root's
-    assert init[image_env()["MCP_GATEWAY_DATA_DIR"]] == (key_volume, False)
+    assert init[environment()["MCP_GATEWAY_DATA_DIR"]] == (key_volume, False)
     for name in [*GATEWAYS, "init"]:
         assert binds(name)[image_config_path()] == DEPLOY / "compose" / "gateway.yaml"
 
@@ -458,7 +441,7 @@ def test_the_pod_runs_unprivileged_with_a_read_only_root_and_bounded_resources()
     for bound in ("requests", "limits"):
         assert {"cpu", "memory"} <= set(container()["resources"][bound])
     writable = {m["mountPath"] for m in container()["volumeMounts"] if "emptyDir" in volume(m["name"])}
-    assert writable == {"/tmp", image_env()["MCP_GATEWAY_DATA_DIR"]}
+    assert writable == {"/tmp", environment()["MCP_GATEWAY_DATA_DIR"]}
 
 
 def test_liveness_asks_healthz_and_readiness_asks_readyz_on_the_gateways_port() -> None:

@@ -26,20 +26,11 @@ import httpx
 import pytest
 from cryptography import x509
 
-from tests.harness import ROOT, ServerThread, build_server, free_port, wait_for_port, write_config
+from tests.harness import ROOT, free_port, wait_for_port, write_config
 from tests.test_bad_input import BASE_HEADERS, modern
 from tests.test_upstream_tls import issue
 
 METRICS_TOKEN = "a-metrics-scraper-token-0123456789"
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[str]:
-    server = ServerThread(build_server().streamable_http_app()).start()
-    try:
-        yield f"{server.url}/mcp"
-    finally:
-        server.stop()
 
 
 class Served:
@@ -89,11 +80,11 @@ class Served:
 
 
 @pytest.fixture
-def served(tmp_path: Path, upstream: str) -> Iterator[Any]:
+def served(tmp_path: Path, demo_upstream: str) -> Iterator[Any]:
     running: list[Served] = []
 
     def start(**overrides: Any) -> Served:
-        running.append(Served(tmp_path, upstream, **overrides))
+        running.append(Served(tmp_path, demo_upstream, **overrides))
         return running[-1]
 
     try:
@@ -190,13 +181,13 @@ def served_serial(port: int, ca: Path) -> int:
 
 
 def test_tls_on_the_listener_serves_mcp_and_a_renewed_certificate_without_a_restart(tmp_path: Path,
-                                                                                  upstream: str) -> None:
+                                                                                  demo_upstream: str) -> None:
     pki = tmp_path / "pki"
     pki.mkdir()
     ca = issue(pki, "ca", None)
     first, _ = issue(pki, "upstream", ca)  # a server certificate for 127.0.0.1
     port = free_port()
-    config = write_config(tmp_path, upstream, public_url=f"https://127.0.0.1:{port}",
+    config = write_config(tmp_path, demo_upstream, public_url=f"https://127.0.0.1:{port}",
                           listen={"host": "127.0.0.1", "port": port},
                           tls={"cert_file": str(pki / "upstream.pem"), "key_file": str(pki / "upstream.key"),
                                "reload_interval_s": 0.2})

@@ -315,11 +315,8 @@ class JsonlSink:
         """Every event matching `query`'s filters, in the order of `query.order`."""
         found = []
         for line in self._events():
-            try:
-                event = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                event = None
-            if not isinstance(event, dict):
+            event = _json_object(line)
+            if event is None:
                 raise SinkUnreadable(self.name, "holds a line that is not a JSON object (`audit verify` says which)")
             event.pop("hash", None)
             event.pop("prev_hash", None)
@@ -340,17 +337,23 @@ class JsonlSink:
     async def verify(self, key: ChainKey) -> ChainReport:
         def rows() -> Iterator[tuple[bytes, str, str, dict[str, Any] | None]]:
             for line in self._events():
-                try:
-                    event = orjson.loads(line)
-                except orjson.JSONDecodeError:
-                    event = None
-                if not isinstance(event, dict):
+                event = _json_object(line)
+                if event is None:
                     yield line, "", "", None  # verify_chain says what it is not
                     continue
                 prev, digest = event.pop("prev_hash", ""), event.pop("hash", "")
                 yield orjson.dumps(event, option=orjson.OPT_SORT_KEYS), prev, digest, None
 
         return await asyncio.to_thread(lambda: verify_chain(rows(), key))
+
+
+def _json_object(line: bytes) -> dict[str, Any] | None:
+    """The event a JSONL line holds, or None if it holds no JSON object."""
+    try:
+        event = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+    return event if isinstance(event, dict) else None
 
 
 def _last_hash_of(path: Path) -> str:
