@@ -15,7 +15,8 @@ for a sink that does not exist yet or cannot be reached; so does any use of a
 PostgreSQL sink whose DSN cannot be read. A message shows a DSN as
 `url_redaction.redact_url` does: it reaches the admin API, the CLI and the log.
 
-    sqlite    WAL mode, one transaction per batch, in a worker thread (the event loop never waits on disk)
+    sqlite    WAL mode, one transaction per batch, in a worker thread (the event loop never waits on disk);
+              the WAL is checkpointed in another thread on a connection of its own, never inside a commit
     jsonl     one line per event, flushed per batch; rotated past rotate_mb (audit.jsonl.1, .2, ...)
     postgres  asyncpg, COPY per batch in a transaction, reconnecting after a lost connection
 """
@@ -157,11 +158,30 @@ def _event_dict(row: dict[str, Any]) -> dict[str, Any]:
     return dict(orjson.loads(row["record"]))
 
 
+# Rows and commits written after which the WAL is checkpointed (SQLite's own default, 1,000 pages, is some 2,000
+# rows or 500 single-row commits).
+_CHECKPOINT_ROWS = 2000
+_CHECKPOINT_COMMITS = 500
+_COMMIT_CHECKPOINT_PAGES = 4000  # 16 MB of WAL: past it a commit checkpoints, as SQLite does by default at 1,000
+
+
 class SqliteSink:
+    """With `synchronous=NORMAL` a commit appends to the WAL and syncs nothing; a checkpoint copies the WAL into
+    the database and syncs both. SQLite runs one inside whichever commit crosses `wal_autocheckpoint` pages
+    (1,000 by default): an answer waiting for its event (`durability: written`) then waits for two syncs (B12:
+    1.7% of commits at c=1, p99 4.1 ms against 2.0 ms with no checkpoint at all). Here a PASSIVE checkpoint,
+    which never blocks a writer, runs in another thread every _CHECKPOINT_ROWS rows or _CHECKPOINT_COMMITS
+    commits and does most of that copying off the commit path. One that ran while commits went on cannot rewind
+    the WAL, so commits still checkpoint, but only every _COMMIT_CHECKPOINT_PAGES pages (a few times less
+    often, with little left to copy), which is also what bounds the WAL."""
+
     def __init__(self, path: Path) -> None:
         self.name = f"sqlite:{path}"
         self._path = path
         self._db: sqlite3.Connection | None = None
+        self._checkpointer: sqlite3.Connection | None = None
+        self._checkpointing: asyncio.Task[None] | None = None
+        self._rows = self._commits = 0  # since the last checkpoint began
         self._last = GENESIS
 
     async def open(self) -> None:
@@ -177,6 +197,7 @@ class SqliteSink:
         db.execute("PRAGMA busy_timeout=10000")  # other workers' writers share the file
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
+        db.execute(f"PRAGMA wal_autocheckpoint={_COMMIT_CHECKPOINT_PAGES}")  # the rest: _checkpoint's
         columns = ", ".join(f"{c} TEXT UNIQUE NOT NULL" if c == "id" else c for c in _SQL_COLUMNS)
         with db:
             db.execute("BEGIN IMMEDIATE")  # workers opening the file at once: one creates or upgrades the table
@@ -189,11 +210,25 @@ class SqliteSink:
             last = db.execute("SELECT hash FROM audit_events ORDER BY seq DESC LIMIT 1").fetchone()
         self._last = last[0] if last else GENESIS
         self._db = db
+        self._checkpointer = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
 
     async def write(self, events: list[AuditEvent], key: ChainKey) -> None:
         sealed = seal(events, self._last, key)
         await asyncio.to_thread(self._insert, [_row(s) for s in sealed])
         self._last = sealed[-1].hash
+        self._rows += len(events)
+        self._commits += 1
+        due = self._rows >= _CHECKPOINT_ROWS or self._commits >= _CHECKPOINT_COMMITS
+        if due and (self._checkpointing is None or self._checkpointing.done()):
+            self._rows = self._commits = 0
+            self._checkpointing = asyncio.get_running_loop().create_task(asyncio.to_thread(self._checkpoint))
+
+    def _checkpoint(self) -> None:
+        assert self._checkpointer is not None
+        try:
+            self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error as exc:  # the next one will try again; the WAL keeps every commit meanwhile
+            log.warning("audit sink %s: WAL checkpoint failed: %s", self.name, exc)
 
     # A batch is one multi-row INSERT per _ROWS_PER_STATEMENT rows: one sqlite3_step, so the worker thread
     # gives the GIL back once. With executemany it gave it back and waited for it again around every row, and
@@ -217,6 +252,11 @@ class SqliteSink:
                 start += size
 
     async def close(self) -> None:
+        if self._checkpointing is not None:
+            await self._checkpointing
+        if self._checkpointer is not None:
+            self._checkpointer.close()
+            self._checkpointer = None
         if self._db is not None:
             self._db.close()
             self._db = None
