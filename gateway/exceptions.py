@@ -22,7 +22,9 @@ imports nothing from the package, so every module may import it.
   + SigningKeyError ........... auth.keys: the gateway's signing key file is missing or unusable (also a ValueError)
   + IntrospectionUnavailable .. auth.introspection: the introspection endpoint gave no usable answer
   + AuditUnavailable .......... audit.writer: the audit queue is full, or events were not written in time
-  + AnswerWithheld ............ inspect: an answer begun whose events were not written: its end is never sent
+  + AnswerWithheld ............ inspect: an answer begun that cannot end as it should (its events not written, or
+  |                               judged only once streamed and found unfit to pass): its end is never sent
+  + InvalidJson ............... json_scan: a streamed answer that is not one strict JSON object (also a ValueError)
   + BadQuery .................. audit.reading: an audit query parameter that cannot be understood (also a ValueError)
   + SinkUnreadable ............ audit.sinks: an audit sink cannot be read back (not there yet, unreachable)
   + EventTooLarge ............. sse: one SSE event grew past the decoder's bound (also a ValueError)

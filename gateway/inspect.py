@@ -19,9 +19,19 @@ principal may see: list results filtered, server->client requests policed,
   read: every inspected message is serialised again from the decoded value, so
   a client's parser cannot read duplicate keys or odd escapes another way.
 
-Memory is bounded: a JSON body is held only up to `max_bytes`, SSE is handled
-one event at a time. An answer labelled JSON that needs no rewriting streams
-through as it comes.
+Memory is bounded: SSE is handled one event at a time, and an answer labelled
+JSON that needs no rewriting streams through as it comes. A JSON answer the
+rules must read is held whole up to `HOLD_BYTES`; past that, if the rules can
+judge it on its top-level members and its result's `RESULT_MEMBERS_READ`
+alone (an input-required result, a created task: not a list to filter), it
+streams on while `json_scan` reads it strictly, and its last significant byte
+is held back until the whole answer has been read and judged. An answer so
+judged goes out as the upstream wrote it; one the rules would change (input
+requests to remove, a result nobody here asked for), or that turns out not to
+be one strict JSON object, or that the upstream cuts short, is withheld: its
+end never goes out and the connection closes (`AnswerWithheld`), on record.
+A larger answer the rules cannot judge that way (a list) is refused past
+`max_bytes`.
 """
 
 from __future__ import annotations
@@ -35,7 +45,9 @@ import orjson
 from gateway import errors, sse
 from gateway.audit.writer import AuditUnavailable
 from gateway.exceptions import GatewayError
+from gateway.json_scan import AnswerScanner, InvalidJson
 from gateway.jsonrpc import id_key, valid_id
+from gateway.response_rules import RESULT_MEMBERS_READ
 from gateway.types import send_json
 
 if TYPE_CHECKING:
@@ -45,6 +57,9 @@ if TYPE_CHECKING:
     from gateway.types import ASGIMessage, ASGISend
 
 _JSON_TYPE = b"application/json"
+HOLD_BYTES = 1024 * 1024  # a JSON answer the rules read is held whole up to this, streamed and scanned past it
+_MAX_DEPTH = 1024  # nesting a streamed answer may have: orjson's own limit for an answer held whole
+_WHITESPACE = b" \t\r\n"
 
 
 class _Unreadable(GatewayError):
@@ -83,6 +98,9 @@ class ResponseInspector:
         self._head: ASGIMessage | None = None  # a response start to send with the body's first chunk
         self._decoder: sse.Decoder | None = None
         self._held: ASGIMessage | None = None  # a response start, held while its body is collected
+        self._as_sent: ASGIMessage | None = None  # that start as the upstream sent it, if it may stream on
+        self._scanner: AnswerScanner | None = None  # reading a JSON answer that streams on
+        self._last = b""  # its last significant byte (and any whitespace after it), not sent before it is judged
         self._body: list[bytes] = []
         self._size = 0
         self._answered: set[tuple[str, Any]] = set()
@@ -124,16 +142,22 @@ class ResponseInspector:
         else:  # read whole as JSON, whatever the label: a list labelled text/plain is still a list
             self._held = {**message, "headers": [(n, v) for n, v in headers
                                                  if n not in (b"content-length", b"content-type")]}
+            if content_type.startswith(_JSON_TYPE) and self._rules.judged_on_members and not self._failed_before:
+                self._as_sent = message
 
     async def _chunk(self, chunk: bytes, more: bool) -> None:
         if self._refused:
             return
         if self._decoder is not None:
             await self._sse_chunk(chunk, more)
+        elif self._scanner is not None:
+            await self._scan(chunk, more)
         elif self._held is not None:
             self._body.append(chunk)
             self._size += len(chunk)
-            if self._size > self._max:
+            if self._as_sent is not None and self._size > min(HOLD_BYTES, self._max):
+                await self._stream_on(more)
+            elif self._size > self._max:
                 await self._refuse_json(f"over {self._max} bytes")
             elif not more:
                 await self._finish_json()
@@ -219,6 +243,62 @@ class ResponseInspector:
             await self._replace(errors.UPSTREAM_UNAVAILABLE, "the upstream's answer answers no request")
             return
         await self._release(orjson.dumps(items if isinstance(value, list) or self._rules.extra else items[0]))
+
+    async def _stream_on(self, more: bool) -> None:
+        """The held answer is too large to hold: what arrived goes out as it came, and the rest streams on."""
+        assert self._as_sent is not None
+        self._head, self._held = self._as_sent, None
+        self._scanner = AnswerScanner(keep=RESULT_MEMBERS_READ, max_kept_bytes=self._max, max_depth=_MAX_DEPTH)
+        held = b"".join(self._body)
+        self._body.clear()
+        await self._scan(held, more)
+
+    async def _scan(self, chunk: bytes, more: bool) -> None:
+        """Read the next part of a streaming JSON answer and pass it on, all but its last significant byte until
+        the whole answer is read and judged."""
+        assert self._scanner is not None
+        try:
+            self._scanner.feed(chunk)
+            if more:
+                significant = len(chunk if chunk[-1:].strip(_WHITESPACE) else chunk.rstrip(_WHITESPACE))
+                if significant:
+                    out = b"".join((self._last, memoryview(chunk)[:significant - 1]))
+                    self._last = chunk[significant - 1:]
+                else:
+                    out, self._last = b"", self._last + chunk
+                if len(self._last) > self._max:
+                    raise InvalidJson(f"over {self._max} bytes of whitespace")
+            else:
+                failure = self._upstream_error()
+                if failure is not None:  # cut short: what arrived is not the upstream's whole answer
+                    await self._withhold(errors.UPSTREAM_UNAVAILABLE, failure)
+                    return
+                skeleton = self._scanner.end()
+                if await self._message(skeleton) is not skeleton:
+                    await self._withhold(errors.UNINSPECTABLE, f"an answer over {min(HOLD_BYTES, self._max)} "
+                                                               "bytes that would have to be changed for this caller")
+                    return
+                out, self._last = self._last + chunk, b""
+        except InvalidJson as invalid:
+            await self._withhold(errors.UNINSPECTABLE, str(invalid))
+            return
+        if out or not more:
+            await self._body_out(out, more)
+
+    async def _withhold(self, refusal: errors.Refusal, why: str) -> None:
+        """A streaming answer that cannot be passed on: answered with `refusal` if nothing of it went out yet;
+        else on record as refused and never ended (`AnswerWithheld`: the connection closes)."""
+        self._refused, self._scanner = True, None
+        if not self.head_sent:
+            assert self._as_sent is not None
+            self._head, self._held = None, {**self._as_sent, "headers": []}
+            await self._replace(refusal, why)
+            return
+        self.status = refusal.http_status
+        with contextlib.suppress(AuditUnavailable):
+            await self.complete()
+        self.withheld = True
+        raise AnswerWithheld(f"the answer was cut off: {why}")
 
     async def _refuse_json(self, why: str) -> None:
         """The held answer cannot be read: its body never goes out. A 4xx status (a 405 for a GET stream the

@@ -50,6 +50,9 @@ _HOUR_S = 3600.0
 _TASK_TTL_S = 86400.0  # how long a task is remembered when its result names no time to live
 _TASK_NOTIFICATIONS = frozenset({"notifications/tasks/status", "notifications/tasks"})
 _MAY_NEED_INPUT = frozenset({"tool_call", "prompt_get", "resource_read", "task"})
+# Every member of a result that `result()` reads when the result is not a list (input requests, a created task):
+# an answer too large to hold is judged on these alone (`inspect`), so a rule that reads another must add it here.
+RESULT_MEMBERS_READ = frozenset({"resultType", "status", "inputRequests", "task", "taskId", "ttlMs", "ttl"})
 
 
 class Gateway(Protocol):
@@ -97,6 +100,12 @@ class ResponseRules:
         # extension whenever the server chooses to.
         self._may_create_task = {id_key(op.request_id) for message, op in ops if op.kind == "tool_call"
                                  and (ex.era == "modern" or "task" in (message.params or {}))}
+
+    @property
+    def judged_on_members(self) -> bool:
+        """Whether the JSON answer can be judged on its result's `RESULT_MEMBERS_READ` and its own top-level
+        members alone: nothing in it is a list to filter or an answer to merge."""
+        return not (self._lists or self.extra)
 
     @property
     def holds_json(self) -> bool:
