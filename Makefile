@@ -52,6 +52,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_stdio.py
 	$(BIN)/python bench/bench_quota.py
 	$(BIN)/python bench/bench_lag.py
+	$(BIN)/python bench/targets.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check gateway tests examples bench deploy

@@ -113,11 +113,17 @@ def gateway(processes: Processes, directory: Path, upstream_url: str | None, *, 
 
 def tools_call(name: str, arguments: Mapping[str, Any], request_id: int = 1) -> tuple[dict[str, str], bytes]:
     """A 2026-07-28 tools/call: its routing headers and body."""
-    body = {"jsonrpc": "2.0", "id": request_id, "method": "tools/call", "params": {
-        "name": name, "arguments": dict(arguments),
-        "_meta": {"io.modelcontextprotocol/protocolVersion": MODERN, "io.modelcontextprotocol/clientCapabilities": {}}}}
+    return modern_request("tools/call", {"name": name, "arguments": dict(arguments)}, name, request_id)
+
+
+def modern_request(method: str, params: Mapping[str, Any], name: str,
+                   request_id: int = 1) -> tuple[dict[str, str], bytes]:
+    """A 2026-07-28 request naming `name` (a tool, prompt or resource URI): its routing headers and body."""
+    body = {"jsonrpc": "2.0", "id": request_id, "method": method, "params": {
+        **params, "_meta": {"io.modelcontextprotocol/protocolVersion": MODERN,
+                            "io.modelcontextprotocol/clientCapabilities": {}}}}
     headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream",
-               "MCP-Protocol-Version": MODERN, "Mcp-Method": "tools/call", "Mcp-Name": name}
+               "MCP-Protocol-Version": MODERN, "Mcp-Method": method, "Mcp-Name": name}
     return headers, json.dumps(body, separators=(",", ":")).encode()
 
 
