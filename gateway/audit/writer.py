@@ -131,15 +131,21 @@ class AuditLog:
         return at once."""
         if self._config.durability == "queued" or self._written >= self._recorded or self._buffering():
             return
-        waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
         self._waiters.append((self._recorded, waiter))
         self._wake.set()
+        # A timer on the future itself rather than asyncio.wait_for, which relays the result through a future of
+        # its own: one turn of the event loop fewer between the commit and the answer going out.
+        timer = loop.call_later(self._config.write_timeout_s, _time_out, waiter)
         try:
-            await asyncio.wait_for(waiter, self._config.write_timeout_s)
+            await waiter
         except TimeoutError:
             raise AuditUnavailable(f"audit events not written within {self._config.write_timeout_s} s (failing "
                                    f"sinks: {', '.join(sorted(self.failing)) or 'none'}; {len(self._queue)} queued)"
                                    ) from None
+        finally:
+            timer.cancel()
 
     def _buffering(self) -> bool:
         """on_sink_failure: buffer, and a sink is failing, or the events held meanwhile are still being written:
@@ -246,3 +252,8 @@ class AuditLog:
                 await sink.close()
             except Exception:
                 log.exception("audit sink %s did not close cleanly", sink.name)
+
+
+def _time_out(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
