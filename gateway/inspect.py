@@ -37,6 +37,7 @@ A larger answer the rules cannot judge that way (a list) is refused past
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +56,8 @@ if TYPE_CHECKING:
 
     from gateway.response_rules import ResponseRules
     from gateway.types import ASGIMessage, ASGISend
+
+log = logging.getLogger("gateway")
 
 _JSON_TYPE = b"application/json"
 HOLD_BYTES = 1024 * 1024  # a JSON answer the rules read is held whole up to this, streamed and scanned past it
@@ -298,6 +301,7 @@ class ResponseInspector:
         with contextlib.suppress(AuditUnavailable):
             await self.complete()
         self.withheld = True
+        log.warning("answer cut off before its end: %s", why, extra={"status": self.status})
         raise AnswerWithheld(f"the answer was cut off: {why}")
 
     async def _refuse_json(self, why: str) -> None:

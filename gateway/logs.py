@@ -11,7 +11,9 @@ included. uvicorn passes its message again with terminal colours (`color_message
 written.
 
 Each request produces one INFO line ("request", `audit.recording`) carrying its audit id, so a log line and an
-audit event can be joined; a starting gateway one ("gateway started", `startup_summary`).
+audit event can be joined; a starting gateway one ("gateway started", `startup_summary`). An answer the gateway
+cuts off on purpose (`AnswerWithheld`: raising is the one way an ASGI app can close a connection mid-answer) is
+said in a line of the gateway's own; uvicorn's traceback for it is not written.
 """
 
 from __future__ import annotations
@@ -88,9 +90,17 @@ def _text(value: Any) -> str:
     return text
 
 
+class _NotCutOffAnswers(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        from gateway.inspect import AnswerWithheld  # here: inspect's imports reach the audit log, which logs
+
+        return not (record.exc_info and isinstance(record.exc_info[1], AnswerWithheld))
+
+
 def configure(level: str, fmt: str = "json") -> None:
     """Send every log line to stderr, as JSON (the default) or as plain text."""
     handler = logging.StreamHandler()
+    handler.addFilter(_NotCutOffAnswers())
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:

@@ -382,3 +382,20 @@ def test_text_lines_quote_what_needs_it_and_escape_every_control_character(
         assert not re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029]", output), output
     assert "\n" not in line
     assert [more for more in text.split("\n")[1:] if not more.startswith("    ")] == []
+
+
+def test_an_answer_cut_off_on_purpose_is_one_line_of_the_gateways_and_no_uvicorn_traceback(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway import logs
+    from gateway.inspect import AnswerWithheld
+
+    uvicorn_logger = logging.getLogger("uvicorn")  # as serve leaves it (log_config=None): its lines reach ours
+    monkeypatch.setattr(uvicorn_logger, "handlers", [])
+    monkeypatch.setattr(uvicorn_logger, "propagate", True)
+    logs.configure("INFO", "text")
+    server = logging.getLogger("uvicorn.error")
+    server.error("Exception in ASGI application\n", exc_info=AnswerWithheld("the answer was cut off: why"))
+    server.error("Exception in ASGI application\n", exc_info=RuntimeError("a real failure"))
+    written = capsys.readouterr().err
+    assert "AnswerWithheld" not in written and written.count("Exception in ASGI application") == 1
+    assert "RuntimeError: a real failure" in written
