@@ -389,13 +389,18 @@ def test_an_answer_cut_off_on_purpose_is_one_line_of_the_gateways_and_no_uvicorn
     from gateway import logs
     from gateway.inspect import AnswerWithheld
 
-    uvicorn_logger = logging.getLogger("uvicorn")  # as serve leaves it (log_config=None): its lines reach ours
-    monkeypatch.setattr(uvicorn_logger, "handlers", [])
+    uvicorn_logger, root = logging.getLogger("uvicorn"), logging.getLogger()
+    monkeypatch.setattr(uvicorn_logger, "handlers", [])  # as serve leaves it (log_config=None): its lines reach ours
     monkeypatch.setattr(uvicorn_logger, "propagate", True)
-    logs.configure("INFO", "text")
-    server = logging.getLogger("uvicorn.error")
-    server.error("Exception in ASGI application\n", exc_info=AnswerWithheld("the answer was cut off: why"))
-    server.error("Exception in ASGI application\n", exc_info=RuntimeError("a real failure"))
+    monkeypatch.setattr(root, "handlers", [])  # configure's handler, writing to this test's stderr, goes with it
+    level = root.level
+    try:
+        logs.configure("INFO", "text")
+        server = logging.getLogger("uvicorn.error")
+        server.error("Exception in ASGI application\n", exc_info=AnswerWithheld("the answer was cut off: why"))
+        server.error("Exception in ASGI application\n", exc_info=RuntimeError("a real failure"))
+    finally:
+        root.setLevel(level)
     written = capsys.readouterr().err
     assert "AnswerWithheld" not in written and written.count("Exception in ASGI application") == 1
     assert "RuntimeError: a real failure" in written
