@@ -28,19 +28,18 @@ of the top-level object, and the name of every member of the result (to refuse a
 
 Speed: string bodies, whitespace and whole shallow values are jumped over by compiled patterns at C speed;
 only structure they cannot cover is walked a byte at a time, on an explicit stack (no recursion). Pure: no
-I/O; it imports the standard library, orjson and `gateway.exceptions`.
+I/O; it imports the standard library, orjson, `json_grammar` (the patterns) and `gateway.exceptions`.
 """
 
 from __future__ import annotations
 
 import codecs
-import functools
 import json
-import re
 from typing import Any
 
 import orjson
 
+from gateway import json_grammar as grammar
 from gateway.exceptions import GatewayError
 
 __all__ = ["AnswerScanner", "InvalidJson"]
@@ -53,48 +52,6 @@ class InvalidJson(GatewayError, ValueError):
     """
 
 
-# The grammar's pieces, as bytes patterns; `*+` and `++` never give back what they matched (no backtracking).
-_WS = rb"[ \t\n\r]*+"
-_STRING_CHARS = rb'[ !#-\[\]-\xff]*+(?:\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4})[ !#-\[\]-\xff]*+)*+'
-_STRING = rb'"' + _STRING_CHARS + rb'"'
-# a number only when what follows shows it is whole: one at the end of a chunk may go on in the next
-_WHOLE_NUMBER = rb"-?(?:0|[1-9][0-9]*+)(?:\.[0-9]++)?+(?:[eE][+-]?[0-9]++)?+(?=[ \t\n\r,\]}])"
-
-_WS_RUN = re.compile(rb"[ \t\n\r]++")
-_STRING_BODY = re.compile(_STRING_CHARS)
-_ESCAPE_BEGUN = re.compile(rb"\\(?:u[0-9a-fA-F]{0,3})?")
-_NUMBER_RUN = re.compile(rb"[0-9.eE+-]*+")
-_NUMBER = re.compile(rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
-_NUMBER_BEGUN = re.compile(rb"-|-?(?:0|[1-9][0-9]*)(?:\.[0-9]*|(?:\.[0-9]+)?[eE][+-]?[0-9]*)?")
-
-_SHALLOW_LEVELS = 3  # how deep the values jumped over whole may nest
-
-
-def _shallow_value(levels: int) -> bytes:
-    """A pattern for one whole JSON value whose containers nest at most `levels` deep."""
-    scalar = rb"(?:" + _STRING + rb"|" + _WHOLE_NUMBER + rb"|true|false|null)"
-    value = scalar
-    for _ in range(levels):
-        # after a comma another item must come: `(?!\])` refuses a trailing comma
-        array = rb"\[" + _WS + rb"(?:" + value + _WS + rb"(?:," + _WS + rb"(?!\])|(?=\])))*+\]"
-        members = (rb"\{" + _WS + rb"(?:" + _STRING + _WS + rb":" + _WS + value + _WS
-                   + rb"(?:," + _WS + rb"(?!\})|(?=\})))*+\}")
-        value = rb"(?:" + scalar + rb"|" + array + rb"|" + members + rb")"
-    return value
-
-
-@functools.cache
-def _runs(levels: int) -> tuple[re.Pattern[bytes], re.Pattern[bytes]]:
-    """Patterns for a run of whole items of an array, and of members of an object, nesting `levels` deeper.
-
-    Compiled when the first scanner is made, not on import (all levels take some 30 ms).
-    """
-    value = _shallow_value(levels)
-    member = _STRING + _WS + rb":" + _WS + value
-    return (re.compile(value + rb"(?:" + _WS + rb"," + _WS + value + rb")*+"),
-            re.compile(member + rb"(?:" + _WS + rb"," + _WS + member + rb")*+"))
-
-
 # what the scanner expects next
 _VALUE, _VALUE_OR_CLOSE, _KEY, _KEY_OR_CLOSE, _COLON, _COMMA_OR_CLOSE, _DONE, _IN_STRING, _IN_NUMBER = range(9)
 _ARRAY, _OBJECT = 0, 1
@@ -103,11 +60,6 @@ _NUMBER_FIRST = frozenset(b"-0123456789")
 _LITERALS = {ord("t"): b"true", ord("f"): b"false", ord("n"): b"null"}
 _CLOSE = {_ARRAY: ord("]"), _OBJECT: ord("}")}
 _DECODE_SLICE = 1 << 20  # the UTF-8 check reads a large chunk in slices of this many bytes
-# A string with no quote in its next _LONG_STRING bytes is skipped by a translated copy of the chunk in which every
-# byte that can stop a string body (a backslash, a control character) reads as a quote: one `find` (memchr) goes
-# to where the pattern must take over, about three times as fast as the pattern over plain text.
-_LONG_STRING = 4096
-_STOPS_AS_QUOTES = bytes(0x22 if b < 0x20 or b == 0x5C else b for b in range(256))
 _INTEGERS = range(-(1 << 63), 1 << 64)  # the integers orjson reads as integers (i64 and u64)
 # Members of the top-level object or of the result whose names are remembered, to refuse a repeated one: beyond
 # this many, the answer is refused rather than remembered without bound (a result has a handful).
@@ -126,7 +78,7 @@ class AnswerScanner:
         self._keep = keep
         self._max_kept_bytes = max_kept_bytes
         self._max_depth = max_depth
-        self._runs = [_runs(levels) for levels in range(_SHALLOW_LEVELS + 1)]
+        self._runs = [grammar.runs(levels) for levels in range(grammar.SHALLOW_LEVELS + 1)]
         self._utf8 = codecs.getincrementaldecoder("utf-8")("strict")
         self._error: str | None = None
         self._stack: list[int] = []  # _ARRAY or _OBJECT per open container
@@ -192,17 +144,17 @@ class AnswerScanner:
     def _scan(self, data: bytes) -> None:
         """Read `data` (the tail, then the chunk) as far as it goes; keep the start of a token it cuts short."""
         stack = self._stack
-        stops: bytes | None = None  # `data` translated by _STOPS_AS_QUOTES, once a long string needs it
+        stops: bytes | None = None  # `data` translated by grammar.STOPS_AS_QUOTES, once a long string needs it
         state = self._state
         pos, n = 0, len(data)
         while pos < n:
             if state == _IN_STRING:
-                if n - pos > _LONG_STRING and data.find(b'"', pos, pos + _LONG_STRING) == -1:
+                if n - pos > grammar.LONG_STRING and data.find(b'"', pos, pos + grammar.LONG_STRING) == -1:
                     if stops is None:
-                        stops = data.translate(_STOPS_AS_QUOTES)
+                        stops = data.translate(grammar.STOPS_AS_QUOTES)
                     stop = stops.find(b'"', pos)
                     pos = n if stop == -1 else stop
-                match = _STRING_BODY.match(data, pos)
+                match = grammar.STRING_BODY.match(data, pos)
                 if match:
                     pos = match.end()
                 if pos == n:
@@ -212,30 +164,30 @@ class AnswerScanner:
                     pos += 1
                     state = self._string_read(data, pos)
                 elif byte == 0x5C:  # \ not followed by a whole escape
-                    if n - pos < 6 and _ESCAPE_BEGUN.fullmatch(data, pos):
+                    if n - pos < 6 and grammar.ESCAPE_BEGUN.fullmatch(data, pos):
                         break  # the next chunk ends it
                     raise self._invalid("an invalid escape in a string", pos)
                 else:
                     raise self._invalid("a raw control character in a string", pos)
                 continue
             if state == _IN_NUMBER:
-                match = _NUMBER_RUN.match(data, pos)
+                match = grammar.NUMBER_RUN.match(data, pos)
                 end = match.end() if match else pos
                 text = self._number + data[pos:end]
                 if end == n:  # the number may go on in the next chunk
-                    if not _NUMBER_BEGUN.fullmatch(text):
+                    if not grammar.NUMBER_BEGUN.fullmatch(text):
                         raise self._invalid("an invalid number", pos)
                     self._number = _stand_in(text)
                     pos = n
                     break
-                if not _NUMBER.fullmatch(text):
+                if not grammar.NUMBER.fullmatch(text):
                     raise self._invalid("an invalid number", pos)
                 pos = end
                 state = self._value_read(data, pos)
                 continue
             byte = data[pos]
             if byte in _WHITESPACE:
-                match = _WS_RUN.match(data, pos)
+                match = grammar.WS_RUN.match(data, pos)
                 pos = match.end() if match else pos + 1
                 continue
             if state == _COMMA_OR_CLOSE:
@@ -261,7 +213,7 @@ class AnswerScanner:
                     continue
                 depth = len(stack)
                 if depth > 2 or (depth == 2 and self._result is None):  # no key here is read: jump members
-                    match = self._runs[min(_SHALLOW_LEVELS, self._max_depth - depth)][1].match(data, pos)
+                    match = self._runs[min(grammar.SHALLOW_LEVELS, self._max_depth - depth)][1].match(data, pos)
                     if match:
                         pos = match.end()
                         state = _COMMA_OR_CLOSE
@@ -284,7 +236,7 @@ class AnswerScanner:
                     pos += 1
                     state = self._closed(data, pos)
                     continue
-                match = self._runs[min(_SHALLOW_LEVELS, self._max_depth - depth)][0].match(data, pos)
+                match = self._runs[min(grammar.SHALLOW_LEVELS, self._max_depth - depth)][0].match(data, pos)
                 if match:
                     pos = match.end()
                     state = _COMMA_OR_CLOSE
