@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import re
 from typing import Any
 
 import orjson
@@ -213,7 +214,7 @@ class AnswerScanner:
                     continue
                 depth = len(stack)
                 if depth > 2 or (depth == 2 and self._result is None):  # no key here is read: jump members
-                    match = self._runs[min(grammar.SHALLOW_LEVELS, self._max_depth - depth)][1].match(data, pos)
+                    match = self._whole_runs(depth)[1].match(data, pos)
                     if match:
                         pos = match.end()
                         state = _COMMA_OR_CLOSE
@@ -236,7 +237,7 @@ class AnswerScanner:
                     pos += 1
                     state = self._closed(data, pos)
                     continue
-                match = self._runs[min(grammar.SHALLOW_LEVELS, self._max_depth - depth)][0].match(data, pos)
+                match = self._whole_runs(depth)[0].match(data, pos)
                 if match:
                     pos = match.end()
                     state = _COMMA_OR_CLOSE
@@ -279,15 +280,22 @@ class AnswerScanner:
         self._tail = data[pos:]
         self._offset += pos
         if self._kept is not None:
-            self._kept += memoryview(data)[self._kept_from:pos]
+            self._grow(self._kept, data, self._kept_from, pos, "a member")
             self._kept_from = 0
-            if len(self._kept) > self._max_kept_bytes:
-                raise InvalidJson(f"a member the gateway must read is over {self._max_kept_bytes} bytes")
         if self._key is not None:
-            self._key += memoryview(data)[self._key_from:pos]
+            self._grow(self._key, data, self._key_from, pos, "a key")
             self._key_from = 0
-            if len(self._key) > self._max_kept_bytes:
-                raise InvalidJson(f"a key the gateway must read is over {self._max_kept_bytes} bytes")
+
+    def _grow(self, buffer: bytearray, data: bytes, start: int, end: int, what: str) -> None:
+        """Add `data[start:end]` to a key or value the gateway reads, refusing it past `max_kept_bytes`."""
+        buffer += memoryview(data)[start:end]
+        if len(buffer) > self._max_kept_bytes:
+            raise InvalidJson(f"{what} the gateway must read is over {self._max_kept_bytes} bytes")
+
+    def _whole_runs(self, depth: int) -> tuple[re.Pattern[bytes], re.Pattern[bytes]]:
+        """The patterns jumping whole array items and object members `depth` containers deep, nesting no deeper
+        than `max_depth` allows."""
+        return self._runs[min(grammar.SHALLOW_LEVELS, self._max_depth - depth)]
 
     def _keep_from(self, pos: int, into: dict[str, Any]) -> None:
         """The value beginning at `pos` is one the gateway reads: keep its bytes, to parse when it ends."""
@@ -301,10 +309,8 @@ class AnswerScanner:
         if not self._string_is_key:
             return self._value_read(data, end)
         if self._key is not None:
-            self._key += memoryview(data)[self._key_from:end - 1]
+            self._grow(self._key, data, self._key_from, end - 1, "a key")
             raw, self._key = bytes(self._key), None
-            if len(raw) > self._max_kept_bytes:
-                raise InvalidJson(f"a key the gateway must read is over {self._max_kept_bytes} bytes")
             key = _decode_key(raw)
             seen, where = (self._keys, "answer") if len(self._stack) == 1 else (self._result_keys, "result")
             if key in seen:
@@ -325,10 +331,8 @@ class AnswerScanner:
     def _value_read(self, data: bytes, end: int) -> int:
         """A value ended just before `end`: parse it if it is one the gateway reads; what comes next."""
         if self._kept is not None and len(self._stack) == self._kept_depth:
-            self._kept += memoryview(data)[self._kept_from:end]
+            self._grow(self._kept, data, self._kept_from, end, "a member")
             raw, self._kept = bytes(self._kept), None
-            if len(raw) > self._max_kept_bytes:
-                raise InvalidJson(f"a member the gateway must read is over {self._max_kept_bytes} bytes")
             self._kept_into[self._member] = _parse_kept(raw)
         return _COMMA_OR_CLOSE if self._stack else _DONE
 
